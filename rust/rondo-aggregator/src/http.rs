@@ -1,0 +1,244 @@
+//! The aggregator's HTTP API: model downloads and update uploads (see `docs/wire-format.md`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use rondo_net::api::{self, ApiError, bearer_token};
+use serde_json::json;
+
+use crate::link::Notice;
+use crate::rounds::{CommitError, Grant, GrantError};
+use crate::service::Aggregator;
+use crate::wire::{self, UploadError};
+
+const OPENAPI: &str = include_str!("../../../docs/openapi/aggregator.json");
+
+pub fn router(aggregator: Arc<Aggregator>) -> Router {
+    Router::new()
+        .route("/v1/rounds/{round}/model", get(download_round_model))
+        .route("/v1/rounds/{round}/update", post(upload_update))
+        .route("/v1/model", get(download_latest_model))
+        .route("/v1/status", get(status))
+        .route("/openapi.json", get(|| async { api::openapi_response(OPENAPI) }))
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(metrics))
+        // Uploads are streamed and limited by `api.max_body_bytes` in `wire::read_update`.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(aggregator)
+}
+
+fn grant_error(err: GrantError) -> ApiError {
+    match err {
+        GrantError::InvalidToken => {
+            ApiError::unauthorized("invalid_token", "the token is not valid for any open round")
+        }
+        GrantError::TokenExpired => ApiError::unauthorized(
+            "token_expired",
+            "the token belongs to a round that has closed",
+        ),
+        GrantError::WrongRound { token_round } => ApiError::conflict(
+            "wrong_round",
+            format!("the token is for round {token_round}, not the round in the path"),
+        ),
+        GrantError::Duplicate => ApiError::conflict(
+            "duplicate_update",
+            "this participant's update was already accepted in this round",
+        ),
+        GrantError::InProgress => ApiError::conflict(
+            "upload_in_progress",
+            "another upload from this participant is still being received",
+        ),
+    }
+}
+
+fn round_param(raw: &str) -> Result<u32, ApiError> {
+    raw.parse().map_err(|_| {
+        ApiError::bad_request("invalid_round", format!("`{raw}` is not a round number"))
+    })
+}
+
+fn model_response(file: bytes::Bytes, round: u32) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::HeaderName::from_static("x-rondo-round"), round.to_string()),
+        ],
+        Body::from(file),
+    )
+        .into_response()
+}
+
+async fn download_round_model(
+    State(aggregator): State<Arc<Aggregator>>,
+    Path(round): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let round = round_param(&round)?;
+    let token = bearer_token(&headers, "missing_token")?;
+    let book = aggregator.book();
+    book.authorize_download(token, round).map_err(grant_error)?;
+    let model = book.model().ok_or_else(|| {
+        ApiError::not_found("no_model", "round 0 has no global model to download")
+    })?;
+    Ok(model_response(model.file.clone(), model.round))
+}
+
+async fn download_latest_model(
+    State(aggregator): State<Arc<Aggregator>>,
+) -> Result<Response, ApiError> {
+    let book = aggregator.book();
+    let model = book.model().ok_or_else(|| {
+        ApiError::not_found("no_model", "no global model yet: round 0 has not closed")
+    })?;
+    Ok(model_response(model.file.clone(), model.round))
+}
+
+/// Ends the participant's upload slot whatever happens to the request.
+struct UploadSlot {
+    aggregator: Arc<Aggregator>,
+    grant: Grant,
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        self.aggregator.book().end_upload(&self.grant);
+    }
+}
+
+fn upload_error(err: &UploadError) -> ApiError {
+    let status = match err {
+        UploadError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiError::new(status, err.code(), err.to_string())
+}
+
+async fn upload_update(
+    State(aggregator): State<Arc<Aggregator>>,
+    Path(round): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let round = round_param(&round)?;
+    let token = bearer_token(&headers, "missing_token")?;
+    let (grant, expected) = {
+        let mut book = aggregator.book();
+        let grant = book.begin_upload(token, round).map_err(|e| {
+            let err = grant_error(e);
+            aggregator
+                .metrics
+                .updates_rejected
+                .with_label_values(&[err.code])
+                .inc();
+            err
+        })?;
+        (grant, book.expected_spec())
+    };
+    let slot = UploadSlot {
+        aggregator: aggregator.clone(),
+        grant: grant.clone(),
+    };
+    let reject = |err: ApiError| {
+        aggregator
+            .metrics
+            .updates_rejected
+            .with_label_values(&[err.code])
+            .inc();
+        aggregator.outbox.send(Notice::Rejected {
+            round: grant.round,
+            attempt: grant.attempt,
+            participant_id: grant.participant_id.clone(),
+            reason: format!("{}: {}", err.code, err.message),
+        });
+        err
+    };
+
+    let _permit = aggregator.staging.acquire().await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the aggregator is shutting down",
+        )
+    })?;
+    let update = wire::read_update(
+        body.into_data_stream(),
+        expected.as_deref(),
+        aggregator.max_body_bytes,
+    )
+    .await
+    .map_err(|e| reject(upload_error(&e)))?;
+
+    let n_samples = update.n_samples;
+    let metrics = update.metrics.clone();
+    let bytes = update.data.len() as u64;
+    let committed = {
+        let aggregator = aggregator.clone();
+        let grant = grant.clone();
+        tokio::task::spawn_blocking(move || aggregator.book().commit(&grant, &update))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("folding the update failed: {e}"),
+                )
+            })?
+    };
+    committed.map_err(|e| {
+        reject(match e {
+            CommitError::RoundClosed => ApiError::unauthorized(
+                "token_expired",
+                "the round closed before the upload completed",
+            ),
+            CommitError::Duplicate => grant_error(GrantError::Duplicate),
+            CommitError::Mismatch(message) => ApiError::bad_request("model_mismatch", message),
+        })
+    })?;
+    drop(slot);
+    aggregator.metrics.updates_accepted.inc();
+    aggregator.metrics.bytes_received.inc_by(bytes);
+    tracing::debug!(round = grant.round, participant = %grant.participant_id, n_samples, "update accepted");
+    aggregator.outbox.send(Notice::Accepted {
+        round: grant.round,
+        attempt: grant.attempt,
+        participant_id: grant.participant_id.clone(),
+        n_samples,
+        metrics,
+    });
+    Ok(Json(json!({
+        "accepted": true,
+        "round": grant.round,
+        "participant_id": grant.participant_id,
+        "n_samples": n_samples,
+    })))
+}
+
+async fn status(State(aggregator): State<Arc<Aggregator>>) -> Json<serde_json::Value> {
+    let book = aggregator.book();
+    let model = book.model().map(|m| {
+        json!({
+            "round": m.round,
+            "bytes": m.file.len(),
+            "tensors": m.spec.tensors.len(),
+            "elements": m.spec.element_count(),
+        })
+    });
+    let open_round = book
+        .open_round_id()
+        .map(|(round, attempt)| json!({"round": round, "attempt": attempt}));
+    Json(json!({
+        "model": model,
+        "open_round": open_round,
+        "accepted": book.accepted(),
+        "public_url": aggregator.public_url,
+    }))
+}
+
+async fn metrics(State(aggregator): State<Arc<Aggregator>>) -> Response {
+    api::metrics_response(&aggregator.metrics.registry)
+}

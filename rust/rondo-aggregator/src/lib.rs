@@ -1,0 +1,22 @@
+//! The Rondo aggregator: the data plane. It serves the global model, takes one update per
+//! selected participant per round, folds each into a running weighted sum as it is accepted,
+//! and turns the sum into the next global model when the coordinator closes the round.
+//!
+//! A short tour:
+//!
+//! - [`config`]: the TOML config (`configs/dev-aggregator.toml` is compiled in as defaults).
+//! - [`wire`]: safetensors on the wire — reading an upload off the socket into a staging
+//!   buffer, validating it, and laying out the global model file.
+//! - [`rounds`]: the round book — global model, open round, tokens, running sum; plain data.
+//! - [`service`]: the shared [`service::Aggregator`] (book + limits + outbox + metrics).
+//! - [`http`]: the participants' HTTP API (axum).
+//! - [`link`]: the tarpc side — serving the coordinator's calls, and the outbox of notices back.
+//! - [`run`]: start-up, used by `main`.
+
+pub mod config;
+pub mod http;
+pub mod link;
+pub mod rounds;
+pub mod run;
+pub mod service;
+pub mod wire;

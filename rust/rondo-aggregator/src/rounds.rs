@@ -1,0 +1,397 @@
+//! The aggregator's state: the global model, the round that accepts uploads, its tokens and its
+//! running sum. Plain data behind one mutex; the HTTP and RPC edges call in.
+//!
+//! Invariant: an update is either folded into the sum and recorded as accepted, under one lock,
+//! or not at all. Staging and validation happen outside the lock (see [`crate::wire`]), so a
+//! rejected or interrupted upload never touches the sum.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rondo_core::aggregate::FedAvgAccumulator;
+use rondo_core::federation::{AggregationResult, constant_time_eq};
+use rondo_core::model::ModelSpec;
+use rondo_net::link::RoundOpening;
+
+use crate::wire::{self, StagedUpdate};
+
+/// The current global model, serialized once and shared by every download.
+#[derive(Debug, Clone)]
+pub struct GlobalModel {
+    pub round: u32,
+    pub spec: Arc<ModelSpec>,
+    pub file: Bytes,
+}
+
+#[derive(Debug)]
+struct OpenRound {
+    round: u32,
+    attempt: u32,
+    /// token → participant id.
+    tokens: HashMap<String, String>,
+    accepted: BTreeMap<String, u64>,
+    uploading: HashSet<String>,
+    sum: Option<FedAvgAccumulator>,
+}
+
+/// A token resolved to what it grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub participant_id: String,
+    pub round: u32,
+    pub attempt: u32,
+}
+
+/// Why a token or an upload is refused before any byte of the body is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantError {
+    InvalidToken,
+    TokenExpired,
+    WrongRound { token_round: u32 },
+    Duplicate,
+    InProgress,
+}
+
+/// Why an update that was read and validated still cannot be folded in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitError {
+    RoundClosed,
+    Duplicate,
+    Mismatch(String),
+}
+
+#[derive(Debug, Default)]
+pub struct RoundBook {
+    model: Option<GlobalModel>,
+    open: Option<OpenRound>,
+    /// Tokens of closed rounds, so that late callers hear "expired" rather than "invalid".
+    retired_tokens: HashSet<String>,
+    /// Results of closed rounds, for idempotent `close_round` retries.
+    closed: BTreeMap<(u32, u32), AggregationResult>,
+}
+
+/// How many closed rounds' results and tokens to remember.
+const REMEMBERED_ROUNDS: usize = 4;
+
+impl RoundBook {
+    pub fn new(model: Option<GlobalModel>) -> Self {
+        Self {
+            model,
+            ..Self::default()
+        }
+    }
+
+    pub fn model(&self) -> Option<&GlobalModel> {
+        self.model.as_ref()
+    }
+
+    pub fn open_round_id(&self) -> Option<(u32, u32)> {
+        self.open.as_ref().map(|o| (o.round, o.attempt))
+    }
+
+    pub fn accepted(&self) -> Vec<String> {
+        self.open
+            .as_ref()
+            .map(|o| o.accepted.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Opens a round. The same opening twice is a no-op; an opening of a round that was already
+    /// closed is a stale retry and ignored.
+    pub fn open_round(&mut self, opening: &RoundOpening) -> Result<(), String> {
+        let id = (opening.round, opening.attempt);
+        if self.closed.contains_key(&id) {
+            return Ok(());
+        }
+        if let Some(open) = &self.open {
+            if (open.round, open.attempt) == id {
+                return Ok(());
+            }
+            if (open.round, open.attempt) > id {
+                return Err(format!(
+                    "round {} attempt {} is already open; refusing older round {} attempt {}",
+                    open.round, open.attempt, opening.round, opening.attempt
+                ));
+            }
+            tracing::warn!(
+                round = open.round,
+                attempt = open.attempt,
+                "a newer round opens before this one closed; dropping its partial sum"
+            );
+            self.retire_open_tokens();
+        }
+        if opening.round > 0 && self.model.is_none() {
+            return Err(format!(
+                "round {} needs a global model and this aggregator has none (round 0 sets it)",
+                opening.round
+            ));
+        }
+        self.open = Some(OpenRound {
+            round: opening.round,
+            attempt: opening.attempt,
+            tokens: opening
+                .grants
+                .iter()
+                .map(|(participant, token)| (token.clone(), participant.clone()))
+                .collect(),
+            accepted: BTreeMap::new(),
+            uploading: HashSet::new(),
+            sum: None,
+        });
+        Ok(())
+    }
+
+    fn find_token(&self, token: &str) -> Result<Grant, GrantError> {
+        let open = self.open.as_ref().ok_or_else(|| self.unknown_token(token))?;
+        let participant = open
+            .tokens
+            .iter()
+            .find(|(t, _)| constant_time_eq(t.as_bytes(), token.as_bytes()))
+            .map(|(_, p)| p.clone())
+            .ok_or_else(|| self.unknown_token(token))?;
+        Ok(Grant {
+            participant_id: participant,
+            round: open.round,
+            attempt: open.attempt,
+        })
+    }
+
+    fn unknown_token(&self, token: &str) -> GrantError {
+        if self.retired_tokens.contains(token) {
+            GrantError::TokenExpired
+        } else {
+            GrantError::InvalidToken
+        }
+    }
+
+    /// Resolves a token presented for a download of round `round`.
+    pub fn authorize_download(&self, token: &str, round: u32) -> Result<Grant, GrantError> {
+        let grant = self.find_token(token)?;
+        if grant.round != round {
+            return Err(GrantError::WrongRound {
+                token_round: grant.round,
+            });
+        }
+        Ok(grant)
+    }
+
+    /// Resolves a token presented for an upload to round `round` and marks the participant as
+    /// uploading (call [`RoundBook::end_upload`] when done, whatever the outcome).
+    pub fn begin_upload(&mut self, token: &str, round: u32) -> Result<Grant, GrantError> {
+        let grant = self.authorize_download(token, round)?;
+        let open = self.open.as_mut().expect("find_token found an open round");
+        if open.accepted.contains_key(&grant.participant_id) {
+            return Err(GrantError::Duplicate);
+        }
+        if !open.uploading.insert(grant.participant_id.clone()) {
+            return Err(GrantError::InProgress);
+        }
+        Ok(grant)
+    }
+
+    pub fn end_upload(&mut self, grant: &Grant) {
+        if let Some(open) = self.open.as_mut()
+            && (open.round, open.attempt) == (grant.round, grant.attempt)
+        {
+            open.uploading.remove(&grant.participant_id);
+        }
+    }
+
+    /// The spec an upload to the open round must match, if known yet (round 0 learns it from
+    /// the first accepted upload).
+    pub fn expected_spec(&self) -> Option<Arc<ModelSpec>> {
+        let open = self.open.as_ref()?;
+        if open.round == 0 {
+            return open.sum.as_ref().map(|s| Arc::new(s.spec().clone()));
+        }
+        self.model.as_ref().map(|m| m.spec.clone())
+    }
+
+    /// Folds a validated update into the running sum and records it as accepted.
+    pub fn commit(&mut self, grant: &Grant, update: &StagedUpdate) -> Result<(), CommitError> {
+        let global_spec = self.model.as_ref().map(|m| m.spec.clone());
+        let open = match self.open.as_mut() {
+            Some(open) if (open.round, open.attempt) == (grant.round, grant.attempt) => open,
+            _ => return Err(CommitError::RoundClosed),
+        };
+        if open.accepted.contains_key(&grant.participant_id) {
+            return Err(CommitError::Duplicate);
+        }
+        let sum = open.sum.get_or_insert_with(|| {
+            let spec = match (&global_spec, open.round) {
+                (Some(spec), r) if r > 0 => (**spec).clone(),
+                _ => update.spec.clone(),
+            };
+            FedAvgAccumulator::new(spec)
+        });
+        sum.add(&update.spec, &update.data, update.n_samples as f64)
+            .map_err(|e| CommitError::Mismatch(e.to_string()))?;
+        open.accepted
+            .insert(grant.participant_id.clone(), update.n_samples);
+        Ok(())
+    }
+
+    /// Closes the open round `(round, attempt)`: finalizes the sum into the next global model.
+    /// Closing a round that was already closed returns its recorded result.
+    pub fn close_round(&mut self, round: u32, attempt: u32) -> Result<AggregationResult, String> {
+        if let Some(result) = self.closed.get(&(round, attempt)) {
+            return Ok(result.clone());
+        }
+        match &self.open {
+            Some(open) if (open.round, open.attempt) == (round, attempt) => {}
+            _ => return Err(format!("round {round} attempt {attempt} is not open")),
+        }
+        let open = self.open.take().expect("checked above");
+        let total_samples: u64 = open.accepted.values().sum();
+        let result = match open.sum {
+            Some(sum) if sum.updates() > 0 => {
+                let spec = sum.spec().clone();
+                let mut file = wire::model_file(&spec, round);
+                let data_offset = file.data_offset;
+                sum.finalize_into(&mut file.bytes[data_offset..]);
+                self.model = Some(GlobalModel {
+                    round,
+                    spec: Arc::new(spec),
+                    file: Bytes::from(file.bytes),
+                });
+                AggregationResult::Aggregated {
+                    updates: sum.updates(),
+                    total_samples,
+                }
+            }
+            _ => AggregationResult::Failed {
+                reason: "no update was accepted".into(),
+            },
+        };
+        self.retired_tokens.extend(open.tokens.into_keys());
+        self.closed.insert((round, attempt), result.clone());
+        while self.closed.len() > REMEMBERED_ROUNDS {
+            self.closed.pop_first();
+        }
+        if self.retired_tokens.len() > 100_000 {
+            self.retired_tokens.clear();
+        }
+        Ok(result)
+    }
+
+    fn retire_open_tokens(&mut self) {
+        if let Some(open) = self.open.take() {
+            self.retired_tokens.extend(open.tokens.into_keys());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rondo_core::aggregate::{decode_values, encode_values};
+    use rondo_core::model::{DType, TensorSpec};
+
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            tensors: vec![TensorSpec {
+                name: "w".into(),
+                dtype: DType::F32,
+                shape: vec![2],
+            }],
+        }
+    }
+
+    fn update(values: &[f64], n: u64) -> StagedUpdate {
+        StagedUpdate {
+            spec: spec(),
+            data: encode_values(DType::F32, values),
+            n_samples: n,
+            metrics: BTreeMap::new(),
+        }
+    }
+
+    fn opening(round: u32, attempt: u32, who: &[(&str, &str)]) -> RoundOpening {
+        RoundOpening {
+            round,
+            attempt,
+            grants: who
+                .iter()
+                .map(|(p, t)| (p.to_string(), t.to_string()))
+                .collect(),
+        }
+    }
+
+    fn model_values(book: &RoundBook) -> Vec<f64> {
+        let file = &book.model().unwrap().file;
+        let (_, data) = wire::read_model_file(file).unwrap();
+        decode_values(DType::F32, &data)
+    }
+
+    #[test]
+    fn round_zero_sets_the_model_and_round_one_averages() {
+        let mut book = RoundBook::new(None);
+        book.open_round(&opening(0, 0, &[("p", "t0")])).unwrap();
+        let g = book.begin_upload("t0", 0).unwrap();
+        book.commit(&g, &update(&[1.0, 2.0], 1)).unwrap();
+        book.end_upload(&g);
+        assert!(matches!(
+            book.close_round(0, 0),
+            Ok(AggregationResult::Aggregated { updates: 1, .. })
+        ));
+        assert_eq!(model_values(&book), vec![1.0, 2.0]);
+
+        book.open_round(&opening(1, 0, &[("p", "t1"), ("q", "t2")]))
+            .unwrap();
+        for (token, values, n) in [("t1", [2.0, 2.0], 1), ("t2", [4.0, 6.0], 3)] {
+            let g = book.begin_upload(token, 1).unwrap();
+            book.commit(&g, &update(&values, n)).unwrap();
+            book.end_upload(&g);
+        }
+        book.close_round(1, 0).unwrap();
+        assert_eq!(model_values(&book), vec![3.5, 5.0]);
+        assert_eq!(book.model().unwrap().round, 1);
+    }
+
+    #[test]
+    fn tokens_are_checked_and_nothing_counts_twice() {
+        let mut book = RoundBook::new(None);
+        book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]))
+            .unwrap();
+        assert_eq!(book.begin_upload("nope", 0), Err(GrantError::InvalidToken));
+        assert_eq!(
+            book.begin_upload("t0", 1),
+            Err(GrantError::WrongRound { token_round: 0 })
+        );
+        let g = book.begin_upload("t0", 0).unwrap();
+        assert_eq!(book.begin_upload("t0", 0), Err(GrantError::InProgress));
+        book.commit(&g, &update(&[1.0, 1.0], 1)).unwrap();
+        assert_eq!(
+            book.commit(&g, &update(&[9.0, 9.0], 1)),
+            Err(CommitError::Duplicate)
+        );
+        book.end_upload(&g);
+        assert_eq!(book.begin_upload("t0", 0), Err(GrantError::Duplicate));
+        let late = book.begin_upload("u0", 0).unwrap();
+        let first = book.close_round(0, 0).unwrap();
+        assert_eq!(book.close_round(0, 0).unwrap(), first, "close is idempotent");
+        assert_eq!(
+            book.commit(&late, &update(&[5.0, 5.0], 1)),
+            Err(CommitError::RoundClosed)
+        );
+        assert_eq!(book.begin_upload("t0", 0), Err(GrantError::TokenExpired));
+        assert_eq!(model_values(&book), vec![1.0, 1.0]);
+    }
+
+    #[test]
+    fn reopening_is_idempotent_and_empty_rounds_fail() {
+        let mut book = RoundBook::new(None);
+        let o = opening(0, 0, &[("p", "t0")]);
+        book.open_round(&o).unwrap();
+        book.open_round(&o).unwrap();
+        assert!(matches!(
+            book.close_round(0, 0),
+            Ok(AggregationResult::Failed { .. })
+        ));
+        assert!(book.model().is_none());
+        book.open_round(&o).unwrap();
+        assert_eq!(book.open_round_id(), None, "a stale re-open of a closed round is ignored");
+        assert!(book.open_round(&opening(1, 0, &[("p", "t1")])).is_err());
+    }
+}

@@ -1,0 +1,65 @@
+//! Starting the aggregator: read the initial model, bind both listeners, serve until a signal.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rondo_net::boot;
+use rondo_net::link::AggregatorRpc;
+
+use crate::config::AggregatorConfig;
+use crate::link::{AggregatorRpcServer, Outbox};
+use crate::rounds::{GlobalModel, RoundBook};
+use crate::service::Aggregator;
+use crate::wire;
+
+fn initial_model(path: &str) -> anyhow::Result<Option<GlobalModel>> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading initial model {path}"))?;
+    let (spec, data) = wire::read_model_file(&bytes)
+        .map_err(|e| anyhow::anyhow!("initial model {path}: {e}"))?;
+    let mut file = wire::model_file(&spec, 0);
+    let offset = file.data_offset;
+    file.bytes[offset..].copy_from_slice(&data);
+    tracing::info!(path, bytes = file.bytes.len(), "initial global model loaded");
+    Ok(Some(GlobalModel {
+        round: 0,
+        spec: Arc::new(spec),
+        file: file.bytes.into(),
+    }))
+}
+
+pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
+    config.validate()?;
+    let model = initial_model(&config.model.initial_model)?;
+    let api_listener = boot::bind(&config.api.host, config.api.port).await?;
+    let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
+    let api_addr = api_listener.local_addr()?;
+    let public_url = if config.api.public_url.is_empty() {
+        format!("http://{api_addr}")
+    } else {
+        config.api.public_url.trim_end_matches('/').to_string()
+    };
+    let outbox = Outbox::start(Duration::from_secs_f64(config.link.call_timeout_secs));
+    let aggregator = Aggregator::new(
+        RoundBook::new(model),
+        config.aggregation.max_concurrent_uploads,
+        outbox,
+        public_url.clone(),
+        config.api.max_body_bytes,
+    );
+    let rpc_addr =
+        rondo_net::serve_rpc!(rpc_listener, AggregatorRpcServer::new(&aggregator).serve()).await?;
+    tracing::info!(%api_addr, %rpc_addr, %public_url, "aggregator listening");
+    boot::write_addresses(
+        &config.runtime.addresses_file,
+        &BTreeMap::from([("api", api_addr), ("rpc", rpc_addr)]),
+    )?;
+    axum::serve(api_listener, crate::http::router(aggregator))
+        .with_graceful_shutdown(boot::shutdown_signal())
+        .await?;
+    Ok(())
+}

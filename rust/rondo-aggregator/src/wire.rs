@@ -1,0 +1,431 @@
+//! Safetensors on the wire: reading an upload as it streams in, and writing the global model.
+//!
+//! An upload is read chunk by chunk off the socket: the header first (checked against the
+//! global model before any tensor byte is read), then the tensor bytes straight into one staging
+//! buffer of exactly the declared size. Nothing here touches the running sum; a rejected upload
+//! is simply dropped.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use rondo_core::aggregate::all_finite;
+use rondo_core::model::{DType, ModelSpec, TensorSpec};
+use safetensors::Dtype;
+use safetensors::tensor::{Metadata, TensorInfo};
+
+/// Upload metadata key: the FedAvg weight.
+pub const N_SAMPLES_KEY: &str = "rondo.n_samples";
+/// Upload metadata key: a JSON object of metrics.
+pub const METRICS_KEY: &str = "rondo.metrics";
+/// Download metadata key: the round that produced the model.
+pub const ROUND_KEY: &str = "rondo.round";
+
+/// safetensors' own cap on the header.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// An upload that was read whole and validated, ready to be folded into the sum.
+#[derive(Debug)]
+pub struct StagedUpdate {
+    /// Tensors in the order of their bytes in `data`.
+    pub spec: ModelSpec,
+    pub data: Vec<u8>,
+    pub n_samples: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Why an upload was refused; each maps to one API error code.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("{0}")]
+    Malformed(String),
+    #[error("{0}")]
+    ModelMismatch(#[from] rondo_core::model::ModelMismatch),
+    #[error("tensor `{0}` holds NaN or infinite values")]
+    NonFinite(String),
+    #[error("{0}")]
+    InvalidMetadata(String),
+    #[error("the upload is {size} bytes or more; the limit is {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("the upload ended after {got} of {expected} bytes")]
+    Incomplete { got: u64, expected: u64 },
+}
+
+impl UploadError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            UploadError::Malformed(_) => "malformed_safetensors",
+            UploadError::ModelMismatch(_) => "model_mismatch",
+            UploadError::NonFinite(_) => "non_finite_values",
+            UploadError::InvalidMetadata(_) => "invalid_metadata",
+            UploadError::TooLarge { .. } => "body_too_large",
+            UploadError::Incomplete { .. } => "upload_incomplete",
+        }
+    }
+}
+
+fn dtype_from_safetensors(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F64 => Some(DType::F64),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+fn dtype_to_safetensors(dtype: DType) -> Dtype {
+    match dtype {
+        DType::F32 => Dtype::F32,
+        DType::F64 => Dtype::F64,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+    }
+}
+
+/// Parses a safetensors header (the JSON after the 8-byte length) into the model's tensors in
+/// byte order, and the `__metadata__` map.
+pub fn parse_header(
+    header: &[u8],
+) -> Result<(ModelSpec, HashMap<String, String>), UploadError> {
+    let metadata: Metadata = serde_json::from_slice(header)
+        .map_err(|e| UploadError::Malformed(format!("invalid safetensors header: {e}")))?;
+    let mut tensors = Vec::new();
+    for name in metadata.offset_keys() {
+        let Some(info) = metadata.info(&name) else {
+            continue;
+        };
+        let dtype = dtype_from_safetensors(info.dtype).ok_or_else(|| {
+            UploadError::Malformed(format!(
+                "tensor `{name}` has dtype {:?}; Rondo aggregates F32, F64, F16 and BF16",
+                info.dtype
+            ))
+        })?;
+        tensors.push(TensorSpec {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+        });
+    }
+    if tensors.is_empty() {
+        return Err(UploadError::Malformed("the upload holds no tensor".into()));
+    }
+    Ok((
+        ModelSpec { tensors },
+        metadata.metadata().clone().unwrap_or_default(),
+    ))
+}
+
+fn parse_upload_metadata(
+    metadata: &HashMap<String, String>,
+) -> Result<(u64, BTreeMap<String, f64>), UploadError> {
+    let raw = metadata.get(N_SAMPLES_KEY).ok_or_else(|| {
+        UploadError::InvalidMetadata(format!("`__metadata__` must carry `{N_SAMPLES_KEY}`"))
+    })?;
+    let n_samples: u64 = raw.trim().parse().map_err(|_| {
+        UploadError::InvalidMetadata(format!(
+            "`{N_SAMPLES_KEY}` must be a positive integer, got {raw:?}"
+        ))
+    })?;
+    if n_samples == 0 {
+        return Err(UploadError::InvalidMetadata(format!(
+            "`{N_SAMPLES_KEY}` must be at least 1"
+        )));
+    }
+    let metrics = match metadata.get(METRICS_KEY) {
+        None => BTreeMap::new(),
+        Some(raw) => serde_json::from_str(raw).map_err(|e| {
+            UploadError::InvalidMetadata(format!(
+                "`{METRICS_KEY}` must be a JSON object of numbers: {e}"
+            ))
+        })?,
+    };
+    Ok((n_samples, metrics))
+}
+
+/// Reads one upload from `body`. When `expected` is given, the upload's tensors must match it
+/// (checked from the header, before the tensor bytes are read).
+pub async fn read_update<S, E>(
+    mut body: S,
+    expected: Option<&ModelSpec>,
+    max_body_bytes: u64,
+) -> Result<StagedUpdate, UploadError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut received: u64 = 0;
+    let mut head = BytesMut::new();
+    let next = |received: u64, expected_total: u64| UploadError::Incomplete {
+        got: received,
+        expected: expected_total,
+    };
+
+    // The 8-byte header length, then the header.
+    let mut header_len: Option<u64> = None;
+    let (spec, metadata, rest) = loop {
+        if header_len.is_none() && head.len() >= 8 {
+            let mut len = [0u8; 8];
+            len.copy_from_slice(&head[..8]);
+            let n = u64::from_le_bytes(len);
+            if n > MAX_HEADER_BYTES {
+                return Err(UploadError::Malformed(format!(
+                    "the safetensors header claims {n} bytes; at most {MAX_HEADER_BYTES} are allowed"
+                )));
+            }
+            if 8 + n > max_body_bytes {
+                return Err(UploadError::TooLarge {
+                    size: 8 + n,
+                    limit: max_body_bytes,
+                });
+            }
+            header_len = Some(n);
+        }
+        if let Some(n) = header_len {
+            let header_end = 8 + n as usize;
+            if head.len() >= header_end {
+                let (spec, metadata) = parse_header(&head[8..header_end])?;
+                break (spec, metadata, head.split_off(header_end).freeze());
+            }
+        }
+        match body.next().await {
+            Some(Ok(chunk)) => {
+                received += chunk.len() as u64;
+                head.extend_from_slice(&chunk);
+            }
+            Some(Err(e)) => {
+                return Err(UploadError::Malformed(format!("reading the body failed: {e}")));
+            }
+            None => {
+                return Err(if head.len() < 8 {
+                    UploadError::Malformed(
+                        "the body is shorter than a safetensors header".to_string(),
+                    )
+                } else {
+                    next(received, 8 + header_len.unwrap_or(0))
+                });
+            }
+        }
+    };
+    let header_total = 8 + header_len.unwrap_or(0);
+    let data_len = spec.byte_len() as u64;
+    let total = header_total + data_len;
+    if total > max_body_bytes {
+        return Err(UploadError::TooLarge {
+            size: total,
+            limit: max_body_bytes,
+        });
+    }
+    if let Some(expected) = expected {
+        expected.check_update(&spec)?;
+    }
+    let (n_samples, metrics) = parse_upload_metadata(&metadata)?;
+
+    let too_long = || {
+        UploadError::Malformed(format!(
+            "the body runs past the {total} bytes its safetensors header declares"
+        ))
+    };
+    let mut data = Vec::with_capacity(data_len as usize);
+    if rest.len() as u64 > data_len {
+        return Err(too_long());
+    }
+    data.extend_from_slice(&rest);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|_| next(received, total))?;
+        received += chunk.len() as u64;
+        if (data.len() + chunk.len()) as u64 > data_len {
+            return Err(too_long());
+        }
+        data.extend_from_slice(&chunk);
+    }
+    if (data.len() as u64) < data_len {
+        return Err(next(received, total));
+    }
+
+    let mut offset = 0;
+    for tensor in &spec.tensors {
+        let bytes = &data[offset..offset + tensor.byte_len()];
+        offset += tensor.byte_len();
+        if !all_finite(tensor.dtype, bytes) {
+            return Err(UploadError::NonFinite(tensor.name.clone()));
+        }
+    }
+    Ok(StagedUpdate {
+        spec,
+        data,
+        n_samples,
+        metrics,
+    })
+}
+
+/// A serialized safetensors file whose data section is still to be filled in.
+pub struct ModelFile {
+    pub bytes: Vec<u8>,
+    /// Where the tensor bytes start.
+    pub data_offset: usize,
+}
+
+/// Lays out a safetensors file for `spec` (tensors in spec order) with `round` in its metadata,
+/// the data section zeroed for the caller to fill.
+pub fn model_file(spec: &ModelSpec, round: u32) -> ModelFile {
+    let mut offset = 0;
+    let tensors = spec
+        .tensors
+        .iter()
+        .map(|t| {
+            let info = TensorInfo {
+                dtype: dtype_to_safetensors(t.dtype),
+                shape: t.shape.clone(),
+                data_offsets: (offset, offset + t.byte_len()),
+            };
+            offset += t.byte_len();
+            (t.name.clone(), info)
+        })
+        .collect();
+    let metadata = Metadata::new(
+        Some(HashMap::from([(ROUND_KEY.to_string(), round.to_string())])),
+        tensors,
+    )
+    .expect("offsets laid out back to back from a valid spec");
+    let mut header = serde_json::to_vec(&metadata).expect("metadata serializes");
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let data_offset = 8 + header.len();
+    let mut bytes = vec![0u8; data_offset + spec.byte_len()];
+    bytes[..8].copy_from_slice(&(header.len() as u64).to_le_bytes());
+    bytes[8..data_offset].copy_from_slice(&header);
+    ModelFile { bytes, data_offset }
+}
+
+/// Reads a whole safetensors file (the configured initial model).
+pub fn read_model_file(bytes: &[u8]) -> Result<(ModelSpec, Vec<u8>), UploadError> {
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| UploadError::Malformed(format!("invalid safetensors file: {e}")))?;
+    let header_len = bytes.len() - metadata.data_len();
+    let (spec, _) = parse_header(&bytes[8..header_len])?;
+    let data = bytes[header_len..].to_vec();
+    let mut offset = 0;
+    for tensor in &spec.tensors {
+        if !all_finite(tensor.dtype, &data[offset..offset + tensor.byte_len()]) {
+            return Err(UploadError::NonFinite(tensor.name.clone()));
+        }
+        offset += tensor.byte_len();
+    }
+    Ok((spec, data))
+}
+
+pub fn into_shared(file: ModelFile) -> (Bytes, usize) {
+    (Bytes::from(file.bytes), file.data_offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rondo_core::aggregate::encode_values;
+
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            tensors: vec![
+                TensorSpec {
+                    name: "a".into(),
+                    dtype: DType::F32,
+                    shape: vec![2],
+                },
+                TensorSpec {
+                    name: "b".into(),
+                    dtype: DType::F32,
+                    shape: vec![1, 3],
+                },
+            ],
+        }
+    }
+
+    fn upload(values: &[f64], n_samples: &str) -> Vec<u8> {
+        let mut file = model_file(&spec(), 0);
+        let data = encode_values(DType::F32, values);
+        file.bytes[file.data_offset..].copy_from_slice(&data);
+        // Swap in upload metadata by re-serializing the header.
+        let header_len = file.data_offset - 8;
+        let header = std::str::from_utf8(&file.bytes[8..8 + header_len]).unwrap();
+        let header = header.replace(
+            &format!("\"{ROUND_KEY}\":\"0\""),
+            &format!("\"{N_SAMPLES_KEY}\":\"{n_samples}\""),
+        );
+        let mut header = header.trim_end().as_bytes().to_vec();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&data);
+        out
+    }
+
+    fn chunks(bytes: &[u8], size: usize) -> impl Stream<Item = Result<Bytes, String>> + Unpin {
+        let parts: Vec<Result<Bytes, String>> = bytes
+            .chunks(size)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        futures::stream::iter(parts)
+    }
+
+    #[tokio::test]
+    async fn reads_an_upload_in_any_chunking() {
+        let bytes = upload(&[1.0, 2.0, 3.0, 4.0, 5.0], "7");
+        for size in [1, 3, 8, 13, 1000] {
+            let staged = read_update(chunks(&bytes, size), Some(&spec()), 1 << 20)
+                .await
+                .unwrap();
+            assert_eq!(staged.n_samples, 7);
+            assert_eq!(staged.data, encode_values(DType::F32, &[1.0, 2.0, 3.0, 4.0, 5.0]));
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_bad_uploads_with_the_right_code() {
+        let good = upload(&[1.0; 5], "7");
+        let code = |r: Result<StagedUpdate, UploadError>| r.unwrap_err().code();
+        assert_eq!(
+            code(read_update(chunks(&good[..good.len() - 1], 4), None, 1 << 20).await),
+            "upload_incomplete"
+        );
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(
+            code(read_update(chunks(&long, 4), None, 1 << 20).await),
+            "malformed_safetensors"
+        );
+        assert_eq!(
+            code(read_update(chunks(&good, 4), None, 20).await),
+            "body_too_large"
+        );
+        assert_eq!(
+            code(read_update(chunks(b"garbage!garbage!", 4), None, 1 << 20).await),
+            "malformed_safetensors"
+        );
+        assert_eq!(
+            code(read_update(chunks(&upload(&[1.0; 5], "0"), 4), None, 1 << 20).await),
+            "invalid_metadata"
+        );
+        assert_eq!(
+            code(read_update(chunks(&upload(&[f64::NAN; 5], "1"), 4), None, 1 << 20).await),
+            "non_finite_values"
+        );
+        let mut other = spec();
+        other.tensors[1].shape = vec![3];
+        assert_eq!(
+            code(read_update(chunks(&good, 4), Some(&other), 1 << 20).await),
+            "model_mismatch"
+        );
+    }
+
+    #[test]
+    fn model_file_round_trips_through_safetensors() {
+        let mut file = model_file(&spec(), 3);
+        let data = encode_values(DType::F32, &[1.0, 2.0, 3.0, 4.0, 5.0]);
+        file.bytes[file.data_offset..].copy_from_slice(&data);
+        let parsed = safetensors::SafeTensors::deserialize(&file.bytes).unwrap();
+        assert_eq!(parsed.tensor("b").unwrap().shape(), &[1, 3]);
+        let (spec2, data2) = read_model_file(&file.bytes).unwrap();
+        assert_eq!(spec2, spec());
+        assert_eq!(data2, data);
+    }
+}

@@ -1,0 +1,19 @@
+//! Rondo's core: the parts of federated learning that need no network.
+//!
+//! A short tour:
+//!
+//! - [`federation`] is the coordinator's round state machine. Participants join and heartbeat;
+//!   the machine selects them for rounds, opens and closes rounds, drops the silent ones and
+//!   keeps the per-round history. It answers with [`federation::Command`]s ("open round r with
+//!   these tokens", "close round r") that the coordinator's edge sends to the aggregator.
+//! - [`model`] says what a model is: named tensors with a dtype and a shape, and whether an
+//!   update fits the global model.
+//! - [`aggregate`] holds the FedAvg kernels: a running weighted sum that updates are folded into
+//!   as they are accepted, and the finalize pass that produces the next global model.
+//!
+//! Nothing here opens a socket, reads a clock or parses a wire format: the binaries
+//! (`rondo-coordinator`, `rondo-aggregator`) do that at the edge and call in.
+
+pub mod aggregate;
+pub mod federation;
+pub mod model;

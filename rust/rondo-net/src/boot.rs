@@ -1,0 +1,84 @@
+//! Starting a service: config, logging, listeners.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+
+/// Reads a service's config: the embedded `defaults` (TOML), then `file` if given, then
+/// environment variables `RONDO__SECTION__KEY` (e.g. `RONDO__API__PORT=0`).
+pub fn load_config<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> anyhow::Result<T> {
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(defaults, config::FileFormat::Toml));
+    if let Some(path) = file {
+        if !path.is_file() {
+            anyhow::bail!("config file {} does not exist", path.display());
+        }
+        builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+    }
+    builder
+        .add_source(
+            config::Environment::with_prefix("RONDO")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        )
+        .build()
+        .context("reading the config")?
+        .try_deserialize()
+        .context("the config has a missing or malformed key")
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the default level (`info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("binding {host}:{port}"))
+}
+
+/// Writes `{"api": "127.0.0.1:8081", "rpc": …}` to `path` (atomically: a reader never sees half
+/// a file), so that scripts and tests can find services started on port 0.
+pub fn write_addresses(path: &str, addresses: &BTreeMap<&str, SocketAddr>) -> anyhow::Result<()> {
+    if path.is_empty() {
+        return Ok(());
+    }
+    let json = serde_json::to_string_pretty(addresses)?;
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, json).with_context(|| format!("writing {tmp}"))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {path}"))?;
+    Ok(())
+}
+
+/// Resolves when the process gets Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

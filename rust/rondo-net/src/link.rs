@@ -1,0 +1,133 @@
+//! The tarpc link between coordinator and aggregator.
+//!
+//! Two services, one per direction, each over its own TCP connection with JSON frames:
+//! the coordinator calls [`AggregatorRpc`] (open and close rounds, status) and the aggregator
+//! calls [`CoordinatorRpc`] back (update accepted or rejected, round aggregated). The aggregator
+//! learns where to call back from [`AggregatorRpc::attach`], so neither side needs the other's
+//! address in advance beyond the coordinator knowing the aggregator's.
+//!
+//! Every call is idempotent: a retried call never counts an update twice. Callers retry until
+//! acknowledged, so a restart on either side only delays things.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::time::{Duration, Instant};
+
+use rondo_core::federation::AggregationResult;
+use serde::{Deserialize, Serialize};
+use tarpc::serde_transport::tcp;
+use tarpc::tokio_serde::formats::Json;
+use tarpc::{client, context};
+
+/// What the aggregator tells a coordinator that attaches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AggregatorInfo {
+    /// Base URL participants use to reach the aggregator's HTTP API.
+    pub public_url: String,
+    /// Round of the global model it holds; `None` when it has none yet.
+    pub model_round: Option<u32>,
+}
+
+/// "Round `round` (attempt `attempt`) is open for these participants."
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundOpening {
+    pub round: u32,
+    pub attempt: u32,
+    /// participant id → the one-round token it must present.
+    pub grants: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AggregatorStatus {
+    pub model_round: Option<u32>,
+    /// `(round, attempt)` of the round accepting uploads, if any.
+    pub open_round: Option<(u32, u32)>,
+    pub accepted: Vec<String>,
+}
+
+/// Coordinator → aggregator.
+#[tarpc::service]
+pub trait AggregatorRpc {
+    /// Registers the coordinator's RPC address for call-backs.
+    async fn attach(coordinator_rpc_addr: String) -> AggregatorInfo;
+    /// Opens a round. Re-opening the same `(round, attempt)` with the same grants is a no-op.
+    async fn open_round(opening: RoundOpening) -> Result<(), String>;
+    /// Stops accepting uploads for the round and aggregates; the result comes back through
+    /// [`CoordinatorRpc::round_aggregated`]. Repeating it re-sends that result.
+    async fn close_round(round: u32, attempt: u32) -> Result<(), String>;
+    async fn status() -> AggregatorStatus;
+}
+
+/// Aggregator → coordinator.
+#[tarpc::service]
+pub trait CoordinatorRpc {
+    async fn update_accepted(
+        round: u32,
+        attempt: u32,
+        participant_id: String,
+        n_samples: u64,
+        metrics: BTreeMap<String, f64>,
+    );
+    async fn update_rejected(round: u32, attempt: u32, participant_id: String, reason: String);
+    async fn round_aggregated(round: u32, attempt: u32, result: AggregationResult);
+}
+
+/// A context whose deadline is `timeout` from now.
+pub fn deadline(timeout: Duration) -> context::Context {
+    let mut ctx = context::current();
+    ctx.deadline = Instant::now() + timeout;
+    ctx
+}
+
+/// Connects an [`AggregatorRpcClient`] to `addr`.
+pub async fn connect_aggregator(addr: &str) -> io::Result<AggregatorRpcClient> {
+    let transport = tcp::connect(addr, Json::default).await?;
+    Ok(AggregatorRpcClient::new(client::Config::default(), transport).spawn())
+}
+
+/// Connects a [`CoordinatorRpcClient`] to `addr`.
+pub async fn connect_coordinator(addr: &str) -> io::Result<CoordinatorRpcClient> {
+    let transport = tcp::connect(addr, Json::default).await?;
+    Ok(CoordinatorRpcClient::new(client::Config::default(), transport).spawn())
+}
+
+/// Serves a tarpc service on a bound `tokio::net::TcpListener` in the background, one task per
+/// connection and per request; evaluates to `io::Result<SocketAddr>` (the bound address).
+///
+/// A macro rather than a generic function: tarpc's service futures are only known to be `Send`
+/// for a concrete server type, which the caller has.
+///
+/// ```ignore
+/// let addr = rondo_net::serve_rpc!(listener, MyServer { .. }.serve()).await?;
+/// ```
+#[macro_export]
+macro_rules! serve_rpc {
+    ($listener:expr, $serve:expr) => {
+        async {
+            use $crate::link::__private::*;
+            let mut incoming = tcp::listen_on($listener, Json::default).await?;
+            let addr = incoming.local_addr();
+            let serve = $serve;
+            tokio::spawn(async move {
+                while let Some(transport) = incoming.next().await {
+                    let Ok(transport) = transport else { continue };
+                    let serve = serve.clone();
+                    tokio::spawn(BaseChannel::with_defaults(transport).execute(serve).for_each(
+                        |response| async move {
+                            tokio::spawn(response);
+                        },
+                    ));
+                }
+            });
+            std::io::Result::<std::net::SocketAddr>::Ok(addr)
+        }
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use tarpc::serde_transport::tcp;
+    pub use tarpc::server::{BaseChannel, Channel};
+    pub use futures::StreamExt;
+    pub use tarpc::tokio_serde::formats::Json;
+}
