@@ -24,7 +24,10 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route("/v1/rounds/{round}/update", post(upload_update))
         .route("/v1/model", get(download_latest_model))
         .route("/v1/status", get(status))
-        .route("/openapi.json", get(|| async { api::openapi_response(OPENAPI) }))
+        .route(
+            "/openapi.json",
+            get(|| async { api::openapi_response(OPENAPI) }),
+        )
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(metrics))
         // Uploads are streamed and limited by `api.max_body_bytes` in `wire::read_update`.
@@ -66,7 +69,10 @@ fn model_response(file: bytes::Bytes, round: u32) -> Response {
     (
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::HeaderName::from_static("x-rondo-round"), round.to_string()),
+            (
+                header::HeaderName::from_static("x-rondo-round"),
+                round.to_string(),
+            ),
         ],
         Body::from(file),
     )

@@ -143,7 +143,10 @@ impl RoundBook {
     }
 
     fn find_token(&self, token: &str) -> Result<Grant, GrantError> {
-        let open = self.open.as_ref().ok_or_else(|| self.unknown_token(token))?;
+        let open = self
+            .open
+            .as_ref()
+            .ok_or_else(|| self.unknown_token(token))?;
         let participant = open
             .tokens
             .iter()
@@ -370,7 +373,11 @@ mod tests {
         assert_eq!(book.begin_upload("t0", 0), Err(GrantError::Duplicate));
         let late = book.begin_upload("u0", 0).unwrap();
         let first = book.close_round(0, 0).unwrap();
-        assert_eq!(book.close_round(0, 0).unwrap(), first, "close is idempotent");
+        assert_eq!(
+            book.close_round(0, 0).unwrap(),
+            first,
+            "close is idempotent"
+        );
         assert_eq!(
             book.commit(&late, &update(&[5.0, 5.0], 1)),
             Err(CommitError::RoundClosed)
@@ -391,7 +398,11 @@ mod tests {
         ));
         assert!(book.model().is_none());
         book.open_round(&o).unwrap();
-        assert_eq!(book.open_round_id(), None, "a stale re-open of a closed round is ignored");
+        assert_eq!(
+            book.open_round_id(),
+            None,
+            "a stale re-open of a closed round is ignored"
+        );
         assert!(book.open_round(&opening(1, 0, &[("p", "t1")])).is_err());
     }
 }

@@ -19,12 +19,16 @@ fn initial_model(path: &str) -> anyhow::Result<Option<GlobalModel>> {
         return Ok(None);
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading initial model {path}"))?;
-    let (spec, data) = wire::read_model_file(&bytes)
-        .map_err(|e| anyhow::anyhow!("initial model {path}: {e}"))?;
+    let (spec, data) =
+        wire::read_model_file(&bytes).map_err(|e| anyhow::anyhow!("initial model {path}: {e}"))?;
     let mut file = wire::model_file(&spec, 0);
     let offset = file.data_offset;
     file.bytes[offset..].copy_from_slice(&data);
-    tracing::info!(path, bytes = file.bytes.len(), "initial global model loaded");
+    tracing::info!(
+        path,
+        bytes = file.bytes.len(),
+        "initial global model loaded"
+    );
     Ok(Some(GlobalModel {
         round: 0,
         spec: Arc::new(spec),

@@ -26,9 +26,11 @@ impl Metrics {
     fn new() -> Self {
         let registry = Registry::new_custom(Some("rondo_aggregator".into()), None)
             .expect("static prefix is valid");
-        let updates_accepted =
-            IntCounter::new("updates_accepted_total", "Updates folded into a round's sum")
-                .expect("valid metric");
+        let updates_accepted = IntCounter::new(
+            "updates_accepted_total",
+            "Updates folded into a round's sum",
+        )
+        .expect("valid metric");
         let updates_rejected = IntCounterVec::new(
             Opts::new("updates_rejected_total", "Uploads refused, by error code"),
             &["code"],
@@ -105,7 +107,9 @@ impl Aggregator {
     pub fn book(&self) -> MutexGuard<'_, RoundBook> {
         // A panic while holding the lock cannot leave the book half-updated (every mutation is
         // a single assignment after the fallible work), so a poisoned lock is still usable.
-        self.book.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.book
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Closes a round and reports the result to the coordinator. Blocking: the finalize pass
@@ -123,11 +127,20 @@ impl Aggregator {
                 AggregationResult::Aggregated { .. } => "aggregated",
                 AggregationResult::Failed { .. } => "failed",
             };
-            self.metrics.rounds_closed.with_label_values(&[outcome]).inc();
+            self.metrics
+                .rounds_closed
+                .with_label_values(&[outcome])
+                .inc();
             if let Some(model) = book.model() {
                 self.metrics.model_bytes.set(model.file.len() as i64);
             }
-            tracing::info!(round, attempt, ?result, elapsed_ms = started.elapsed().as_millis() as u64, "round closed");
+            tracing::info!(
+                round,
+                attempt,
+                ?result,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "round closed"
+            );
         }
         drop(book);
         self.outbox.send(Notice::RoundAggregated {

@@ -85,9 +85,7 @@ fn dtype_to_safetensors(dtype: DType) -> Dtype {
 
 /// Parses a safetensors header (the JSON after the 8-byte length) into the model's tensors in
 /// byte order, and the `__metadata__` map.
-pub fn parse_header(
-    header: &[u8],
-) -> Result<(ModelSpec, HashMap<String, String>), UploadError> {
+pub fn parse_header(header: &[u8]) -> Result<(ModelSpec, HashMap<String, String>), UploadError> {
     let metadata: Metadata = serde_json::from_slice(header)
         .map_err(|e| UploadError::Malformed(format!("invalid safetensors header: {e}")))?;
     let mut tensors = Vec::new();
@@ -194,7 +192,9 @@ where
                 head.extend_from_slice(&chunk);
             }
             Some(Err(e)) => {
-                return Err(UploadError::Malformed(format!("reading the body failed: {e}")));
+                return Err(UploadError::Malformed(format!(
+                    "reading the body failed: {e}"
+                )));
             }
             None => {
                 return Err(if head.len() < 8 {
@@ -375,7 +375,10 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(staged.n_samples, 7);
-            assert_eq!(staged.data, encode_values(DType::F32, &[1.0, 2.0, 3.0, 4.0, 5.0]));
+            assert_eq!(
+                staged.data,
+                encode_values(DType::F32, &[1.0, 2.0, 3.0, 4.0, 5.0])
+            );
         }
     }
 

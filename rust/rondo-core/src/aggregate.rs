@@ -102,7 +102,11 @@ impl FedAvgAccumulator {
     /// Writes `sum / total_weight` into `out`, laid out in this model's tensor order and dtypes.
     /// Returns `false` (and leaves `out` untouched) when no update was added.
     pub fn finalize_into(&self, out: &mut [u8]) -> bool {
-        assert_eq!(out.len(), self.spec.byte_len(), "output must hold the model");
+        assert_eq!(
+            out.len(),
+            self.spec.byte_len(),
+            "output must hold the model"
+        );
         if self.updates == 0 || self.total_weight <= 0.0 {
             return false;
         }
@@ -302,8 +306,12 @@ mod tests {
             tensors: vec![t("b", 2), t("a", 1)],
         };
         let mut acc = FedAvgAccumulator::new(global.clone());
-        acc.add(&reordered, &encode_values(DType::F32, &[2.0, 3.0, 1.0]), 1.0)
-            .unwrap();
+        acc.add(
+            &reordered,
+            &encode_values(DType::F32, &[2.0, 3.0, 1.0]),
+            1.0,
+        )
+        .unwrap();
         let mut out = vec![0u8; global.byte_len()];
         acc.finalize_into(&mut out);
         assert_eq!(decode_values(DType::F32, &out), vec![1.0, 2.0, 3.0]);

@@ -46,7 +46,7 @@ pub struct FederationSettings {
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
     Standby,
-    Train { round: u32 },
+    Train { round: u32, attempt: u32 },
     Finish,
     Rejected { reason: String },
 }
@@ -274,7 +274,11 @@ impl Federation {
         (id, secret)
     }
 
-    fn authenticate(&mut self, id: &str, secret: &str) -> Result<&mut Participant, FederationError> {
+    fn authenticate(
+        &mut self,
+        id: &str,
+        secret: &str,
+    ) -> Result<&mut Participant, FederationError> {
         let participant = self
             .participants
             .get_mut(id)
@@ -301,7 +305,10 @@ impl Federation {
         Ok(match &self.phase {
             Phase::Finished => Action::Finish,
             Phase::Training(active) if active.is_selected(id) && !active.has_delivered(id) => {
-                Action::Train { round: self.round }
+                Action::Train {
+                    round: self.round,
+                    attempt: self.attempt,
+                }
             }
             _ => Action::Standby,
         })
@@ -346,8 +353,7 @@ impl Federation {
             return;
         }
         if let Phase::Opening(_) = self.phase {
-            let Phase::Opening(active) = std::mem::replace(&mut self.phase, Phase::Finished)
-            else {
+            let Phase::Opening(active) = std::mem::replace(&mut self.phase, Phase::Finished) else {
                 unreachable!("matched above")
             };
             self.phase = Phase::Training(active);
@@ -400,19 +406,20 @@ impl Federation {
         }
     }
 
-    /// The aggregator finished closing a round. Idempotent.
+    /// The aggregator finished closing a round. Idempotent: returns whether this report was
+    /// news (`false` for a repeat or a stale one).
     pub fn round_aggregated(
         &mut self,
         round: u32,
         attempt: u32,
         result: AggregationResult,
         now: Instant,
-    ) {
+    ) -> bool {
         if (round, attempt) != (self.round, self.attempt) {
-            return;
+            return false;
         }
         let Phase::Closing(_) = self.phase else {
-            return;
+            return false;
         };
         let Phase::Closing(mut active) =
             std::mem::replace(&mut self.phase, Phase::WaitingForParticipants)
@@ -439,6 +446,7 @@ impl Federation {
             }
         }
         self.history.push(active.record);
+        true
     }
 
     /// Advances time: drops silent participants, opens and closes rounds.
@@ -676,7 +684,6 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -772,8 +779,18 @@ mod tests {
         w.join();
         let grants = w.open();
         assert_eq!(grants.len(), 1, "round 0 needs one initial model");
-        let chosen = w.people.iter().position(|p| grants.contains_key(&p.0)).unwrap();
-        assert_eq!(w.beat(chosen), Action::Train { round: 0 });
+        let chosen = w
+            .people
+            .iter()
+            .position(|p| grants.contains_key(&p.0))
+            .unwrap();
+        assert_eq!(
+            w.beat(chosen),
+            Action::Train {
+                round: 0,
+                attempt: 0
+            }
+        );
         assert_eq!(w.beat(1 - chosen), Action::Standby);
         let (id, secret) = w.people[chosen].clone();
         let grant = w.fed.start_training(&id, &secret, w.now).unwrap();
@@ -794,7 +811,12 @@ mod tests {
         assert_eq!(w.beat(0), Action::Finish);
         let status = w.fed.status(w.now);
         assert_eq!(status.history.len(), 3);
-        assert!(status.history.iter().all(|r| r.outcome == Some("aggregated")));
+        assert!(
+            status
+                .history
+                .iter()
+                .all(|r| r.outcome == Some("aggregated"))
+        );
     }
 
     #[test]
@@ -868,7 +890,13 @@ mod tests {
         w.close(ok(2));
         let grants = w.open();
         assert!(grants.contains_key(w.id(late)));
-        assert_eq!(w.beat(late), Action::Train { round: 2 });
+        assert_eq!(
+            w.beat(late),
+            Action::Train {
+                round: 2,
+                attempt: 0
+            }
+        );
     }
 
     #[test]
@@ -897,7 +925,13 @@ mod tests {
         assert_eq!(w.fed.current_round(), (1, 1));
         let status = w.fed.status(w.now);
         assert_eq!(status.history[0].outcome, Some("failed"));
-        assert!(status.history[0].reason.as_deref().unwrap().contains("round_timeout"));
+        assert!(
+            status.history[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("round_timeout")
+        );
         let grants = w.open();
         assert_eq!(grants.len(), 2, "same round, new attempt, new tokens");
     }
@@ -915,8 +949,18 @@ mod tests {
         w.fed.update_accepted(0, 0, &id, 9, BTreeMap::new());
         let status = w.fed.status(w.now);
         assert_eq!(status.history[0].delivered, vec![w.id(0).to_string()]);
-        assert_eq!(w.beat(0), Action::Standby, "delivered participants stand by");
-        assert_eq!(w.beat(1), Action::Train { round: 1 });
+        assert_eq!(
+            w.beat(0),
+            Action::Standby,
+            "delivered participants stand by"
+        );
+        assert_eq!(
+            w.beat(1),
+            Action::Train {
+                round: 1,
+                attempt: 0
+            }
+        );
     }
 
     #[test]
@@ -952,7 +996,14 @@ mod tests {
         w.join();
         let first = w.fed.tick(w.now);
         let again = w.fed.tick(w.now);
-        assert_eq!(first, again, "same grants: the aggregator sees an idempotent retry");
-        assert_eq!(w.beat(0), Action::Standby, "no training before the aggregator knows");
+        assert_eq!(
+            first, again,
+            "same grants: the aggregator sees an idempotent retry"
+        );
+        assert_eq!(
+            w.beat(0),
+            Action::Standby,
+            "no training before the aggregator knows"
+        );
     }
 }

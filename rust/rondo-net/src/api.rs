@@ -99,7 +99,10 @@ pub fn bearer_token<'a>(
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
-            ApiError::unauthorized(missing_code, "an `Authorization: Bearer <token>` header is required")
+            ApiError::unauthorized(
+                missing_code,
+                "an `Authorization: Bearer <token>` header is required",
+            )
         })
 }
 
@@ -112,8 +115,12 @@ pub fn openapi_response(document: &'static str) -> Response {
 pub fn metrics_response(registry: &Registry) -> Response {
     let mut buffer = Vec::new();
     if let Err(err) = TextEncoder::new().encode(&registry.gather(), &mut buffer) {
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics", err.to_string())
-            .into_response();
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics",
+            err.to_string(),
+        )
+        .into_response();
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

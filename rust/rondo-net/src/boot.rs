@@ -32,12 +32,15 @@ pub fn load_config<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> 
         .context("the config has a missing or malformed key")
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the default level (`info`).
+/// Logs to stderr; `RUST_LOG` overrides the default filter (`info`, with tarpc's per-call
+/// spans kept quiet).
 pub fn init_tracing() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tarpc=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -112,11 +112,13 @@ macro_rules! serve_rpc {
                 while let Some(transport) = incoming.next().await {
                     let Ok(transport) = transport else { continue };
                     let serve = serve.clone();
-                    tokio::spawn(BaseChannel::with_defaults(transport).execute(serve).for_each(
-                        |response| async move {
-                            tokio::spawn(response);
-                        },
-                    ));
+                    tokio::spawn(
+                        BaseChannel::with_defaults(transport)
+                            .execute(serve)
+                            .for_each(|response| async move {
+                                tokio::spawn(response);
+                            }),
+                    );
                 }
             });
             std::io::Result::<std::net::SocketAddr>::Ok(addr)
@@ -126,8 +128,8 @@ macro_rules! serve_rpc {
 
 #[doc(hidden)]
 pub mod __private {
+    pub use futures::StreamExt;
     pub use tarpc::serde_transport::tcp;
     pub use tarpc::server::{BaseChannel, Channel};
-    pub use futures::StreamExt;
     pub use tarpc::tokio_serde::formats::Json;
 }

@@ -1,0 +1,29 @@
+"""Rondo: the Python SDK for federated-learning participants.
+
+Implement a :class:`Participant` (two methods over dicts of numpy arrays) and hand it to
+:func:`run_participant`, which joins the coordinator, heartbeats, downloads the global model,
+calls your training code and uploads the result, round after round::
+
+    report = rondo.run_participant(MyParticipant(), "http://127.0.0.1:8081")
+
+Modules: :mod:`rondo.participant` (the interface and the report), :mod:`rondo.runner` (the
+network side), :mod:`rondo.safetensors_io` (the wire encoding of weights), :mod:`rondo.util`.
+"""
+
+from .errors import ApiError, CoordinatorUnavailable, RondoError
+from .participant import Participant, ParticipantReport
+from .runner import run_participant
+from .types import Weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApiError",
+    "CoordinatorUnavailable",
+    "Participant",
+    "ParticipantReport",
+    "RondoError",
+    "Weights",
+    "__version__",
+    "run_participant",
+]

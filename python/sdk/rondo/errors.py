@@ -1,0 +1,28 @@
+"""Exceptions raised by the Rondo SDK."""
+
+from __future__ import annotations
+
+
+class RondoError(Exception):
+    """Base class of every error the SDK raises on its own."""
+
+
+class CoordinatorUnavailable(RondoError):
+    """The coordinator could not be reached within the connect timeout."""
+
+
+class ApiError(RondoError):
+    """A Rondo service answered with an error (any 4xx/5xx).
+
+    Attributes:
+        status: the HTTP status code.
+        code: the stable, machine-readable error code (e.g. ``"token_expired"``); when the body
+            is not the documented ``{"error": {...}}`` shape, ``"http_<status>"``.
+        message: the human-readable message from the service.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message

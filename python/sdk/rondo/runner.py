@@ -1,0 +1,413 @@
+"""``run_participant``: the network side of a participant.
+
+Two threads cooperate. A background thread sends a heartbeat every period and records the
+coordinator's latest answer; the calling thread acts on that answer (join again, train a round,
+finish). Heartbeats therefore keep flowing while a round trains, which is what keeps a slow
+participant from being declared dead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any, NamedTuple, cast
+
+import requests
+
+from .errors import ApiError, CoordinatorUnavailable, RondoError
+from .participant import Participant, ParticipantReport
+from .safetensors_io import decode, encode_stream
+from .types import Weights
+
+CONTROL_TIMEOUT = 10.0
+"""Seconds to wait for the coordinator's small JSON answers."""
+DATA_TIMEOUT = (10.0, 600.0)
+"""(connect, read) seconds for model downloads and uploads, which can be large."""
+MAX_BACKOFF = 2.0
+"""Longest pause between two join attempts while the coordinator is unreachable."""
+
+# Heartbeat errors that mean the coordinator does not know this identity (any more): the
+# participant must join again, exactly as after a `rejected` answer.
+_IDENTITY_ERRORS = ("unknown_participant", "invalid_secret")
+
+
+class _Identity(NamedTuple):
+    participant_id: str
+    secret: str
+
+
+def _raise_for_error(response: requests.Response) -> None:
+    """Raise :class:`ApiError` for a 4xx/5xx answer, with the documented error body's fields."""
+    if response.status_code < 400:
+        return
+    code, message = f"http_{response.status_code}", response.text[:500]
+    try:
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error.get("message", ""))
+    except (ValueError, KeyError, TypeError):
+        pass  # not the documented shape (e.g. a proxy's page): keep the generic code
+    raise ApiError(response.status_code, code, message)
+
+
+def _bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+class _Link:
+    """State shared by the heartbeat thread and the main thread, guarded by ``cond``."""
+
+    def __init__(self, identity: _Identity) -> None:
+        self.cond = threading.Condition()
+        self.identity = identity
+        self.action: dict[str, Any] = {}
+        self.seq = 0  # bumped on every heartbeat answer
+        # Bumped whenever a `train` answer differs from the previous answer, so that each
+        # selection is handled once even though heartbeats repeat `train r` until it closes,
+        # while a new attempt of the same round (after a `standby`) is handled again.
+        self.episode = 0
+        self.last_answer: tuple[Any, Any, Any] | None = None
+        self.error: BaseException | None = None
+        self.halt = threading.Event()
+
+    def shutdown(self) -> None:
+        self.halt.set()
+        with self.cond:
+            self.cond.notify_all()
+
+
+class _Run:
+    """One ``run_participant`` call."""
+
+    def __init__(
+        self,
+        participant: Participant,
+        coordinator_url: str,
+        name: str | None,
+        connect_timeout: float,
+        log: logging.Logger,
+        stop: threading.Event,
+    ) -> None:
+        self.participant = participant
+        self.base = coordinator_url.rstrip("/")
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.log = log
+        self.stop = stop
+        self.session = requests.Session()  # the main thread's; the heartbeat thread has its own
+        self.report = ParticipantReport()
+        self.label = name or "participant"
+
+    # --- joining -------------------------------------------------------------------------------
+
+    def join(self) -> tuple[_Identity, float] | None:
+        """Join, retrying with backoff while the coordinator is unreachable; None if stopped."""
+        deadline = time.monotonic() + self.connect_timeout
+        delay = 0.1
+        body = {"name": self.name} if self.name else None
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                response = self.session.post(
+                    f"{self.base}/v1/participants",
+                    json=body,
+                    timeout=max(0.1, min(CONTROL_TIMEOUT, remaining)),
+                )
+                _raise_for_error(response)
+                answer = response.json()
+                identity = _Identity(str(answer["participant_id"]), str(answer["secret"]))
+                period = float(answer["heartbeat_period_secs"])
+                break
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                failure: Exception = exc
+            except ApiError as exc:
+                if exc.status < 500:
+                    raise
+                failure = exc  # e.g. a restarting coordinator behind a proxy
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RondoError(f"unexpected answer to join: {exc!r}") from exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CoordinatorUnavailable(
+                    f"coordinator at {self.base} not reachable within "
+                    f"{self.connect_timeout:g} s: {failure}"
+                ) from failure
+            self.log.info("%s: coordinator not reachable yet (%s)", self.label, failure)
+            if self.stop.wait(min(delay, remaining)):
+                return None
+            delay = min(2 * delay, MAX_BACKOFF)
+        if not self.name:
+            self.label = identity.participant_id
+        self.report.participant_ids.append(identity.participant_id)
+        self.log.info("%s: joined as %s", self.label, identity.participant_id)
+        return identity, period
+
+    # --- heartbeats (background thread) -------------------------------------------------------
+
+    def heartbeat_loop(self, link: _Link, period: float) -> None:
+        try:
+            with requests.Session() as session:
+                self._heartbeat_loop(session, link, period)
+        except BaseException as exc:  # surfaced to the main thread, which raises it
+            with link.cond:
+                link.error = exc
+                link.cond.notify_all()
+
+    def _heartbeat_loop(self, session: requests.Session, link: _Link, period: float) -> None:
+        failing = False
+        while not (self.stop.is_set() or link.halt.is_set()):
+            started = time.monotonic()
+            with link.cond:
+                identity = link.identity
+            url = f"{self.base}/v1/participants/{identity.participant_id}/heartbeat"
+            answer: dict[str, Any] | None = None
+            try:
+                response = session.post(
+                    url, headers=_bearer(identity.secret), timeout=CONTROL_TIMEOUT
+                )
+                _raise_for_error(response)
+                answer = response.json()
+            except (ApiError, requests.RequestException, ValueError) as exc:
+                if isinstance(exc, ApiError) and exc.code in _IDENTITY_ERRORS:
+                    answer = {"action": "rejected", "round": None, "reason": str(exc)}
+                else:
+                    # Log the first failure of a streak only: a coordinator hiccup of a few
+                    # seconds must not flood the log, and the participant just keeps trying.
+                    level = logging.DEBUG if failing else logging.WARNING
+                    self.log.log(level, "%s: heartbeat failed, will retry: %s", self.label, exc)
+                    failing = True
+            if answer is not None:
+                if failing:
+                    self.log.info("%s: coordinator reachable again", self.label)
+                    failing = False
+                if self._record(link, identity, answer):
+                    return
+            link.halt.wait(max(0.0, period - (time.monotonic() - started)))
+
+    def _record(self, link: _Link, identity: _Identity, answer: dict[str, Any]) -> bool:
+        """Publish a heartbeat answer; True when heartbeats must end (``finish``)."""
+        action = answer.get("action")
+        self.log.debug("%s: heartbeat -> %s %s", self.label, action, answer.get("round"))
+        with link.cond:
+            # `attempt` tells a rerun of a failed round from the run before it.
+            key = (action, answer.get("round"), answer.get("attempt"))
+            if action == "train" and key != link.last_answer:
+                link.episode += 1
+            link.last_answer = key
+            link.action = answer
+            link.seq += 1
+            link.cond.notify_all()
+            if action == "rejected":
+                # Stay quiet until the main thread has joined again under a new identity.
+                while link.identity is identity and not link.halt.is_set():
+                    link.cond.wait()
+                link.last_answer = None
+        return action == "finish"
+
+    # --- main loop ----------------------------------------------------------------------------
+
+    def run(self, heartbeat_period: float | None) -> ParticipantReport:
+        joined = self.join()
+        if joined is None:
+            self.report.final_action = "stopped"
+            return self.report
+        identity, default_period = joined
+        period = heartbeat_period if heartbeat_period is not None else default_period
+        link = _Link(identity)
+        thread = threading.Thread(
+            target=self.heartbeat_loop,
+            args=(link, period),
+            name=f"rondo-heartbeat-{self.label}",
+            daemon=True,  # never keeps the interpreter alive; it is also halted explicitly
+        )
+        thread.start()
+        try:
+            self._main_loop(link)
+        finally:
+            link.shutdown()
+            thread.join(timeout=1.0)
+            self.session.close()
+        return self.report
+
+    def _main_loop(self, link: _Link) -> None:
+        seen_seq = handled_episode = 0
+        while True:
+            with link.cond:
+                # Poll rather than block so that the caller's stop_event is noticed promptly.
+                while link.seq == seen_seq and link.error is None and not self.stop.is_set():
+                    link.cond.wait(0.05)
+                if link.error is not None:
+                    raise RondoError("heartbeat thread failed") from link.error
+                if self.stop.is_set():
+                    self.report.final_action = "stopped"
+                    return
+                seen_seq, action, episode = link.seq, dict(link.action), link.episode
+                identity = link.identity
+            kind = action.get("action")
+            if kind == "finish":
+                self.log.info("%s: finished", self.label)
+                self.report.final_action = "finish"
+                return
+            if kind == "rejected":
+                self.log.warning(
+                    "%s: rejected by the coordinator (%s); joining again",
+                    self.label,
+                    action.get("reason"),
+                )
+                joined = self.join()
+                if joined is None:
+                    self.report.final_action = "stopped"
+                    return
+                with link.cond:
+                    link.identity = joined[0]
+                    link.cond.notify_all()
+            elif kind == "train" and episode != handled_episode:
+                handled_episode = episode
+                if not self._train(identity, int(action["round"])):
+                    handled_episode = 0  # start_training did not get through: try again
+                if self.stop.is_set():
+                    self.report.final_action = "stopped"
+                    return
+
+    # --- one round ----------------------------------------------------------------------------
+
+    def _train(self, identity: _Identity, round_: int) -> bool:
+        """Handle a `train` selection; False when start_training should be retried."""
+        try:
+            response = self.session.post(
+                f"{self.base}/v1/participants/{identity.participant_id}/start_training",
+                headers=_bearer(identity.secret),
+                timeout=CONTROL_TIMEOUT,
+            )
+            _raise_for_error(response)
+            ticket = response.json()
+        except ApiError as exc:
+            # e.g. not_selected: the round closed between the heartbeat and this call.
+            self.log.warning("%s: start_training for round %d refused: %s", self.label, round_, exc)
+            return True
+        except requests.RequestException as exc:
+            self.log.warning("%s: start_training for round %d failed: %s", self.label, round_, exc)
+            return False
+        round_ = int(ticket["round"])
+        token = str(ticket["token"])
+        try:
+            if ticket.get("model_url") is None:
+                # Round 0: this participant's initial weights become the global model.
+                weights, n_samples = self.participant.initial_weights(), 1
+                metrics: dict[str, float] = {}
+            else:
+                weights, n_samples, metrics = self._download_and_train(
+                    str(ticket["model_url"]), token, round_
+                )
+            if self.stop.is_set():
+                return True  # simulated crash: no upload
+            self._upload(str(ticket["upload_url"]), token, round_, weights, n_samples, metrics)
+        except ApiError as exc:
+            self.log.warning("%s: round %d: %s", self.label, round_, exc)
+            self.report.rejected_uploads[round_] = exc.code
+        except requests.RequestException as exc:
+            self.log.warning("%s: round %d: aggregator not reachable: %s", self.label, round_, exc)
+            self.report.rejected_uploads[round_] = "network_error"
+        return True
+
+    def _download_and_train(
+        self, model_url: str, token: str, round_: int
+    ) -> tuple[Weights, int, dict[str, float]]:
+        response = self.session.get(model_url, headers=_bearer(token), timeout=DATA_TIMEOUT)
+        _raise_for_error(response)
+        data = response.content
+        try:
+            weights, _ = decode(data)
+        except ValueError as exc:
+            raise ApiError(response.status_code, "malformed_download", str(exc)) from exc
+        del response, data  # the raw download is not needed while training
+        new_weights, n_samples, metrics = self.participant.train_round(weights, round_)
+        del weights
+        if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
+            raise ValueError(f"train_round must return n_samples >= 1, got {n_samples!r}")
+        return new_weights, int(n_samples), metrics
+
+    def _upload(
+        self,
+        upload_url: str,
+        token: str,
+        round_: int,
+        weights: Weights,
+        n_samples: int,
+        metrics: dict[str, float],
+    ) -> None:
+        metadata = {"rondo.n_samples": str(n_samples)}
+        finite = {}
+        for key, value in metrics.items():
+            if math.isfinite(float(value)):
+                finite[str(key)] = float(value)
+            else:
+                self.log.warning("%s: metric %r is %s; not sent", self.label, key, value)
+        if finite:
+            metadata["rondo.metrics"] = json.dumps(finite)
+        response = self.session.post(
+            upload_url,
+            # Chunked upload straight from the arrays; urllib3 takes memoryview chunks too.
+            data=cast(Iterable[bytes], encode_stream(weights, metadata)),
+            headers={**_bearer(token), "Content-Type": "application/octet-stream"},
+            timeout=DATA_TIMEOUT,
+        )
+        _raise_for_error(response)
+        self.report.rounds_trained.append(round_)
+        what = "uploaded initial weights" if round_ == 0 else "trained"
+        self.log.info("%s: %s round %d", self.label, what, round_)
+
+
+def run_participant(
+    participant: Participant,
+    coordinator_url: str,
+    heartbeat_period: float | None = None,
+    name: str | None = None,
+    connect_timeout: float = 60.0,
+    log: logging.Logger | None = None,
+    stop_event: threading.Event | None = None,
+) -> ParticipantReport:
+    """Take part in federated learning until the coordinator says all rounds are done.
+
+    Joins the coordinator at ``coordinator_url`` (retrying with exponential backoff, at most
+    2 s apart, while it is unreachable), then heartbeats from a background thread every
+    ``heartbeat_period`` seconds (default: the period the coordinator asks for) and, in the
+    calling thread, trains each round it is selected for: downloads the global model, calls
+    :meth:`Participant.train_round` and uploads the result. Round 0 uploads
+    :meth:`Participant.initial_weights` instead.
+
+    Failures are survived, not raised: a rejected upload is logged, recorded in the report and
+    not retried; heartbeats that fail are retried; a ``rejected`` answer (or a coordinator that
+    forgot this participant) leads to joining again under a new id.
+
+    Args:
+        participant: the user's training code.
+        coordinator_url: base URL of the coordinator, e.g. ``http://127.0.0.1:8081``.
+        heartbeat_period: seconds between heartbeats; ``None`` uses the coordinator's.
+        name: a label shown in the coordinator's status and used in log messages.
+        connect_timeout: how long to keep trying to join, in seconds.
+        log: where to log; default the ``"rondo"`` logger.
+        stop_event: when set (from any thread), no further heartbeat is sent and the call
+            returns promptly with ``final_action == "stopped"``. A round in progress is not
+            uploaded. ``train_round`` runs in the calling thread and is not interrupted, so
+            to simulate a participant that dies mid-round, set the event inside
+            ``train_round`` and return (or block): heartbeats stop at once, nothing is uploaded.
+
+    Returns:
+        A :class:`ParticipantReport` of what happened.
+
+    Raises:
+        CoordinatorUnavailable: the coordinator could not be reached within
+            ``connect_timeout`` (also when joining again after a rejection).
+        ApiError: the coordinator refused to let this participant join.
+        Exception: whatever ``initial_weights`` or ``train_round`` raised.
+    """
+    stop = stop_event if stop_event is not None else threading.Event()
+    run = _Run(participant, coordinator_url, name, connect_timeout, log or _LOG, stop)
+    return run.run(heartbeat_period)
+
+
+_LOG = logging.getLogger("rondo")

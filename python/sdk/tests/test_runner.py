@@ -1,0 +1,193 @@
+"""run_participant against the scripted fake services of conftest.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import AddOne, FakeRondo, free_port
+
+import rondo
+from rondo import ApiError, CoordinatorUnavailable, ParticipantReport, Weights, run_participant
+
+
+def run(
+    fake: FakeRondo, participant: rondo.Participant | None = None, **kwargs
+) -> ParticipantReport:
+    kwargs.setdefault("connect_timeout", 5.0)
+    return run_participant(participant or AddOne(), fake.url, **kwargs)
+
+
+def assert_weights_equal(actual: Weights, expected: Weights) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, array in expected.items():
+        assert actual[name].dtype == array.dtype, name
+        assert actual[name].shape == array.shape, name
+        np.testing.assert_array_equal(actual[name], array)
+
+
+def test_full_protocol(serve) -> None:
+    fake = serve(rounds=2)
+    participant = AddOne()
+    report = run(fake, participant, name="alice")
+
+    assert report == ParticipantReport(
+        participant_ids=["p1"], rounds_trained=[0, 1, 2], rejected_uploads={}, final_action="finish"
+    )
+    assert fake.joins == [{"name": "alice"}]
+    assert fake.start_trainings == [("p1", 0), ("p1", 1), ("p1", 2)]
+    assert fake.downloads == [1, 2]
+    assert [u.round for u in fake.uploads] == [0, 1, 2]
+    assert all(u.chunked for u in fake.uploads)
+
+    initial = AddOne().initial_weights()
+    round0, round1, round2 = fake.uploads
+    assert_weights_equal(round0.weights, initial)
+    assert round0.metadata == {"rondo.n_samples": "1"}
+    assert_weights_equal(round1.weights, {k: v + v.dtype.type(1) for k, v in initial.items()})
+    assert round1.metadata["rondo.n_samples"] == "5"
+    assert json.loads(round1.metadata["rondo.metrics"]) == {"loss": 0.5}
+    assert_weights_equal(round2.weights, {k: v + v.dtype.type(2) for k, v in initial.items()})
+    assert json.loads(round2.metadata["rondo.metrics"]) == {"loss": 0.25}
+    # train_round saw the downloaded global model of each round.
+    assert [r for r, _ in participant.seen] == [1, 2]
+    assert_weights_equal(participant.seen[0][1], initial)
+
+
+def test_join_without_name_sends_no_body(serve) -> None:
+    fake = serve(rounds=0)
+    report = run(fake)
+    assert fake.joins == [{}]
+    assert report.rounds_trained == [0]
+    assert report.final_action == "finish"
+
+
+def test_heartbeat_period_defaults_to_the_coordinators(serve) -> None:
+    fake = serve(rounds=1, heartbeat_period=0.2)
+    run(fake)
+    times = [t for t, _ in fake.heartbeats]
+    gaps = np.diff(times)
+    assert len(times) >= 3
+    assert gaps.min() > 0.15
+
+
+def test_refused_upload_is_recorded_and_not_retried(serve) -> None:
+    fake = serve(rounds=2, upload_errors={1: (400, "model_mismatch")})
+    report = run(fake)
+    assert report.rejected_uploads == {1: "model_mismatch"}
+    assert report.rounds_trained == [0, 2]
+    assert report.final_action == "finish"
+    # Heartbeats kept saying `train 1` after the refusal, yet round 1 was started only once.
+    assert fake.start_trainings == [("p1", 0), ("p1", 1), ("p1", 2)]
+
+
+def test_refused_upload_is_logged_with_code(serve, caplog: pytest.LogCaptureFixture) -> None:
+    fake = serve(rounds=1, upload_errors={1: (401, "token_expired")})
+    with caplog.at_level("WARNING", logger="rondo"):
+        run(fake)
+    assert any("token_expired" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("option", ["reject_heartbeats", "forget_heartbeats"])
+def test_rejected_participant_joins_again(serve, option: str) -> None:
+    fake = serve(rounds=2, **{option: {3}})
+    report = run(fake, name="bob")
+    assert report.participant_ids == ["p1", "p2"]
+    assert report.final_action == "finish"
+    assert fake.joins == [{"name": "bob"}, {"name": "bob"}]
+    assert {pid for _, pid in fake.heartbeats[3:]} == {"p2"}
+    assert fake.uploads[-1].participant_id == "p2"
+
+
+def test_survives_heartbeat_network_errors(serve) -> None:
+    fake = serve(rounds=2, drop_heartbeats=set(range(2, 30)))
+    report = run(fake)
+    assert report.final_action == "finish"
+    assert report.rounds_trained == [0, 1, 2]
+
+
+def test_stop_event_in_train_round_stops_heartbeats_and_upload(serve) -> None:
+    stop = threading.Event()
+    stopped_at: list[float] = []
+
+    class Dies(AddOne):
+        def train_round(self, weights: Weights, round: int):
+            stop.set()  # a participant that dies mid-round...
+            stopped_at.append(time.monotonic())
+            time.sleep(0.3)  # ...while its training still takes a while
+            return super().train_round(weights, round)
+
+    fake = serve(rounds=2, heartbeat_period=0.02)
+    report = run(fake, Dies(), stop_event=stop)
+    assert time.monotonic() - stopped_at[0] < 1.0
+    assert report.final_action == "stopped"
+    assert report.rounds_trained == [0]
+    assert [u.round for u in fake.uploads] == [0]
+    time.sleep(0.1)
+    # At most one heartbeat already in flight when the event was set; none after.
+    assert max(t for t, _ in fake.heartbeats) < stopped_at[0] + 0.05
+
+
+def test_stop_event_from_another_thread_returns_promptly(serve) -> None:
+    fake = serve(rounds=10**6)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    report = run(fake, stop_event=stop)
+    assert report.final_action == "stopped"
+    assert time.monotonic() - started < 1.5
+
+
+def test_joins_a_coordinator_that_starts_late(serve) -> None:
+    port = free_port()
+    result: dict[str, ParticipantReport] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            report=run_participant(AddOne(), f"http://127.0.0.1:{port}", connect_timeout=10.0)
+        )
+    )
+    thread.start()
+    time.sleep(1.0)
+    serve(port=port, rounds=1)
+    thread.join(timeout=15.0)
+    assert not thread.is_alive()
+    assert result["report"].final_action == "finish"
+    assert result["report"].rounds_trained == [0, 1]
+
+
+def test_unreachable_coordinator_raises_after_connect_timeout() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(CoordinatorUnavailable):
+        run_participant(AddOne(), url, connect_timeout=0.5)
+    assert time.monotonic() - started < 3.0
+
+
+def test_join_refused_raises_api_error(serve) -> None:
+    fake = serve(join_error=(400, "invalid_body"))
+    with pytest.raises(ApiError) as info:
+        run(fake)
+    assert (info.value.status, info.value.code) == (400, "invalid_body")
+
+
+def test_exception_in_train_round_propagates(serve) -> None:
+    class Broken(AddOne):
+        def train_round(self, weights: Weights, round: int):
+            raise RuntimeError("boom")
+
+    fake = serve(rounds=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(fake, Broken())
+
+
+def test_bad_n_samples_is_reported(serve) -> None:
+    class Zero(AddOne):
+        def train_round(self, weights: Weights, round: int):
+            return weights, 0, {}
+
+    fake = serve(rounds=1)
+    with pytest.raises(ValueError, match="n_samples"):
+        run(fake, Zero())

@@ -1,0 +1,158 @@
+//! The coordinator's HTTP API for participants (see `docs/wire-format.md`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use rondo_core::federation::{Action, FederationError};
+use rondo_net::api::{self, ApiError, bearer_token};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::service::Coordinator;
+
+const OPENAPI: &str = include_str!("../../../docs/openapi/coordinator.json");
+
+/// Control-plane bodies are tiny; anything bigger is a mistake or an attack.
+const MAX_JSON_BODY: usize = 64 * 1024;
+
+pub fn router(coordinator: Arc<Coordinator>) -> Router {
+    Router::new()
+        .route("/v1/participants", post(join))
+        .route("/v1/participants/{id}/heartbeat", post(heartbeat))
+        .route("/v1/participants/{id}/start_training", post(start_training))
+        .route("/v1/status", get(status))
+        .route(
+            "/openapi.json",
+            get(|| async { api::openapi_response(OPENAPI) }),
+        )
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(coordinator)
+}
+
+fn federation_error(err: FederationError) -> ApiError {
+    let message = err.to_string();
+    match err {
+        FederationError::UnknownParticipant(_) => {
+            ApiError::not_found("unknown_participant", message)
+        }
+        FederationError::InvalidSecret(_) => ApiError::unauthorized("invalid_secret", message),
+        FederationError::NotSelected(_) => ApiError::conflict("not_selected", message),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinRequest {
+    name: Option<String>,
+}
+
+async fn join(
+    State(coordinator): State<Arc<Coordinator>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+    })?;
+    let request: JoinRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        JoinRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("expected {{\"name\": string}}: {e}"),
+            )
+        })?
+    };
+    if request.name.as_ref().is_some_and(|n| n.len() > 256) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "`name` must be at most 256 bytes",
+        ));
+    }
+    let (participant_id, secret) = coordinator
+        .federation()
+        .join(request.name.clone(), Instant::now());
+    coordinator.metrics.joins.inc();
+    tracing::info!(%participant_id, name = ?request.name, "participant joined");
+    coordinator.wake.notify_one();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "participant_id": participant_id,
+            "secret": secret,
+            "heartbeat_period_secs": coordinator.heartbeat_period_secs,
+        })),
+    )
+        .into_response())
+}
+
+async fn heartbeat(
+    State(coordinator): State<Arc<Coordinator>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let secret = bearer_token(&headers, "missing_secret")?;
+    let action = coordinator
+        .federation()
+        .heartbeat(&id, secret, Instant::now())
+        .map_err(federation_error)?;
+    coordinator.metrics.heartbeats.inc();
+    let (name, round, attempt, reason) = match action {
+        Action::Standby => ("standby", None, None, None),
+        Action::Train { round, attempt } => ("train", Some(round), Some(attempt), None),
+        Action::Finish => ("finish", None, None, None),
+        Action::Rejected { reason } => ("rejected", None, None, Some(reason)),
+    };
+    Ok(Json(
+        json!({"action": name, "round": round, "attempt": attempt, "reason": reason}),
+    ))
+}
+
+async fn start_training(
+    State(coordinator): State<Arc<Coordinator>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let secret = bearer_token(&headers, "missing_secret")?;
+    let grant = coordinator
+        .federation()
+        .start_training(&id, secret, Instant::now())
+        .map_err(federation_error)?;
+    let base = coordinator.aggregator_url().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "aggregator_unavailable",
+            "the aggregator is not attached yet",
+        )
+    })?;
+    let round = grant.round;
+    let model_url = grant
+        .has_global_model
+        .then(|| format!("{base}/v1/rounds/{round}/model"));
+    Ok(Json(json!({
+        "round": round,
+        "model_url": model_url,
+        "upload_url": format!("{base}/v1/rounds/{round}/update"),
+        "token": grant.token,
+    })))
+}
+
+async fn status(State(coordinator): State<Arc<Coordinator>>) -> Json<serde_json::Value> {
+    let status = coordinator.federation().status(Instant::now());
+    let mut value = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
+    value["aggregator_url"] = json!(coordinator.aggregator_url());
+    Json(value)
+}
+
+async fn metrics(State(coordinator): State<Arc<Coordinator>>) -> Response {
+    api::metrics_response(&coordinator.metrics.registry)
+}

@@ -1,0 +1,202 @@
+//! The coordinator's side of the tarpc link.
+//!
+//! - [`CoordinatorRpcServer`] takes the aggregator's notices (update accepted or rejected,
+//!   round aggregated) and feeds them to the state machine.
+//! - [`drive`] is the loop that keeps the link up (connect, attach, reconnect after a restart),
+//!   ticks the state machine and carries out its commands, resending each until acknowledged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rondo_core::federation::{AggregationResult, Command};
+use rondo_net::link::{
+    AggregatorRpcClient, CoordinatorRpc, RoundOpening, connect_aggregator, deadline,
+};
+use tarpc::context::Context;
+
+use crate::service::Coordinator;
+
+#[derive(Clone)]
+pub struct CoordinatorRpcServer {
+    pub coordinator: Arc<Coordinator>,
+}
+
+impl CoordinatorRpc for CoordinatorRpcServer {
+    async fn update_accepted(
+        self,
+        _: Context,
+        round: u32,
+        attempt: u32,
+        participant_id: String,
+        n_samples: u64,
+        metrics: BTreeMap<String, f64>,
+    ) {
+        self.coordinator.federation().update_accepted(
+            round,
+            attempt,
+            &participant_id,
+            n_samples,
+            metrics,
+        );
+        self.coordinator.wake.notify_one();
+    }
+
+    async fn update_rejected(
+        self,
+        _: Context,
+        round: u32,
+        attempt: u32,
+        participant_id: String,
+        reason: String,
+    ) {
+        tracing::info!(round, %participant_id, %reason, "update rejected");
+        self.coordinator
+            .federation()
+            .update_rejected(round, attempt, &participant_id, reason);
+    }
+
+    async fn round_aggregated(
+        self,
+        _: Context,
+        round: u32,
+        attempt: u32,
+        result: AggregationResult,
+    ) {
+        let mut federation = self.coordinator.federation();
+        if federation.round_aggregated(round, attempt, result.clone(), Instant::now()) {
+            tracing::info!(round, attempt, ?result, "round closed");
+            self.coordinator.metrics.rounds_closed.inc();
+        }
+        drop(federation);
+        self.coordinator.wake.notify_one();
+    }
+}
+
+/// How often the driver ticks when nothing wakes it.
+const TICK: Duration = Duration::from_millis(200);
+/// How long an acknowledged command is not resent.
+const RESEND_AFTER: Duration = Duration::from_secs(2);
+
+/// Runs forever: keeps the link to the aggregator up and carries out the federation's commands.
+pub async fn drive(
+    coordinator: Arc<Coordinator>,
+    aggregator_rpc: String,
+    own_rpc: String,
+    call_timeout: Duration,
+) {
+    let mut client: Option<AggregatorRpcClient> = None;
+    let mut acked: Option<(Command, Instant)> = None;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if client.is_none() {
+            match attach(&coordinator, &aggregator_rpc, &own_rpc, call_timeout).await {
+                Ok(c) => {
+                    client = Some(c);
+                    acked = None;
+                    backoff = Duration::from_millis(50);
+                }
+                Err(err) => {
+                    tracing::warn!(%aggregator_rpc, %err, "aggregator unreachable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            }
+        }
+        let commands = {
+            let mut federation = coordinator.federation();
+            let commands = federation.tick(Instant::now());
+            coordinator
+                .metrics
+                .observe(&federation.status(Instant::now()));
+            commands
+        };
+        for command in commands {
+            if acked
+                .as_ref()
+                .is_some_and(|(c, at)| *c == command && at.elapsed() < RESEND_AFTER)
+            {
+                continue;
+            }
+            let Some(c) = client.as_ref() else { break };
+            match execute(c, &command, call_timeout).await {
+                Ok(Ok(())) => {
+                    if let Command::OpenRound {
+                        round,
+                        attempt,
+                        grants,
+                    } = &command
+                    {
+                        tracing::info!(round, attempt, selected = grants.len(), "round open");
+                        coordinator.federation().round_opened(*round, *attempt);
+                    }
+                    acked = Some((command, Instant::now()));
+                }
+                Ok(Err(refused)) => tracing::warn!(?command, %refused, "aggregator refused"),
+                Err(err) => {
+                    tracing::warn!(%err, "link to the aggregator broke; reconnecting");
+                    client = None;
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(TICK) => {},
+            () = coordinator.wake.notified() => {},
+        }
+    }
+}
+
+async fn attach(
+    coordinator: &Coordinator,
+    aggregator_rpc: &str,
+    own_rpc: &str,
+    call_timeout: Duration,
+) -> anyhow::Result<AggregatorRpcClient> {
+    let client = connect_aggregator(aggregator_rpc).await?;
+    let info = client
+        .attach(deadline(call_timeout), own_rpc.to_string())
+        .await?;
+    tracing::info!(public_url = %info.public_url, model_round = ?info.model_round, "attached to the aggregator");
+    coordinator.set_aggregator_url(info.public_url);
+    let resend = {
+        let mut federation = coordinator.federation();
+        federation.aggregator_attached(info.model_round);
+        federation.open_round_command()
+    };
+    // After an aggregator restart the round it had open is gone: open it again (idempotent
+    // when it survived).
+    if let Some(command) = resend
+        && let Err(refused) = execute(&client, &command, call_timeout).await?
+    {
+        tracing::warn!(%refused, "the aggregator refused to re-open the current round");
+    }
+    Ok(client)
+}
+
+async fn execute(
+    client: &AggregatorRpcClient,
+    command: &Command,
+    call_timeout: Duration,
+) -> Result<Result<(), String>, tarpc::client::RpcError> {
+    let ctx = deadline(call_timeout);
+    match command {
+        Command::OpenRound {
+            round,
+            attempt,
+            grants,
+        } => {
+            client
+                .open_round(
+                    ctx,
+                    RoundOpening {
+                        round: *round,
+                        attempt: *attempt,
+                        grants: grants.clone(),
+                    },
+                )
+                .await
+        }
+        Command::CloseRound { round, attempt } => client.close_round(ctx, *round, *attempt).await,
+    }
+}

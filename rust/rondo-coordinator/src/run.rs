@@ -1,0 +1,47 @@
+//! Starting the coordinator: bind both listeners, start the driver, serve until a signal.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rondo_core::federation::Federation;
+use rondo_net::boot;
+use rondo_net::link::CoordinatorRpc;
+
+use crate::config::CoordinatorConfig;
+use crate::link::{CoordinatorRpcServer, drive};
+use crate::service::Coordinator;
+
+pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
+    config.validate()?;
+    let coordinator = Arc::new(Coordinator::new(
+        Federation::new(config.federation_settings()),
+        config.federation.heartbeat_period_secs,
+    ));
+    let api_listener = boot::bind(&config.api.host, config.api.port).await?;
+    let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
+    let api_addr = api_listener.local_addr()?;
+    let rpc_addr = rondo_net::serve_rpc!(
+        rpc_listener,
+        CoordinatorRpcServer {
+            coordinator: coordinator.clone()
+        }
+        .serve()
+    )
+    .await?;
+    tracing::info!(%api_addr, %rpc_addr, aggregator = %config.aggregator.rpc_address, "coordinator listening");
+    boot::write_addresses(
+        &config.runtime.addresses_file,
+        &BTreeMap::from([("api", api_addr), ("rpc", rpc_addr)]),
+    )?;
+    tokio::spawn(drive(
+        coordinator.clone(),
+        config.aggregator.rpc_address.clone(),
+        rpc_addr.to_string(),
+        Duration::from_secs_f64(config.aggregator.call_timeout_secs),
+    ));
+    axum::serve(api_listener, crate::http::router(coordinator))
+        .with_graceful_shutdown(boot::shutdown_signal())
+        .await?;
+    Ok(())
+}

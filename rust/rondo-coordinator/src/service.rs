@@ -1,0 +1,104 @@
+//! The coordinator as one shared object: the federation state machine behind its lock, the
+//! aggregator's public URL once known, a wake-up for the driver, and the metrics.
+
+use std::sync::{Mutex, MutexGuard, RwLock};
+
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use rondo_core::federation::{Federation, FederationStatus};
+use tokio::sync::Notify;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub heartbeats: IntCounter,
+    pub joins: IntCounter,
+    pub rounds_closed: IntCounter,
+    pub round: IntGauge,
+    pub participants: IntGaugeVec,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new_custom(Some("rondo_coordinator".into()), None)
+            .expect("static prefix is valid");
+        let heartbeats = IntCounter::new("heartbeats_total", "Heartbeats answered").expect("valid");
+        let joins = IntCounter::new("joins_total", "Participants joined").expect("valid");
+        let rounds_closed =
+            IntCounter::new("rounds_closed_total", "Rounds closed (any outcome)").expect("valid");
+        let round = IntGauge::new("round", "Round being run").expect("valid");
+        let participants = IntGaugeVec::new(
+            Opts::new("participants", "Participants by state"),
+            &["state"],
+        )
+        .expect("valid");
+        for metric in [
+            Box::new(heartbeats.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(joins.clone()),
+            Box::new(rounds_closed.clone()),
+            Box::new(round.clone()),
+            Box::new(participants.clone()),
+        ] {
+            registry.register(metric).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            heartbeats,
+            joins,
+            rounds_closed,
+            round,
+            participants,
+        }
+    }
+
+    pub fn observe(&self, status: &FederationStatus) {
+        self.round.set(i64::from(status.round));
+        for state in ["available", "selected", "training", "delivered", "dropped"] {
+            let count = status.counts.get(state).copied().unwrap_or(0);
+            self.participants
+                .with_label_values(&[state])
+                .set(count as i64);
+        }
+    }
+}
+
+pub struct Coordinator {
+    federation: Mutex<Federation>,
+    aggregator_url: RwLock<Option<String>>,
+    /// Pokes the driver to run a tick now (after an event that may close or open a round).
+    pub wake: Notify,
+    pub heartbeat_period_secs: f64,
+    pub metrics: Metrics,
+}
+
+impl Coordinator {
+    pub fn new(federation: Federation, heartbeat_period_secs: f64) -> Self {
+        Self {
+            federation: Mutex::new(federation),
+            aggregator_url: RwLock::new(None),
+            wake: Notify::new(),
+            heartbeat_period_secs,
+            metrics: Metrics::new(),
+        }
+    }
+
+    pub fn federation(&self) -> MutexGuard<'_, Federation> {
+        // Every mutation of the federation completes before anything can panic, so the state
+        // behind a poisoned lock is still consistent.
+        self.federation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn aggregator_url(&self) -> Option<String> {
+        self.aggregator_url
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_aggregator_url(&self, url: String) {
+        *self
+            .aggregator_url
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(url);
+    }
+}
