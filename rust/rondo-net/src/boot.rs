@@ -85,3 +85,50 @@ pub async fn shutdown_signal() {
         () = terminate => {},
     }
 }
+
+/// Command line shared by both binaries.
+#[derive(Debug, clap::Parser)]
+struct Cli {
+    /// TOML config file (keys left out keep the built-in defaults; RONDO__SECTION__KEY
+    /// environment variables override both).
+    #[arg(short, long)]
+    config: Option<std::path::PathBuf>,
+}
+
+/// The whole `main` of a Rondo binary: parse `-c FILE`, load the config over `defaults`, run.
+/// Errors end the process with a one-line message and exit code 1, never a panic.
+pub async fn main<C, F, Fut>(
+    name: &'static str,
+    about: &'static str,
+    defaults: &str,
+    run: F,
+) -> std::process::ExitCode
+where
+    C: DeserializeOwned,
+    F: FnOnce(C) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    init_tracing();
+    let matches = Cli::command()
+        .name(name)
+        .about(about)
+        .version(env!("CARGO_PKG_VERSION"))
+        .get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    let result = async {
+        let config: C = load_config(defaults, cli.config.as_deref())?;
+        run(config).await
+    }
+    .await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{name}: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
