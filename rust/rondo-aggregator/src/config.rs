@@ -1,6 +1,7 @@
 //! The aggregator's config; `configs/dev-aggregator.toml` documents every key and is compiled in
 //! as the defaults.
 
+use rondo_core::aggregate::{AccumulationMode, AccumulatorOptions};
 use serde::Deserialize;
 
 pub const DEFAULTS: &str = include_str!("../../../configs/dev-aggregator.toml");
@@ -36,7 +37,9 @@ pub struct ModelConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct AggregationConfig {
-    pub max_concurrent_uploads: usize,
+    pub mode: AccumulationMode,
+    pub deterministic: bool,
+    pub staging_memory_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -52,13 +55,22 @@ pub struct RuntimeConfig {
 impl AggregatorConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.aggregation.max_concurrent_uploads >= 1,
-            "aggregation.max_concurrent_uploads must be at least 1"
+            !(self.aggregation.deterministic && self.aggregation.mode == AccumulationMode::Hogwild),
+            "aggregation.deterministic cannot be combined with mode = \"hogwild\""
         );
         anyhow::ensure!(
             self.link.call_timeout_secs > 0.0,
             "link.call_timeout_secs must be positive"
         );
         Ok(())
+    }
+}
+
+impl AggregationConfig {
+    pub fn accumulator_options(&self) -> AccumulatorOptions {
+        AccumulatorOptions {
+            mode: self.mode,
+            deterministic: self.deterministic,
+        }
     }
 }

@@ -11,6 +11,8 @@ use axum::routing::{get, post};
 use rondo_net::api::{self, ApiError, bearer_token};
 use serde_json::json;
 
+use rondo_core::aggregate::Update;
+
 use crate::link::Notice;
 use crate::rounds::{CommitError, Grant, GrantError};
 use crate::service::Aggregator;
@@ -30,6 +32,8 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         )
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(metrics))
+        .fallback(api::unknown_route)
+        .method_not_allowed_fallback(api::method_not_allowed)
         // Uploads are streamed and limited by `api.max_body_bytes` in `wire::read_update`.
         .layer(DefaultBodyLimit::disable())
         .with_state(aggregator)
@@ -56,6 +60,17 @@ fn grant_error(err: GrantError) -> ApiError {
             "upload_in_progress",
             "another upload from this participant is still being received",
         ),
+    }
+}
+
+fn commit_error(err: CommitError) -> ApiError {
+    match err {
+        CommitError::RoundClosed => ApiError::unauthorized(
+            "token_expired",
+            "the round closed before the upload completed",
+        ),
+        CommitError::Duplicate => grant_error(GrantError::Duplicate),
+        CommitError::Mismatch(message) => ApiError::bad_request("model_mismatch", message),
     }
 }
 
@@ -164,13 +179,16 @@ async fn upload_update(
         err
     };
 
-    let _permit = aggregator.staging.acquire().await.map_err(|_| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the aggregator is shutting down",
-        )
-    })?;
+    let _staging = aggregator
+        .reserve_staging(expected.as_ref().map(|spec| spec.byte_len() as u64))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the aggregator is shutting down",
+            )
+        })?;
     let update = wire::read_update(
         body.into_data_stream(),
         expected.as_deref(),
@@ -182,29 +200,31 @@ async fn upload_update(
     let n_samples = update.n_samples;
     let metrics = update.metrics.clone();
     let bytes = update.data.len() as u64;
-    let committed = {
-        let aggregator = aggregator.clone();
-        let grant = grant.clone();
-        tokio::task::spawn_blocking(move || aggregator.book().commit(&grant, &update))
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    format!("folding the update failed: {e}"),
-                )
-            })?
-    };
-    committed.map_err(|e| {
-        reject(match e {
-            CommitError::RoundClosed => ApiError::unauthorized(
-                "token_expired",
-                "the round closed before the upload completed",
-            ),
-            CommitError::Duplicate => grant_error(GrantError::Duplicate),
-            CommitError::Mismatch(message) => ApiError::bad_request("model_mismatch", message),
+    let sum = aggregator
+        .book()
+        .begin_commit(&grant, &update.spec)
+        .map_err(|e| reject(commit_error(e)))?;
+    let key = grant.participant_id.clone();
+    let folded = tokio::task::spawn_blocking(move || {
+        sum.add(Update {
+            key,
+            spec: update.spec,
+            data: update.data,
+            weight: n_samples as f64,
         })
-    })?;
+    })
+    .await;
+    let folded = match folded {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(mismatch)) => Err(CommitError::Mismatch(mismatch.to_string())),
+        Err(join) => Err(CommitError::Mismatch(format!(
+            "folding the update failed: {join}"
+        ))),
+    };
+    aggregator
+        .book()
+        .finish_commit(&grant, folded.is_ok().then_some(n_samples));
+    folded.map_err(|e| reject(commit_error(e)))?;
     drop(slot);
     aggregator.metrics.updates_accepted.inc();
     aggregator.metrics.bytes_received.inc_by(bytes);

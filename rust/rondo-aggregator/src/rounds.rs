@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rondo_core::aggregate::FedAvgAccumulator;
+use rondo_core::aggregate::{AccumulatorOptions, FedAvgAccumulator, Update};
 use rondo_core::federation::{AggregationResult, constant_time_eq};
 use rondo_core::model::ModelSpec;
 use rondo_net::link::RoundOpening;
@@ -32,7 +32,11 @@ struct OpenRound {
     tokens: HashMap<String, String>,
     accepted: BTreeMap<String, u64>,
     uploading: HashSet<String>,
-    sum: Option<FedAvgAccumulator>,
+    /// Participants whose validated update is being folded into `sum` right now.
+    committing: HashSet<String>,
+    /// Set by `close_round`: no new commit may start.
+    closing: bool,
+    sum: Option<Arc<FedAvgAccumulator>>,
 }
 
 /// A token resolved to what it grants.
@@ -61,8 +65,13 @@ pub enum CommitError {
     Mismatch(String),
 }
 
+/// `close_round` found commits still folding; try again in a moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitsInFlight;
+
 #[derive(Debug, Default)]
 pub struct RoundBook {
+    options: AccumulatorOptions,
     model: Option<GlobalModel>,
     open: Option<OpenRound>,
     /// Tokens of closed rounds, so that late callers hear "expired" rather than "invalid".
@@ -75,8 +84,9 @@ pub struct RoundBook {
 const REMEMBERED_ROUNDS: usize = 4;
 
 impl RoundBook {
-    pub fn new(model: Option<GlobalModel>) -> Self {
+    pub fn new(model: Option<GlobalModel>, options: AccumulatorOptions) -> Self {
         Self {
+            options,
             model,
             ..Self::default()
         }
@@ -137,6 +147,8 @@ impl RoundBook {
                 .collect(),
             accepted: BTreeMap::new(),
             uploading: HashSet::new(),
+            committing: HashSet::new(),
+            closing: false,
             sum: None,
         });
         Ok(())
@@ -211,55 +223,108 @@ impl RoundBook {
         self.model.as_ref().map(|m| m.spec.clone())
     }
 
-    /// Folds a validated update into the running sum and records it as accepted.
-    pub fn commit(&mut self, grant: &Grant, update: &StagedUpdate) -> Result<(), CommitError> {
+    /// Starts folding a validated update: checks the round is still open and the participant
+    /// has no accepted update, and hands out the round's sum (created by the first update of
+    /// round 0, whose shape becomes the model's). Follow with [`RoundBook::finish_commit`].
+    pub fn begin_commit(
+        &mut self,
+        grant: &Grant,
+        spec: &ModelSpec,
+    ) -> Result<Arc<FedAvgAccumulator>, CommitError> {
         let global_spec = self.model.as_ref().map(|m| m.spec.clone());
+        let options = self.options;
         let open = match self.open.as_mut() {
-            Some(open) if (open.round, open.attempt) == (grant.round, grant.attempt) => open,
+            Some(open)
+                if (open.round, open.attempt) == (grant.round, grant.attempt) && !open.closing =>
+            {
+                open
+            }
             _ => return Err(CommitError::RoundClosed),
         };
-        if open.accepted.contains_key(&grant.participant_id) {
+        if open.accepted.contains_key(&grant.participant_id)
+            || open.committing.contains(&grant.participant_id)
+        {
             return Err(CommitError::Duplicate);
         }
         let sum = open.sum.get_or_insert_with(|| {
             let spec = match (&global_spec, open.round) {
-                (Some(spec), r) if r > 0 => (**spec).clone(),
-                _ => update.spec.clone(),
+                (Some(global), r) if r > 0 => (**global).clone(),
+                _ => spec.clone(),
             };
-            FedAvgAccumulator::new(spec)
+            Arc::new(FedAvgAccumulator::new(spec, options))
         });
-        sum.add(&update.spec, &update.data, update.n_samples as f64)
+        sum.spec()
+            .check_update(spec)
             .map_err(|e| CommitError::Mismatch(e.to_string()))?;
-        open.accepted
-            .insert(grant.participant_id.clone(), update.n_samples);
-        Ok(())
+        open.committing.insert(grant.participant_id.clone());
+        Ok(sum.clone())
+    }
+
+    /// Records the outcome of a fold started by [`RoundBook::begin_commit`].
+    pub fn finish_commit(&mut self, grant: &Grant, n_samples: Option<u64>) {
+        if let Some(open) = self.open.as_mut()
+            && (open.round, open.attempt) == (grant.round, grant.attempt)
+        {
+            open.committing.remove(&grant.participant_id);
+            if let Some(n) = n_samples {
+                open.accepted.insert(grant.participant_id.clone(), n);
+            }
+        }
+    }
+
+    /// Validates, folds and records an update in one go (the three steps above, for callers
+    /// that hold the book anyway, such as tests).
+    pub fn commit(&mut self, grant: &Grant, update: &StagedUpdate) -> Result<(), CommitError> {
+        let sum = self.begin_commit(grant, &update.spec)?;
+        let folded = sum.add(Update {
+            key: grant.participant_id.clone(),
+            spec: update.spec.clone(),
+            data: update.data.clone(),
+            weight: update.n_samples as f64,
+        });
+        self.finish_commit(grant, folded.is_ok().then_some(update.n_samples));
+        folded.map_err(|e| CommitError::Mismatch(e.to_string()))
     }
 
     /// Closes the open round `(round, attempt)`: finalizes the sum into the next global model.
     /// Closing a round that was already closed returns its recorded result.
-    pub fn close_round(&mut self, round: u32, attempt: u32) -> Result<AggregationResult, String> {
+    pub fn close_round(
+        &mut self,
+        round: u32,
+        attempt: u32,
+    ) -> Result<Result<AggregationResult, String>, CommitsInFlight> {
         if let Some(result) = self.closed.get(&(round, attempt)) {
-            return Ok(result.clone());
+            return Ok(Ok(result.clone()));
         }
-        match &self.open {
-            Some(open) if (open.round, open.attempt) == (round, attempt) => {}
-            _ => return Err(format!("round {round} attempt {attempt} is not open")),
+        match self.open.as_mut() {
+            Some(open) if (open.round, open.attempt) == (round, attempt) => {
+                open.closing = true;
+                if !open.committing.is_empty() {
+                    return Err(CommitsInFlight);
+                }
+            }
+            _ => return Ok(Err(format!("round {round} attempt {attempt} is not open"))),
         }
         let open = self.open.take().expect("checked above");
         let total_samples: u64 = open.accepted.values().sum();
         let result = match open.sum {
             Some(sum) if sum.updates() > 0 => {
+                let updates = sum.updates();
                 let spec = sum.spec().clone();
+                // Participants have downloaded the old model by now: let it go before the new
+                // one is allocated, so the two never sit in memory together.
+                self.model = None;
                 let mut file = wire::model_file(&spec, round);
                 let data_offset = file.data_offset;
                 sum.finalize_into(&mut file.bytes[data_offset..]);
+                drop(sum);
                 self.model = Some(GlobalModel {
                     round,
                     spec: Arc::new(spec),
                     file: Bytes::from(file.bytes),
                 });
                 AggregationResult::Aggregated {
-                    updates: sum.updates(),
+                    updates,
                     total_samples,
                 }
             }
@@ -275,7 +340,7 @@ impl RoundBook {
         if self.retired_tokens.len() > 100_000 {
             self.retired_tokens.clear();
         }
-        Ok(result)
+        Ok(Ok(result))
     }
 
     fn retire_open_tokens(&mut self) {
@@ -288,7 +353,7 @@ impl RoundBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rondo_core::aggregate::{decode_values, encode_values};
+    use rondo_core::kernels::{decode_values, encode_values};
     use rondo_core::model::{DType, TensorSpec};
 
     fn spec() -> ModelSpec {
@@ -329,14 +394,14 @@ mod tests {
 
     #[test]
     fn round_zero_sets_the_model_and_round_one_averages() {
-        let mut book = RoundBook::new(None);
+        let mut book = RoundBook::new(None, AccumulatorOptions::default());
         book.open_round(&opening(0, 0, &[("p", "t0")])).unwrap();
         let g = book.begin_upload("t0", 0).unwrap();
         book.commit(&g, &update(&[1.0, 2.0], 1)).unwrap();
         book.end_upload(&g);
         assert!(matches!(
             book.close_round(0, 0),
-            Ok(AggregationResult::Aggregated { updates: 1, .. })
+            Ok(Ok(AggregationResult::Aggregated { updates: 1, .. }))
         ));
         assert_eq!(model_values(&book), vec![1.0, 2.0]);
 
@@ -347,14 +412,14 @@ mod tests {
             book.commit(&g, &update(&values, n)).unwrap();
             book.end_upload(&g);
         }
-        book.close_round(1, 0).unwrap();
+        book.close_round(1, 0).unwrap().unwrap();
         assert_eq!(model_values(&book), vec![3.5, 5.0]);
         assert_eq!(book.model().unwrap().round, 1);
     }
 
     #[test]
     fn tokens_are_checked_and_nothing_counts_twice() {
-        let mut book = RoundBook::new(None);
+        let mut book = RoundBook::new(None, AccumulatorOptions::default());
         book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]))
             .unwrap();
         assert_eq!(book.begin_upload("nope", 0), Err(GrantError::InvalidToken));
@@ -387,14 +452,44 @@ mod tests {
     }
 
     #[test]
+    fn close_waits_for_commits_in_flight_and_then_refuses_new_ones() {
+        let mut book = RoundBook::new(None, AccumulatorOptions::default());
+        book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]))
+            .unwrap();
+        let p = book.begin_upload("t0", 0).unwrap();
+        let q = book.begin_upload("u0", 0).unwrap();
+        let staged = update(&[2.0, 4.0], 1);
+        let sum = book.begin_commit(&p, &staged.spec).unwrap();
+        assert_eq!(book.close_round(0, 0), Err(CommitsInFlight));
+        assert_eq!(
+            book.begin_commit(&q, &staged.spec).err(),
+            Some(CommitError::RoundClosed),
+            "a closing round takes no new commit"
+        );
+        sum.add(Update {
+            key: "p".into(),
+            spec: staged.spec.clone(),
+            data: staged.data.clone(),
+            weight: 1.0,
+        })
+        .unwrap();
+        book.finish_commit(&p, Some(1));
+        assert!(matches!(
+            book.close_round(0, 0),
+            Ok(Ok(AggregationResult::Aggregated { updates: 1, .. }))
+        ));
+        assert_eq!(model_values(&book), vec![2.0, 4.0]);
+    }
+
+    #[test]
     fn reopening_is_idempotent_and_empty_rounds_fail() {
-        let mut book = RoundBook::new(None);
+        let mut book = RoundBook::new(None, AccumulatorOptions::default());
         let o = opening(0, 0, &[("p", "t0")]);
         book.open_round(&o).unwrap();
         book.open_round(&o).unwrap();
         assert!(matches!(
             book.close_round(0, 0),
-            Ok(AggregationResult::Failed { .. })
+            Ok(Ok(AggregationResult::Failed { .. }))
         ));
         assert!(book.model().is_none());
         book.open_round(&o).unwrap();

@@ -49,8 +49,8 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
     };
     let outbox = Outbox::start(Duration::from_secs_f64(config.link.call_timeout_secs));
     let aggregator = Aggregator::new(
-        RoundBook::new(model),
-        config.aggregation.max_concurrent_uploads,
+        RoundBook::new(model, config.aggregation.accumulator_options()),
+        config.aggregation.staging_memory_bytes,
         outbox,
         public_url.clone(),
         config.api.max_body_bytes,

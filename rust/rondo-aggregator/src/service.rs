@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rondo_core::federation::AggregationResult;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::link::{Notice, Outbox};
-use crate::rounds::RoundBook;
+use crate::rounds::{CommitsInFlight, RoundBook};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -72,10 +72,15 @@ impl Metrics {
     }
 }
 
+/// Staging memory is handed out in units of this many bytes.
+const STAGING_UNIT: u64 = 1 << 20;
+
 pub struct Aggregator {
     book: Mutex<RoundBook>,
-    /// Bounds how many uploads are staged in memory at once.
-    pub staging: Semaphore,
+    /// Staging memory, one permit per [`STAGING_UNIT`]: bounds the bytes of uploads held in
+    /// memory at once, whatever the number of participants.
+    staging: Semaphore,
+    staging_units: u32,
     pub outbox: Outbox,
     pub metrics: Metrics,
     pub public_url: String,
@@ -85,7 +90,7 @@ pub struct Aggregator {
 impl Aggregator {
     pub fn new(
         book: RoundBook,
-        max_concurrent_uploads: usize,
+        staging_memory_bytes: u64,
         outbox: Outbox,
         public_url: String,
         max_body_bytes: u64,
@@ -94,9 +99,13 @@ impl Aggregator {
         if let Some(model) = book.model() {
             metrics.model_bytes.set(model.file.len() as i64);
         }
+        let staging_units = u32::try_from(staging_memory_bytes / STAGING_UNIT)
+            .unwrap_or(u32::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS as u32);
         Arc::new(Self {
             book: Mutex::new(book),
-            staging: Semaphore::new(max_concurrent_uploads),
+            staging: Semaphore::new(staging_units as usize),
+            staging_units,
             outbox,
             metrics,
             public_url,
@@ -112,13 +121,38 @@ impl Aggregator {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Closes a round and reports the result to the coordinator. Blocking: the finalize pass
-    /// reads the whole sum, so callers run it on a blocking thread.
+    /// Reserves staging memory for one upload of `bytes` (the whole budget when the size is not
+    /// known yet, or is larger than the budget). Waits while other uploads hold it.
+    pub async fn reserve_staging(
+        &self,
+        bytes: Option<u64>,
+    ) -> Result<SemaphorePermit<'_>, tokio::sync::AcquireError> {
+        let units = bytes.map_or(self.staging_units, |b| {
+            u32::try_from(b.div_ceil(STAGING_UNIT))
+                .unwrap_or(u32::MAX)
+                .clamp(1, self.staging_units)
+        });
+        self.staging.acquire_many(units).await
+    }
+
+    /// Closes a round and reports the result to the coordinator. Blocking: it waits for folds
+    /// in flight, and the finalize pass reads the whole sum, so callers run it on a blocking
+    /// thread.
     pub fn close_round_blocking(&self, round: u32, attempt: u32) -> Result<(), String> {
         let started = Instant::now();
-        let mut book = self.book();
-        let already_closed = book.open_round_id() != Some((round, attempt));
-        let result = book.close_round(round, attempt)?;
+        let (already_closed, result) = loop {
+            let mut book = self.book();
+            let already_closed = book.open_round_id() != Some((round, attempt));
+            match book.close_round(round, attempt) {
+                Ok(result) => break (already_closed, result?),
+                // Folds take milliseconds; new ones are refused meanwhile, so this ends.
+                Err(CommitsInFlight) => {
+                    drop(book);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        };
+        let book = self.book();
         if !already_closed {
             self.metrics
                 .finalize_seconds

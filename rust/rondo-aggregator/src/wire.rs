@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
-use rondo_core::aggregate::all_finite;
+use rondo_core::kernels::all_finite;
 use rondo_core::model::{DType, ModelSpec, TensorSpec};
 use safetensors::Dtype;
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -227,10 +227,12 @@ where
         ))
     };
     let mut data = Vec::with_capacity(data_len as usize);
+    let mut finite = FiniteCheck::new(&spec);
     if rest.len() as u64 > data_len {
         return Err(too_long());
     }
     data.extend_from_slice(&rest);
+    finite.advance(&data)?;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|_| next(received, total))?;
         received += chunk.len() as u64;
@@ -238,18 +240,12 @@ where
             return Err(too_long());
         }
         data.extend_from_slice(&chunk);
+        // Checked while the bytes are still in cache, so that finishing an upload costs no
+        // extra pass over it.
+        finite.advance(&data)?;
     }
     if (data.len() as u64) < data_len {
         return Err(next(received, total));
-    }
-
-    let mut offset = 0;
-    for tensor in &spec.tensors {
-        let bytes = &data[offset..offset + tensor.byte_len()];
-        offset += tensor.byte_len();
-        if !all_finite(tensor.dtype, bytes) {
-            return Err(UploadError::NonFinite(tensor.name.clone()));
-        }
     }
     Ok(StagedUpdate {
         spec,
@@ -257,6 +253,48 @@ where
         n_samples,
         metrics,
     })
+}
+
+/// Checks for NaN/Inf as an upload's bytes arrive: each call checks the whole elements
+/// received since the last one.
+struct FiniteCheck<'a> {
+    spec: &'a ModelSpec,
+    /// Index of the tensor being received and where its bytes start.
+    tensor: usize,
+    tensor_start: usize,
+    checked: usize,
+}
+
+impl<'a> FiniteCheck<'a> {
+    fn new(spec: &'a ModelSpec) -> Self {
+        Self {
+            spec,
+            tensor: 0,
+            tensor_start: 0,
+            checked: 0,
+        }
+    }
+
+    fn advance(&mut self, data: &[u8]) -> Result<(), UploadError> {
+        while let Some(tensor) = self.spec.tensors.get(self.tensor) {
+            let size = tensor.dtype.size_bytes();
+            let end = self.tensor_start + tensor.byte_len();
+            let available = data.len().min(end);
+            let whole = self.tensor_start + (available - self.tensor_start) / size * size;
+            if whole > self.checked {
+                if !all_finite(tensor.dtype, &data[self.checked..whole]) {
+                    return Err(UploadError::NonFinite(tensor.name.clone()));
+                }
+                self.checked = whole;
+            }
+            if whole < end {
+                return Ok(());
+            }
+            self.tensor += 1;
+            self.tensor_start = end;
+        }
+        Ok(())
+    }
 }
 
 /// A serialized safetensors file whose data section is still to be filled in.
@@ -321,7 +359,7 @@ pub fn into_shared(file: ModelFile) -> (Bytes, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rondo_core::aggregate::encode_values;
+    use rondo_core::kernels::encode_values;
 
     fn spec() -> ModelSpec {
         ModelSpec {

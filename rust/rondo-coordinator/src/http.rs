@@ -34,6 +34,8 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         )
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(metrics))
+        .fallback(api::unknown_route)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(coordinator)
 }

@@ -8,12 +8,16 @@
 //!   these tokens", "close round r") that the coordinator's edge sends to the aggregator.
 //! - [`model`] says what a model is: named tensors with a dtype and a shape, and whether an
 //!   update fits the global model.
-//! - [`aggregate`] holds the FedAvg kernels: a running weighted sum that updates are folded into
-//!   as they are accepted, and the finalize pass that produces the next global model.
+//! - [`aggregate`] is FedAvg: a running weighted sum that updates are folded into as they are
+//!   accepted (blocked group commit, a plain lock, or lock-free Hogwild; optionally
+//!   deterministic), and the finalize pass that produces the next global model.
+//! - [`kernels`] are the loops underneath, over raw little-endian bytes, shaped for memory
+//!   bandwidth, with the read-only baseline they are measured against.
 //!
 //! Nothing here opens a socket, reads a clock or parses a wire format: the binaries
 //! (`rondo-coordinator`, `rondo-aggregator`) do that at the edge and call in.
 
 pub mod aggregate;
 pub mod federation;
+pub mod kernels;
 pub mod model;

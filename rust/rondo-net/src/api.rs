@@ -132,3 +132,17 @@ pub fn metrics_response(registry: &Registry) -> Response {
 pub async fn healthz() -> &'static str {
     "ok"
 }
+
+/// Answer for paths no route matches, so that even a typo gets the JSON error shape.
+pub async fn unknown_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found("unknown_route", format!("no endpoint at {}", uri.path()))
+}
+
+/// Answer for a routed path asked with a method it does not serve.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not accept {method}", uri.path()),
+    )
+}
