@@ -5,11 +5,12 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use rondo_net::api::{self, ApiError, bearer_token};
 use serde_json::json;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use rondo_core::aggregate::Update;
 
@@ -23,7 +24,16 @@ const OPENAPI: &str = include_str!("../../../docs/openapi/aggregator.json");
 pub fn router(aggregator: Arc<Aggregator>) -> Router {
     Router::new()
         .route("/v1/rounds/{round}/model", get(download_round_model))
-        .route("/v1/rounds/{round}/update", post(upload_update))
+        // An upload makes hyper grow the connection's read buffer to its maximum, and a
+        // kept-alive connection keeps it: with a hundred participants that is more memory than
+        // the model. Uploads happen once a round, so their connections are closed instead.
+        .route(
+            "/v1/rounds/{round}/update",
+            post(upload_update).layer(SetResponseHeaderLayer::overriding(
+                header::CONNECTION,
+                HeaderValue::from_static("close"),
+            )),
+        )
         .route("/v1/model", get(download_latest_model))
         .route("/v1/status", get(status))
         .route(
@@ -205,6 +215,7 @@ async fn upload_update(
         .begin_commit(&grant, &update.spec)
         .map_err(|e| reject(commit_error(e)))?;
     let key = grant.participant_id.clone();
+    let fold_started = std::time::Instant::now();
     let folded = tokio::task::spawn_blocking(move || {
         sum.add(Update {
             key,
@@ -214,6 +225,11 @@ async fn upload_update(
         })
     })
     .await;
+    let fold_time = fold_started.elapsed();
+    aggregator
+        .metrics
+        .fold_seconds
+        .observe(fold_time.as_secs_f64());
     let folded = match folded {
         Ok(Ok(())) => Ok(()),
         Ok(Err(mismatch)) => Err(CommitError::Mismatch(mismatch.to_string())),
@@ -228,7 +244,13 @@ async fn upload_update(
     drop(slot);
     aggregator.metrics.updates_accepted.inc();
     aggregator.metrics.bytes_received.inc_by(bytes);
-    tracing::debug!(round = grant.round, participant = %grant.participant_id, n_samples, "update accepted");
+    tracing::debug!(
+        round = grant.round,
+        participant = %grant.participant_id,
+        n_samples,
+        fold_ms = fold_time.as_secs_f64() * 1e3,
+        "update accepted"
+    );
     aggregator.outbox.send(Notice::Accepted {
         round: grant.round,
         attempt: grant.attempt,

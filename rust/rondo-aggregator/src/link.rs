@@ -176,7 +176,21 @@ impl AggregatorRpc for AggregatorRpcServer {
 
     async fn open_round(self, _: Context, opening: RoundOpening) -> Result<(), String> {
         let aggregator = self.get()?;
-        let result = aggregator.book().open_round(&opening);
+        let already = aggregator.book().open_round_id() == Some((opening.round, opening.attempt));
+        let builder = if already {
+            None
+        } else {
+            aggregator.book().sum_builder(opening.round)
+        };
+        let sum = match builder {
+            Some(build) => Some(
+                tokio::task::spawn_blocking(build)
+                    .await
+                    .map_err(|e| format!("allocating the round's sum failed: {e}"))?,
+            ),
+            None => None,
+        };
+        let result = aggregator.book().open_round_with(&opening, sum);
         if result.is_ok() {
             tracing::debug!(
                 round = opening.round,

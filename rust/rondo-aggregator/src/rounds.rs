@@ -109,7 +109,27 @@ impl RoundBook {
 
     /// Opens a round. The same opening twice is a no-op; an opening of a round that was already
     /// closed is a stale retry and ignored.
+    /// A fresh sum for a training round on the current model, to be built outside the lock
+    /// (allocating a large sum takes a while) and handed to [`RoundBook::open_round`].
+    pub fn sum_builder(&self, round: u32) -> Option<impl FnOnce() -> FedAvgAccumulator + use<>> {
+        let spec = self.model.as_ref().filter(|_| round > 0)?.spec.clone();
+        let options = self.options;
+        Some(move || {
+            let prefix = wire::model_header(&spec, round).len();
+            FedAvgAccumulator::with_prefix((*spec).clone(), options, prefix)
+        })
+    }
+
     pub fn open_round(&mut self, opening: &RoundOpening) -> Result<(), String> {
+        self.open_round_with(opening, None)
+    }
+
+    /// [`RoundBook::open_round`] with a sum prepared by [`RoundBook::sum_builder`].
+    pub fn open_round_with(
+        &mut self,
+        opening: &RoundOpening,
+        sum: Option<FedAvgAccumulator>,
+    ) -> Result<(), String> {
         let id = (opening.round, opening.attempt);
         if self.closed.contains_key(&id) {
             return Ok(());
@@ -149,7 +169,9 @@ impl RoundBook {
             uploading: HashSet::new(),
             committing: HashSet::new(),
             closing: false,
-            sum: None,
+            sum: sum
+                .filter(|s| Some(s.spec()) == self.model.as_ref().map(|m| &*m.spec))
+                .map(Arc::new),
         });
         Ok(())
     }
@@ -246,12 +268,15 @@ impl RoundBook {
         {
             return Err(CommitError::Duplicate);
         }
+        let round = open.round;
         let sum = open.sum.get_or_insert_with(|| {
-            let spec = match (&global_spec, open.round) {
+            let spec = match (&global_spec, round) {
                 (Some(global), r) if r > 0 => (**global).clone(),
                 _ => spec.clone(),
             };
-            Arc::new(FedAvgAccumulator::new(spec, options))
+            // Room for the next model file's header, so the sum can become that file in place.
+            let prefix = wire::model_header(&spec, round).len();
+            Arc::new(FedAvgAccumulator::with_prefix(spec, options, prefix))
         });
         sum.spec()
             .check_update(spec)
@@ -299,7 +324,9 @@ impl RoundBook {
         match self.open.as_mut() {
             Some(open) if (open.round, open.attempt) == (round, attempt) => {
                 open.closing = true;
-                if !open.committing.is_empty() {
+                // A fold holds a reference to the sum until just before it reports back.
+                let sum_shared = open.sum.as_ref().is_some_and(|s| Arc::strong_count(s) > 1);
+                if !open.committing.is_empty() || sum_shared {
                     return Err(CommitsInFlight);
                 }
             }
@@ -311,17 +338,24 @@ impl RoundBook {
             Some(sum) if sum.updates() > 0 => {
                 let updates = sum.updates();
                 let spec = sum.spec().clone();
+                let header = wire::model_header(&spec, round);
                 // Participants have downloaded the old model by now: let it go before the new
-                // one is allocated, so the two never sit in memory together.
-                self.model = None;
-                let mut file = wire::model_file(&spec, round);
-                let data_offset = file.data_offset;
-                sum.finalize_into(&mut file.bytes[data_offset..]);
-                drop(sum);
+                // one may be allocated, so the two never sit in memory together. Unmapping a
+                // large buffer takes milliseconds, so that happens off this path.
+                if let Some(old) = self.model.take() {
+                    std::thread::spawn(move || drop(old));
+                }
+                let Ok(sum) = Arc::try_unwrap(sum) else {
+                    unreachable!("checked above: the round holds the only reference")
+                };
+                let Some(mut buffer) = sum.finalize() else {
+                    unreachable!("updates were added")
+                };
+                buffer.prefix_mut().copy_from_slice(&header);
                 self.model = Some(GlobalModel {
                     round,
                     spec: Arc::new(spec),
-                    file: Bytes::from(file.bytes),
+                    file: Bytes::from_owner(buffer),
                 });
                 AggregationResult::Aggregated {
                     updates,
@@ -473,6 +507,12 @@ mod tests {
             weight: 1.0,
         })
         .unwrap();
+        assert_eq!(
+            book.close_round(0, 0),
+            Err(CommitsInFlight),
+            "the fold still holds the sum"
+        );
+        drop(sum);
         book.finish_commit(&p, Some(1));
         assert!(matches!(
             book.close_round(0, 0),

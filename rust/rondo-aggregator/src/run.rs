@@ -18,21 +18,15 @@ fn initial_model(path: &str) -> anyhow::Result<Option<GlobalModel>> {
     if path.is_empty() {
         return Ok(None);
     }
-    let bytes = std::fs::read(path).with_context(|| format!("reading initial model {path}"))?;
-    let (spec, data) =
-        wire::read_model_file(&bytes).map_err(|e| anyhow::anyhow!("initial model {path}: {e}"))?;
-    let mut file = wire::model_file(&spec, 0);
-    let offset = file.data_offset;
-    file.bytes[offset..].copy_from_slice(&data);
-    tracing::info!(
-        path,
-        bytes = file.bytes.len(),
-        "initial global model loaded"
-    );
+    let file =
+        std::fs::File::open(path).with_context(|| format!("opening initial model {path}"))?;
+    let (spec, file) = wire::load_model_file(std::io::BufReader::new(file))
+        .map_err(|e| anyhow::anyhow!("initial model {path}: {e}"))?;
+    tracing::info!(path, bytes = file.len(), "initial global model loaded");
     Ok(Some(GlobalModel {
         round: 0,
         spec: Arc::new(spec),
-        file: file.bytes.into(),
+        file,
     }))
 }
 

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub bytes_received: IntCounter,
     pub rounds_closed: IntCounterVec,
     pub finalize_seconds: Histogram,
+    pub fold_seconds: Histogram,
     pub model_bytes: IntGauge,
 }
 
@@ -48,6 +49,11 @@ impl Metrics {
             "Time to turn a round's sum into the next global model",
         ))
         .expect("valid metric");
+        let fold_seconds = Histogram::with_opts(HistogramOpts::new(
+            "fold_seconds",
+            "Time to fold one validated update into the running sum (waiting for the sum included)",
+        ))
+        .expect("valid metric");
         let model_bytes =
             IntGauge::new("model_bytes", "Size of the serialized global model").expect("valid");
         for metric in [
@@ -56,6 +62,7 @@ impl Metrics {
             Box::new(bytes_received.clone()),
             Box::new(rounds_closed.clone()),
             Box::new(finalize_seconds.clone()),
+            Box::new(fold_seconds.clone()),
             Box::new(model_bytes.clone()),
         ] {
             registry.register(metric).expect("metric names are unique");
@@ -67,6 +74,7 @@ impl Metrics {
             bytes_received,
             rounds_closed,
             finalize_seconds,
+            fold_seconds,
             model_bytes,
         }
     }

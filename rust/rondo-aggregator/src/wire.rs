@@ -6,6 +6,7 @@
 //! is simply dropped.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
@@ -297,16 +298,10 @@ impl<'a> FiniteCheck<'a> {
     }
 }
 
-/// A serialized safetensors file whose data section is still to be filled in.
-pub struct ModelFile {
-    pub bytes: Vec<u8>,
-    /// Where the tensor bytes start.
-    pub data_offset: usize,
-}
-
-/// Lays out a safetensors file for `spec` (tensors in spec order) with `round` in its metadata,
-/// the data section zeroed for the caller to fill.
-pub fn model_file(spec: &ModelSpec, round: u32) -> ModelFile {
+/// The start of a safetensors file for `spec` (tensors back to back in spec order) with
+/// `round` in its metadata: the 8-byte header length and the header, padded to a multiple of 8
+/// so that the tensor data that follows stays aligned.
+pub fn model_header(spec: &ModelSpec, round: u32) -> Vec<u8> {
     let mut offset = 0;
     let tensors = spec
         .tensors
@@ -328,14 +323,60 @@ pub fn model_file(spec: &ModelSpec, round: u32) -> ModelFile {
     .expect("offsets laid out back to back from a valid spec");
     let mut header = serde_json::to_vec(&metadata).expect("metadata serializes");
     header.resize(header.len().next_multiple_of(8), b' ');
-    let data_offset = 8 + header.len();
-    let mut bytes = vec![0u8; data_offset + spec.byte_len()];
-    bytes[..8].copy_from_slice(&(header.len() as u64).to_le_bytes());
-    bytes[8..data_offset].copy_from_slice(&header);
-    ModelFile { bytes, data_offset }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out
 }
 
-/// Reads a whole safetensors file (the configured initial model).
+/// A whole safetensors file: `header` (from [`model_header`]) followed by `data`.
+pub fn model_file(header: &[u8], data: &[u8]) -> Bytes {
+    let mut file = Vec::with_capacity(header.len() + data.len());
+    file.extend_from_slice(header);
+    file.extend_from_slice(data);
+    Bytes::from(file)
+}
+
+/// Reads a safetensors file (the configured initial model) into the global model file Rondo
+/// serves: its own header, then the tensor bytes read straight into place (one copy of the
+/// model in memory, one pass over it).
+pub fn load_model_file(mut reader: impl std::io::Read) -> Result<(ModelSpec, Bytes), UploadError> {
+    let io = |e: std::io::Error| UploadError::Malformed(format!("reading the file failed: {e}"));
+    let mut len = [0u8; 8];
+    reader.read_exact(&mut len).map_err(io)?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > MAX_HEADER_BYTES {
+        return Err(UploadError::Malformed(format!(
+            "the safetensors header claims {header_len} bytes; at most {MAX_HEADER_BYTES} are allowed"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    reader.read_exact(&mut header).map_err(io)?;
+    let (spec, _) = parse_header(&header)?;
+    let ours = model_header(&spec, 0);
+    let data_len = spec.byte_len();
+    let mut file = Vec::with_capacity(ours.len() + data_len);
+    file.extend_from_slice(&ours);
+    reader
+        .take(data_len as u64 + 1)
+        .read_to_end(&mut file)
+        .map_err(io)?;
+    if file.len() != ours.len() + data_len {
+        return Err(UploadError::Malformed(format!(
+            "the file holds {} bytes of tensor data; its header declares {data_len}",
+            file.len() - ours.len()
+        )));
+    }
+    let mut offset = ours.len();
+    for tensor in &spec.tensors {
+        if !all_finite(tensor.dtype, &file[offset..offset + tensor.byte_len()]) {
+            return Err(UploadError::NonFinite(tensor.name.clone()));
+        }
+        offset += tensor.byte_len();
+    }
+    Ok((spec, Bytes::from(file)))
+}
+
+/// Reads a whole safetensors file held in memory into its tensors and their bytes.
 pub fn read_model_file(bytes: &[u8]) -> Result<(ModelSpec, Vec<u8>), UploadError> {
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| UploadError::Malformed(format!("invalid safetensors file: {e}")))?;
@@ -350,10 +391,6 @@ pub fn read_model_file(bytes: &[u8]) -> Result<(ModelSpec, Vec<u8>), UploadError
         offset += tensor.byte_len();
     }
     Ok((spec, data))
-}
-
-pub fn into_shared(file: ModelFile) -> (Bytes, usize) {
-    (Bytes::from(file.bytes), file.data_offset)
 }
 
 #[cfg(test)]
@@ -379,12 +416,10 @@ mod tests {
     }
 
     fn upload(values: &[f64], n_samples: &str) -> Vec<u8> {
-        let mut file = model_file(&spec(), 0);
+        let header = model_header(&spec(), 0);
         let data = encode_values(DType::F32, values);
-        file.bytes[file.data_offset..].copy_from_slice(&data);
         // Swap in upload metadata by re-serializing the header.
-        let header_len = file.data_offset - 8;
-        let header = std::str::from_utf8(&file.bytes[8..8 + header_len]).unwrap();
+        let header = std::str::from_utf8(&header[8..]).unwrap();
         let header = header.replace(
             &format!("\"{ROUND_KEY}\":\"0\""),
             &format!("\"{N_SAMPLES_KEY}\":\"{n_samples}\""),
@@ -460,12 +495,16 @@ mod tests {
 
     #[test]
     fn model_file_round_trips_through_safetensors() {
-        let mut file = model_file(&spec(), 3);
         let data = encode_values(DType::F32, &[1.0, 2.0, 3.0, 4.0, 5.0]);
-        file.bytes[file.data_offset..].copy_from_slice(&data);
-        let parsed = safetensors::SafeTensors::deserialize(&file.bytes).unwrap();
+        let file = model_file(&model_header(&spec(), 3), &data);
+        assert_eq!(model_header(&spec(), 3).len() % 8, 0);
+        let parsed = safetensors::SafeTensors::deserialize(&file).unwrap();
         assert_eq!(parsed.tensor("b").unwrap().shape(), &[1, 3]);
-        let (spec2, data2) = read_model_file(&file.bytes).unwrap();
+        let (spec2, data2) = read_model_file(&file).unwrap();
+        let (spec3, loaded) = load_model_file(&file[..]).unwrap();
+        assert_eq!(spec3, spec());
+        assert_eq!(&loaded[loaded.len() - data.len()..], &data[..]);
+        assert!(load_model_file(&file[..file.len() - 1]).is_err());
         assert_eq!(spec2, spec());
         assert_eq!(data2, data);
     }

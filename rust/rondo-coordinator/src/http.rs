@@ -1,12 +1,12 @@
 //! The coordinator's HTTP API for participants (see `docs/wire-format.md`).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -97,26 +97,76 @@ async fn join(
         .into_response())
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeartbeatQuery {
+    /// Long-poll: when the answer would equal `since`, wait up to this long for it to change.
+    wait_secs: Option<f64>,
+    /// The `state` of the previous answer.
+    since: Option<String>,
+}
+
+/// A short token for an action: equal tokens mean "nothing new for this participant".
+fn action_state(action: &Action) -> String {
+    match action {
+        Action::Standby => "standby".into(),
+        Action::Train { round, attempt } => format!("train:{round}:{attempt}"),
+        Action::Finish => "finish".into(),
+        Action::Rejected { .. } => "rejected".into(),
+    }
+}
+
 async fn heartbeat(
     State(coordinator): State<Arc<Coordinator>>,
     Path(id): Path<String>,
     headers: HeaderMap,
+    query: Result<Query<HeartbeatQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) =
+        query.map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
+    let wait_secs = query.wait_secs.unwrap_or(0.0);
+    if !(wait_secs.is_finite() && wait_secs >= 0.0) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`wait_secs` must be a non-negative number of seconds",
+        ));
+    }
     let secret = bearer_token(&headers, "missing_secret")?;
-    let action = coordinator
-        .federation()
-        .heartbeat(&id, secret, Instant::now())
-        .map_err(federation_error)?;
+    // Subscribe before looking, so that a change between the look and the wait is not missed.
+    let mut changes = coordinator.subscribe_changes();
+    let heartbeat_timeout = coordinator.federation().settings().heartbeat_timeout;
+    // Never wait so long that the participant would look silent.
+    let wait = Duration::from_secs_f64(wait_secs.min(30.0)).min(heartbeat_timeout / 2);
+    let deadline = tokio::time::Instant::now() + wait;
+    let action = loop {
+        let action = coordinator
+            .federation()
+            .heartbeat(&id, secret, Instant::now())
+            .map_err(federation_error)?;
+        if query.since.as_deref() != Some(action_state(&action).as_str()) {
+            break action;
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => continue,
+            // Timed out (or the coordinator is shutting down): answer what we have.
+            _ => break action,
+        }
+    };
     coordinator.metrics.heartbeats.inc();
+    let state = action_state(&action);
     let (name, round, attempt, reason) = match action {
         Action::Standby => ("standby", None, None, None),
         Action::Train { round, attempt } => ("train", Some(round), Some(attempt), None),
         Action::Finish => ("finish", None, None, None),
         Action::Rejected { reason } => ("rejected", None, None, Some(reason)),
     };
-    Ok(Json(
-        json!({"action": name, "round": round, "attempt": attempt, "reason": reason}),
-    ))
+    Ok(Json(json!({
+        "action": name,
+        "round": round,
+        "attempt": attempt,
+        "reason": reason,
+        "state": state,
+    })))
 }
 
 async fn start_training(

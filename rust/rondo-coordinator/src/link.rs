@@ -69,6 +69,7 @@ impl CoordinatorRpc for CoordinatorRpcServer {
             self.coordinator.metrics.rounds_closed.inc();
         }
         drop(federation);
+        self.coordinator.changed();
         self.coordinator.wake.notify_one();
     }
 }
@@ -130,6 +131,7 @@ pub async fn drive(
                     {
                         tracing::info!(round, attempt, selected = grants.len(), "round open");
                         coordinator.federation().round_opened(*round, *attempt);
+                        coordinator.changed();
                     }
                     acked = Some((command, Instant::now()));
                 }

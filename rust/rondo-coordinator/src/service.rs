@@ -5,7 +5,7 @@ use std::sync::{Mutex, MutexGuard, RwLock};
 
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use rondo_core::federation::{Federation, FederationStatus};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -65,6 +65,9 @@ pub struct Coordinator {
     aggregator_url: RwLock<Option<String>>,
     /// Pokes the driver to run a tick now (after an event that may close or open a round).
     pub wake: Notify,
+    /// Bumped whenever what a heartbeat answers may have changed; long-polling heartbeats
+    /// wait on it.
+    changes: watch::Sender<u64>,
     pub heartbeat_period_secs: f64,
     pub metrics: Metrics,
 }
@@ -75,6 +78,7 @@ impl Coordinator {
             federation: Mutex::new(federation),
             aggregator_url: RwLock::new(None),
             wake: Notify::new(),
+            changes: watch::Sender::new(0),
             heartbeat_period_secs,
             metrics: Metrics::new(),
         }
@@ -86,6 +90,15 @@ impl Coordinator {
         self.federation
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Wakes long-polling heartbeats: the federation changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|version| *version += 1);
+    }
+
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn aggregator_url(&self) -> Option<String> {

@@ -11,6 +11,11 @@
 //! - `Hogwild`: updates add into a shared sum of atomics without any lock
 //!   ([`kernels::hogwild_add_f32`]); simultaneous additions to one element may lose one.
 //!
+//! For the common case of a model whose tensors are all `F32` (or all `F64`), the sums live in
+//! one buffer laid out exactly like the model file's data section, after room for its header:
+//! finalize scales them in place and the buffer *becomes* the next model file
+//! ([`FedAvgAccumulator::finalize`]), with no allocation and no copy on the critical path.
+//!
 //! With `deterministic`, updates are held until finalize and folded in the order of their keys
 //! (participant ids), so the result is bit-for-bit the same whatever the arrival order. That
 //! holds every update in memory until the round closes: opt in only where reproducibility is
@@ -19,6 +24,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Mutex, MutexGuard};
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::{self, Term};
@@ -61,10 +67,65 @@ enum AtomicSum {
     F64(Vec<AtomicU64>),
 }
 
+/// Sums of a uniform `F32` or `F64` model, in place in a future model file: `prefix` bytes
+/// reserved for the file's header, then each tensor's sums where its bytes will be. `u64`
+/// words keep every sum aligned.
+#[derive(Debug)]
+struct InPlaceSum {
+    words: Vec<u64>,
+    prefix: usize,
+    dtype: DType,
+    /// Element range of each tensor within the data section.
+    ranges: Vec<std::ops::Range<usize>>,
+}
+
 #[derive(Debug)]
 enum Sums {
+    InPlace(Mutex<InPlaceSum>),
     Plain(Mutex<Vec<PlainSum>>),
     Atomic(Vec<AtomicSum>),
+}
+
+/// A finished model file: `len` bytes, the first `prefix` of them left for the caller's
+/// header. Owns its memory, so it can back a shared `bytes::Bytes` without a copy.
+#[derive(Debug)]
+pub struct ModelBuffer {
+    words: Vec<u64>,
+    len: usize,
+    prefix: usize,
+}
+
+impl ModelBuffer {
+    fn zeroed(prefix: usize, data_len: usize) -> Self {
+        let len = prefix + data_len;
+        Self {
+            words: touched_zeros(len.div_ceil(8)),
+            len,
+            prefix,
+        }
+    }
+
+    /// The room reserved for the header.
+    pub fn prefix_mut(&mut self) -> &mut [u8] {
+        let prefix = self.prefix;
+        &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[..prefix]
+    }
+
+    /// The model's tensor bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.as_ref()[self.prefix..]
+    }
+
+    fn data_mut(&mut self) -> &mut [u8] {
+        let (prefix, len) = (self.prefix, self.len);
+        &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[prefix..len]
+    }
+}
+
+impl AsRef<[u8]> for ModelBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
+    }
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +140,7 @@ struct Totals {
 pub struct FedAvgAccumulator {
     spec: ModelSpec,
     options: AccumulatorOptions,
+    prefix: usize,
     sums: Sums,
     /// Blocked mode: updates waiting for the next fold pass. Deterministic mode: every update
     /// of the round, folded at finalize.
@@ -94,13 +156,79 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A zeroed vector whose pages are already mapped. A fresh allocation is mapped lazily, page by
+/// page, on first write; for a large sum that costs more than the fold itself, so it is paid
+/// here, in parallel, when the accumulator is created rather than by the first upload.
+fn touched_zeros<T: Default + Clone + Copy + Send + Sync>(len: usize) -> Vec<T> {
+    let mut values = vec![T::default(); len];
+    values
+        .par_chunks_mut(kernels::PAR_CHUNK)
+        .for_each(|chunk| chunk.fill(T::default()));
+    values
+}
+
+/// Frees large folded updates on the rayon pool: unmapping a buffer of many megabytes takes
+/// milliseconds that the upload's answer (and the round's close) need not wait for. Small ones
+/// are freed at once, so that memory is back before the next upload is staged.
+fn release_in_background(updates: Vec<Update>) {
+    const LARGE: usize = 64 << 20;
+    if updates.iter().map(|u| u.data.len()).sum::<usize>() >= LARGE {
+        rayon::spawn(move || drop(updates));
+    }
+}
+
 fn sum_is_f64(dtype: DType) -> bool {
     dtype == DType::F64
 }
 
 impl FedAvgAccumulator {
     pub fn new(spec: ModelSpec, options: AccumulatorOptions) -> Self {
-        let sums = match options.mode {
+        Self::with_prefix(spec, options, 0)
+    }
+
+    /// An accumulator whose [`finalize`](Self::finalize) leaves `prefix` bytes (a multiple of
+    /// 8) before the model's data, for the caller's file header.
+    pub fn with_prefix(spec: ModelSpec, options: AccumulatorOptions, prefix: usize) -> Self {
+        assert_eq!(prefix % 8, 0, "the prefix keeps the sums 8-byte aligned");
+        let uniform = spec.tensors.first().map(|t| t.dtype).filter(|d| {
+            matches!(d, DType::F32 | DType::F64) && spec.tensors.iter().all(|t| t.dtype == *d)
+        });
+        let lock_free = options.mode == AccumulationMode::Hogwild && !options.deterministic;
+        let sums = match uniform {
+            // In place reinterprets the sums as little-endian bytes.
+            Some(dtype) if cfg!(target_endian = "little") && !lock_free => {
+                let mut start = 0;
+                let ranges = spec
+                    .tensors
+                    .iter()
+                    .map(|t| {
+                        let range = start..start + t.element_count();
+                        start = range.end;
+                        range
+                    })
+                    .collect();
+                let buffer = ModelBuffer::zeroed(prefix, spec.byte_len());
+                Sums::InPlace(Mutex::new(InPlaceSum {
+                    words: buffer.words,
+                    prefix,
+                    dtype,
+                    ranges,
+                }))
+            }
+            _ => Self::separate_sums(&spec, options),
+        };
+        Self {
+            spec,
+            options,
+            prefix,
+            sums,
+            queue: Mutex::new(Vec::new()),
+            totals: Mutex::new(Totals::default()),
+        }
+    }
+
+    fn separate_sums(spec: &ModelSpec, options: AccumulatorOptions) -> Sums {
+        match options.mode {
             AccumulationMode::Hogwild if !options.deterministic => Sums::Atomic(
                 spec.tensors
                     .iter()
@@ -120,20 +248,13 @@ impl FedAvgAccumulator {
                     .map(|t| {
                         let n = t.element_count();
                         if sum_is_f64(t.dtype) {
-                            PlainSum::F64(vec![0.0; n])
+                            PlainSum::F64(touched_zeros(n))
                         } else {
-                            PlainSum::F32(vec![0.0; n])
+                            PlainSum::F32(touched_zeros(n))
                         }
                     })
                     .collect(),
             )),
-        };
-        Self {
-            spec,
-            options,
-            sums,
-            queue: Mutex::new(Vec::new()),
-            totals: Mutex::new(Totals::default()),
         }
     }
 
@@ -165,17 +286,14 @@ impl FedAvgAccumulator {
         } else {
             match (&self.sums, self.options.mode) {
                 (Sums::Atomic(sums), _) => self.fold_hogwild(sums, &update),
-                (Sums::Plain(sums), AccumulationMode::Locked) => {
-                    let mut sums = lock(sums);
-                    self.fold_plain(&mut sums, std::slice::from_ref(&update));
+                (_, AccumulationMode::Locked) => {
+                    self.fold_locked(std::slice::from_ref(&update));
                 }
-                (Sums::Plain(sums), _) => {
+                _ => {
                     lock(&self.queue).push(update);
                     // Whoever gets the sum folds everything queued by then, ours included
                     // (or a previous holder already folded ours: the queue is then empty).
-                    let mut sums = lock(sums);
-                    let batch = std::mem::take(&mut *lock(&self.queue));
-                    self.fold_plain(&mut sums, &batch);
+                    self.fold_locked(&[]);
                 }
             }
         }
@@ -207,6 +325,61 @@ impl FedAvgAccumulator {
             .collect()
     }
 
+    /// Takes the sum's lock and folds `updates`, or (when empty) whatever is queued.
+    fn fold_locked(&self, updates: &[Update]) {
+        match &self.sums {
+            Sums::InPlace(sum) => {
+                let mut sum = lock(sum);
+                let queued = self.take_queue_if(updates.is_empty());
+                self.fold_in_place(&mut sum, if updates.is_empty() { &queued } else { updates });
+                drop(sum);
+                release_in_background(queued);
+            }
+            Sums::Plain(sums) => {
+                let mut sums = lock(sums);
+                let queued = self.take_queue_if(updates.is_empty());
+                self.fold_plain(
+                    &mut sums,
+                    if updates.is_empty() { &queued } else { updates },
+                );
+                drop(sums);
+                release_in_background(queued);
+            }
+            Sums::Atomic(_) => unreachable!("hogwild sums are folded without a lock"),
+        }
+    }
+
+    fn take_queue_if(&self, take: bool) -> Vec<Update> {
+        if take {
+            std::mem::take(&mut *lock(&self.queue))
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn fold_in_place(&self, sum: &mut InPlaceSum, updates: &[Update]) {
+        if updates.is_empty() {
+            return;
+        }
+        let prefix = sum.prefix;
+        let bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut sum.words)[prefix..];
+        for (index, range) in sum.ranges.iter().enumerate() {
+            let terms = self.terms(index, updates);
+            match sum.dtype {
+                DType::F64 => {
+                    let acc: &mut [f64] =
+                        bytemuck::cast_slice_mut(&mut bytes[range.start * 8..range.end * 8]);
+                    kernels::fold_many_f64(acc, &terms);
+                }
+                _ => {
+                    let acc: &mut [f32] =
+                        bytemuck::cast_slice_mut(&mut bytes[range.start * 4..range.end * 4]);
+                    kernels::fold_many_f32(acc, &terms);
+                }
+            }
+        }
+    }
+
     fn fold_plain(&self, sums: &mut [PlainSum], updates: &[Update]) {
         if updates.is_empty() {
             return;
@@ -230,47 +403,75 @@ impl FedAvgAccumulator {
         }
     }
 
-    /// Writes `sum / total_weight` into `out`, laid out in this model's tensor order and dtypes.
-    /// Returns `false` (and leaves `out` untouched) when no update was added. Call it once no
-    /// `add` is in flight.
-    pub fn finalize_into(&self, out: &mut [u8]) -> bool {
-        assert_eq!(
-            out.len(),
-            self.spec.byte_len(),
-            "output must hold the model"
-        );
+    /// Turns the sum into the next model: `sum / total_weight`, in the model's tensor order and
+    /// dtypes, after [`with_prefix`](Self::with_prefix)'s reserved bytes. `None` when no update
+    /// was added. In-place sums are scaled where they are and handed over without a copy.
+    pub fn finalize(self) -> Option<ModelBuffer> {
         let total_weight = self.total_weight();
         if self.updates() == 0 || total_weight <= 0.0 {
-            return false;
+            return None;
         }
         if self.options.deterministic {
             let mut held = std::mem::take(&mut *lock(&self.queue));
             held.sort_by(|a, b| a.key.cmp(&b.key));
-            if let Sums::Plain(sums) = &self.sums {
-                self.fold_plain(&mut lock(sums), &held);
-            }
+            self.fold_locked(&held);
         }
         let scale = 1.0 / total_weight;
-        let mut offset = 0;
-        for (index, tensor) in self.spec.tensors.iter().enumerate() {
-            let out = &mut out[offset..offset + tensor.byte_len()];
-            offset += tensor.byte_len();
-            match &self.sums {
-                Sums::Plain(sums) => match &lock(sums)[index] {
-                    PlainSum::F32(acc) => kernels::write_scaled_f32(acc, tensor.dtype, scale, out),
-                    PlainSum::F64(acc) => kernels::write_scaled_f64(acc, tensor.dtype, scale, out),
-                },
-                Sums::Atomic(sums) => match &sums[index] {
-                    AtomicSum::F32(acc) => {
-                        kernels::write_scaled_atomic_f32(acc, tensor.dtype, scale, out)
+        let prefix = self.prefix;
+        let data_len = self.spec.byte_len();
+        match self.sums {
+            Sums::InPlace(sum) => {
+                let sum = sum.into_inner().unwrap_or_else(|p| p.into_inner());
+                let mut buffer = ModelBuffer {
+                    len: prefix + data_len,
+                    words: sum.words,
+                    prefix,
+                };
+                let data = buffer.data_mut();
+                match sum.dtype {
+                    DType::F64 => {
+                        kernels::scale_in_place_f64(bytemuck::cast_slice_mut(data), scale)
                     }
-                    AtomicSum::F64(acc) => {
-                        kernels::write_scaled_atomic_f64(acc, tensor.dtype, scale, out)
+                    _ => kernels::scale_in_place_f32(bytemuck::cast_slice_mut(data), scale as f32),
+                }
+                Some(buffer)
+            }
+            Sums::Plain(sums) => {
+                let sums = sums.into_inner().unwrap_or_else(|p| p.into_inner());
+                let mut buffer = ModelBuffer::zeroed(prefix, data_len);
+                let mut out = buffer.data_mut();
+                for (tensor, sum) in self.spec.tensors.iter().zip(&sums) {
+                    let (here, rest) = out.split_at_mut(tensor.byte_len());
+                    match sum {
+                        PlainSum::F32(acc) => {
+                            kernels::write_scaled_f32(acc, tensor.dtype, scale, here)
+                        }
+                        PlainSum::F64(acc) => {
+                            kernels::write_scaled_f64(acc, tensor.dtype, scale, here)
+                        }
                     }
-                },
+                    out = rest;
+                }
+                Some(buffer)
+            }
+            Sums::Atomic(sums) => {
+                let mut buffer = ModelBuffer::zeroed(prefix, data_len);
+                let mut out = buffer.data_mut();
+                for (tensor, sum) in self.spec.tensors.iter().zip(&sums) {
+                    let (here, rest) = out.split_at_mut(tensor.byte_len());
+                    match sum {
+                        AtomicSum::F32(acc) => {
+                            kernels::write_scaled_atomic_f32(acc, tensor.dtype, scale, here)
+                        }
+                        AtomicSum::F64(acc) => {
+                            kernels::write_scaled_atomic_f64(acc, tensor.dtype, scale, here)
+                        }
+                    }
+                    out = rest;
+                }
+                Some(buffer)
             }
         }
-        true
     }
 }
 
@@ -305,10 +506,10 @@ mod tests {
         }
     }
 
-    fn finalize(acc: &FedAvgAccumulator) -> Vec<f64> {
-        let mut out = vec![0u8; acc.spec().byte_len()];
-        assert!(acc.finalize_into(&mut out));
-        decode_values(acc.spec().tensors[0].dtype, &out)
+    fn finalize(acc: FedAvgAccumulator) -> Vec<f64> {
+        let dtype = acc.spec().tensors[0].dtype;
+        let buffer = acc.finalize().expect("updates were added");
+        decode_values(dtype, buffer.data())
     }
 
     #[test]
@@ -329,7 +530,7 @@ mod tests {
                     acc.add(update(&spec, dtype, &[3.0, 0.0, 4.0], 3.0))
                         .unwrap();
                     // (1·1 + 3·3)/4, (2·1 + 0·3)/4, (−4·1 + 4·3)/4: exact in every dtype.
-                    assert_eq!(finalize(&acc), vec![2.5, 0.5, 2.0], "{dtype} {mode:?}");
+                    assert_eq!(finalize(acc), vec![2.5, 0.5, 2.0], "{dtype} {mode:?}");
                 }
             }
         }
@@ -357,7 +558,7 @@ mod tests {
                 }
             });
             assert_eq!(acc.updates(), 8);
-            assert!(finalize(&acc).iter().all(|v| *v == 3.5), "{mode:?}");
+            assert!(finalize(acc).iter().all(|v| *v == 3.5), "{mode:?}");
         }
     }
 
@@ -381,9 +582,7 @@ mod tests {
                 acc.add(update(&spec, DType::F32, &values[i], (i + 1) as f64 * 0.3))
                     .unwrap();
             }
-            let mut out = vec![0u8; spec.byte_len()];
-            acc.finalize_into(&mut out);
-            out
+            acc.finalize().unwrap().data().to_vec()
         };
         let reference = run(&[0, 1, 2]);
         for order in [[2, 1, 0], [1, 0, 2], [2, 0, 1]] {
@@ -400,7 +599,7 @@ mod tests {
         let wrong = one_tensor(DType::F32, 3);
         assert!(acc.add(update(&wrong, DType::F32, &[9.0; 3], 1.0)).is_err());
         assert_eq!(acc.updates(), 1);
-        assert_eq!(finalize(&acc), vec![1.0, 1.0]);
+        assert_eq!(finalize(acc), vec![1.0, 1.0]);
     }
 
     #[test]
@@ -424,17 +623,65 @@ mod tests {
             weight: 1.0,
         })
         .unwrap();
-        let mut out = vec![0u8; global.byte_len()];
-        acc.finalize_into(&mut out);
-        assert_eq!(decode_values(DType::F32, &out), vec![1.0, 2.0, 3.0]);
+        assert_eq!(finalize(acc), vec![1.0, 2.0, 3.0]);
     }
 
     #[test]
     fn empty_round_has_no_result() {
         let spec = one_tensor(DType::F32, 2);
         let acc = FedAvgAccumulator::new(spec.clone(), AccumulatorOptions::default());
-        let mut out = vec![7u8; spec.byte_len()];
-        assert!(!acc.finalize_into(&mut out));
-        assert_eq!(out, vec![7u8; 8]);
+        assert!(acc.finalize().is_none());
+    }
+
+    #[test]
+    fn prefix_is_left_for_the_header_in_every_layout() {
+        let mixed = ModelSpec {
+            tensors: vec![
+                TensorSpec {
+                    name: "a".into(),
+                    dtype: DType::F16,
+                    shape: vec![3],
+                },
+                TensorSpec {
+                    name: "b".into(),
+                    dtype: DType::F32,
+                    shape: vec![2],
+                },
+            ],
+        };
+        let uniform = one_tensor(DType::F32, 5);
+        for spec in [mixed, uniform] {
+            for mode in MODES {
+                let acc = FedAvgAccumulator::with_prefix(
+                    spec.clone(),
+                    AccumulatorOptions {
+                        mode,
+                        deterministic: false,
+                    },
+                    16,
+                );
+                let data: Vec<f64> = (0..spec.element_count()).map(|i| i as f64).collect();
+                let mut bytes = Vec::new();
+                let mut start = 0;
+                for t in &spec.tensors {
+                    bytes.extend(encode_values(
+                        t.dtype,
+                        &data[start..start + t.element_count()],
+                    ));
+                    start += t.element_count();
+                }
+                acc.add(Update {
+                    key: "p".into(),
+                    spec: spec.clone(),
+                    data: bytes.clone(),
+                    weight: 2.0,
+                })
+                .unwrap();
+                let mut buffer = acc.finalize().unwrap();
+                buffer.prefix_mut().copy_from_slice(&[9u8; 16]);
+                assert_eq!(&buffer.as_ref()[..16], &[9u8; 16]);
+                assert_eq!(buffer.data(), &bytes[..], "{mode:?}");
+            }
+        }
     }
 }

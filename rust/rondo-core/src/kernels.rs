@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -68,8 +69,26 @@ fn axpy_f32(acc: &mut [f32], x: &[u8], dtype: DType, w: f32) {
             }
         }
         DType::F16 => {
-            for (a, x) in acc.iter_mut().zip(x.chunks_exact(2)) {
-                *a += w * f16::from_le_bytes([x[0], x[1]]).to_f32();
+            // f16 → f32 is a table-free but branchy conversion in software; half converts
+            // whole slices with the CPU's F16C instructions when it has them (checked at run
+            // time), so convert a stack buffer at a time and add from there.
+            const STEP: usize = 1024;
+            let mut wide = [0f32; STEP];
+            for (acc, x) in acc.chunks_mut(STEP).zip(x.chunks(2 * STEP)) {
+                let wide = &mut wide[..acc.len()];
+                match bytemuck::try_cast_slice::<u8, f16>(x) {
+                    Ok(halves) if cfg!(target_endian = "little") => {
+                        halves.convert_to_f32_slice(wide)
+                    }
+                    _ => {
+                        for (v, x) in wide.iter_mut().zip(x.chunks_exact(2)) {
+                            *v = f16::from_le_bytes([x[0], x[1]]).to_f32();
+                        }
+                    }
+                }
+                for (a, v) in acc.iter_mut().zip(wide.iter()) {
+                    *a += w * v;
+                }
             }
         }
         DType::F64 => {
@@ -222,6 +241,24 @@ pub fn write_scaled_f64(sum: &[f64], dtype: DType, scale: f64, out: &mut [u8]) {
                 write(dtype, a * scale, o);
             }
         });
+}
+
+/// `sum[i] *= scale` in place (finalize of a sum that becomes the model file).
+pub fn scale_in_place_f32(sum: &mut [f32], scale: f32) {
+    sum.par_chunks_mut(PAR_CHUNK).for_each(|sum| {
+        for a in sum {
+            *a *= scale;
+        }
+    });
+}
+
+/// [`scale_in_place_f32`] for `f64` sums.
+pub fn scale_in_place_f64(sum: &mut [f64], scale: f64) {
+    sum.par_chunks_mut(PAR_CHUNK).for_each(|sum| {
+        for a in sum {
+            *a *= scale;
+        }
+    });
 }
 
 /// [`write_scaled_f32`] straight from a Hogwild sum.
