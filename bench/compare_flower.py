@@ -1,0 +1,676 @@
+#!/usr/bin/env python3
+"""Runs the same federation through Rondo and through Flower and compares them.
+
+Every workload N,SIZE,R runs N clients on one float32 model of SIZE bytes for R rounds of
+FedAvg from an all-zero model, where client i adds i + 1 to every weight and reports
+10 * (i + 1) samples (dummy.py's arithmetic), first through Rondo (release coordinator and
+aggregator, one process of N ``run_participant`` threads), then through Flower 1.41 (legacy
+``start_server`` with FedAvg in one process, N ``start_client`` threads in another). Measured:
+total wall time from starting the server process(es) until every client has finished and the
+final model is in place, the mean round time, the server processes' peak RSS (VmHWM), and
+whether the final model equals the expected weighted average.
+
+    bench/run                                   # setup, then the three default workloads
+    bench/run --workload 2,1MB,2 --rondo-only   # anything after bench/run goes here
+
+Times drift with machine load; compare the two systems through the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import requests
+import safetensors.numpy
+import workload
+
+from rondo.safetensors_io import decode
+from rondo.util import parse_size
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+TARGET = REPO / "target" / "release"
+DEFAULT_WORKLOADS = ["10,10MB,3", "100,1MB,3", "2,1GB,1"]
+MB = 1_000_000  # sizes are decimal throughout, like parse_size's "MB"
+# gRPC caps messages at 2 GiB - 1 (a signed 32-bit length): the most Flower can be given.
+GRPC_MAX_MESSAGE = 2**31 - 1
+FLOWER_TOO_LARGE = "not run (model too large for its in-memory design on this machine)"
+
+
+class Aborted(Exception):
+    """A run went past its deadline or a process died; the message says which."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    clients: int
+    size: int  # bytes
+    rounds: int
+    label: str  # as given, e.g. "10MB"
+
+    @property
+    def n_elements(self) -> int:
+        return self.size // 4
+
+    @property
+    def name(self) -> str:
+        return f"{self.clients} clients, {self.label} model, {self.rounds} rounds"
+
+
+def parse_workload(text: str) -> Workload:
+    try:
+        clients, size, rounds = text.split(",")
+        workload_ = Workload(int(clients), parse_size(size), int(rounds), size.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected N,SIZE,ROUNDS such as 10,10MB,3; got {text!r}"
+        ) from None
+    if workload_.clients < 1 or workload_.rounds < 1 or workload_.size < 4:
+        raise argparse.ArgumentTypeError(f"N and ROUNDS must be >= 1 and SIZE >= 4B: {text!r}")
+    return workload_
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+class Processes:
+    """The child processes of one run, all stopped by ``stop_all`` whatever happened."""
+
+    def __init__(self, log_dir: Path, deadline: float) -> None:
+        self.log_dir = log_dir
+        self.deadline = deadline
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: list[TextIO] = []
+        self.cpu_secs: dict[str, float] = {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop_all
+        self.logs.append(log)
+        self.running[name] = subprocess.Popen(
+            argv,
+            cwd=BENCH,  # the child scripts import workload.py from here
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self.running[name].pid
+
+    def check_alive(self, name: str) -> None:
+        code = self.running[name].poll()
+        if code is not None:
+            raise Aborted(f"{name} exited with status {code}; see {self.log_dir / name}.log")
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise Aborted("timed out")
+        return left
+
+    def wait(self, name: str) -> int:
+        """Wait for a process to exit by itself, within the deadline; its exit status.
+
+        Also records its CPU time: what reaping it adds to this process's children's usage.
+        """
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        try:
+            code = self.running[name].wait(timeout=self.remaining())
+        except subprocess.TimeoutExpired:
+            raise Aborted(f"timed out waiting for {name}") from None
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.cpu_secs[name] = (after.ru_utime + after.ru_stime) - (
+            before.ru_utime + before.ru_stime
+        )
+        return code
+
+    def record_cpu(self, name: str) -> None:
+        """CPU time so far of a process that is still running (user + system)."""
+        fields = Path(f"/proc/{self.running[name].pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # utime and stime are fields 14 and 15 of stat(5), in clock ticks.
+        self.cpu_secs[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def wait_for_file(self, path: Path, name: str) -> dict[str, Any]:
+        """The JSON that process ``name`` writes to ``path`` once it listens."""
+        while True:
+            if path.exists() and path.stat().st_size > 0:
+                try:
+                    data: dict[str, Any] = json.loads(path.read_text())
+                    return data
+                except ValueError:
+                    pass  # caught half-written
+            self.check_alive(name)
+            self.remaining()
+            time.sleep(0.01)
+
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.running.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for log in self.logs:
+            log.close()
+
+
+def free_port() -> int:
+    """A port free right now (Flower's legacy server cannot report the one it bound to 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def check_range(low: float, high: float, expected: float, rounds: int) -> dict[str, Any]:
+    error = max(high - expected, expected - low)
+    return {
+        "expected": expected,
+        "min": low,
+        "max": high,
+        "max_abs_error": error,
+        "ok": error <= workload.tolerance(expected, rounds),
+    }
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# --- Rondo -----------------------------------------------------------------------------------
+
+
+def log_time(line: str) -> float | None:
+    """Unix time of a tracing log line (it starts with an RFC 3339 UTC timestamp)."""
+    try:
+        return datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
+    except (IndexError, ValueError):
+        return None
+
+
+def round_log(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """Unix times at which the coordinator logged each round open and closed (first attempt)."""
+    opened: dict[int, float] = {}
+    closed: dict[int, float] = {}
+    for line in (run_dir / "coordinator.log").read_text(errors="replace").splitlines():
+        for marker, table in (("round open", opened), ("round closed", closed)):
+            if marker in line and "round=" in line and (at := log_time(line)) is not None:
+                number = line.split("round=", 1)[1].split()[0]
+                if number.isdigit():
+                    table.setdefault(int(number), at)
+    return opened, closed
+
+
+def rondo_phases(
+    opened: dict[int, float], closed: dict[int, float], events: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Per training round, where the time went, from the coordinator's log and client events.
+
+    Phases (seconds, from the coordinator's "round open" line): until the first and the last
+    participant had its model downloaded and decoded (this includes the heartbeat that tells it
+    it is selected), until the last upload finished, and until the coordinator logged the round
+    closed (the aggregator's finalisation and its report to the coordinator).
+    """
+    phases = []
+    for r in sorted(opened):
+        mine = [e for e in events if e["round"] == r]
+        starts = [e["at"] for e in mine if e["what"] == "train_start"]
+        uploads = [e["at"] for e in mine if e["what"] == "uploaded"]
+        if not starts or not uploads:
+            continue
+        t0 = opened[r]
+        phases.append(
+            {
+                "round": r,
+                "first_model_in_secs": min(starts) - t0,
+                "last_model_in_secs": max(starts) - t0,
+                "last_upload_done_secs": max(uploads) - t0,
+                "closed_secs": closed[r] - t0 if r in closed else None,
+            }
+        )
+    return phases
+
+
+def edges(
+    t0_unix: float, first_open: float | None, last_close: float | None, end_unix: float
+) -> dict[str, float | None]:
+    """Wall time before the first round opened and after the last one closed."""
+    return {
+        "before_first_round_secs": None if first_open is None else first_open - t0_unix,
+        "after_last_round_secs": None if last_close is None else end_unix - last_close,
+    }
+
+
+def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
+    # The initial model is written before the clock starts: Rondo then runs exactly R rounds
+    # from the same zero model that Flower gets as initial_parameters.
+    initial = run_dir / "initial.safetensors"
+    safetensors.numpy.save_file(workload.zero_model(w.n_elements), str(initial))
+    heartbeat_period = 0.05 if w.clients <= 10 else 0.2
+    heartbeat_timeout = 10.0 if w.clients <= 10 else 30.0
+    if w.size > 200 * MB:
+        heartbeat_timeout = 60.0  # a participant busy with a GB-sized model answers late
+    ports = {"RONDO__API__PORT": "0", "RONDO__RPC__PORT": "0"}
+
+    procs = Processes(run_dir, deadline)
+    try:
+        t0, t0_unix = time.monotonic(), time.time()
+        aggregator_pid = procs.start(
+            "aggregator",
+            [str(TARGET / "aggregator"), "-c", str(REPO / "configs" / "dev-aggregator.toml")],
+            {
+                **ports,
+                "RONDO__RUNTIME__ADDRESSES_FILE": str(run_dir / "aggregator.json"),
+                "RONDO__MODEL__INITIAL_MODEL": str(initial),
+            },
+        )
+        aggregator = procs.wait_for_file(run_dir / "aggregator.json", "aggregator")
+        coordinator_pid = procs.start(
+            "coordinator",
+            [str(TARGET / "coordinator"), "-c", str(REPO / "configs" / "dev-coordinator.toml")],
+            {
+                **ports,
+                "RONDO__RUNTIME__ADDRESSES_FILE": str(run_dir / "coordinator.json"),
+                "RONDO__AGGREGATOR__RPC_ADDRESS": aggregator["rpc"],
+                "RONDO__FEDERATION__ROUNDS": str(w.rounds),
+                "RONDO__FEDERATION__MIN_CLIENTS": str(w.clients),
+                "RONDO__FEDERATION__HEARTBEAT_PERIOD_SECS": str(heartbeat_period),
+                "RONDO__FEDERATION__HEARTBEAT_TIMEOUT_SECS": str(heartbeat_timeout),
+                # Never close a round early: the check expects every client in every round.
+                "RONDO__FEDERATION__ROUND_TIMEOUT_SECS": str(max(1.0, procs.remaining())),
+            },
+        )
+        coordinator = procs.wait_for_file(run_dir / "coordinator.json", "coordinator")
+        coordinator_url = f"http://{coordinator['api']}"
+        events_path = run_dir / "participant-events.json"
+        procs.start(
+            "participants",
+            [
+                sys.executable,
+                str(BENCH / "rondo_participants.py"),
+                "--coordinator-url", coordinator_url,
+                "--clients", str(w.clients),
+                "--n-elements", str(w.n_elements),
+                "--heartbeat-period", str(heartbeat_period),
+                "--events", str(events_path),
+            ],
+        )  # fmt: skip
+        if procs.wait("participants") != 0:
+            raise Aborted(f"participants failed; see {run_dir / 'participants.log'}")
+        wall, end_unix = time.monotonic() - t0, time.time()
+        # The final model was aggregated before the last participant was told "finish".
+
+        for name in ("aggregator", "coordinator"):
+            procs.check_alive(name)
+        # Peaks first: fetching the model below must not count.
+        aggregator_peak = workload.peak_rss_bytes(aggregator_pid)
+        coordinator_peak = workload.peak_rss_bytes(coordinator_pid)
+        procs.record_cpu("aggregator")
+        procs.record_cpu("coordinator")
+        status = requests.get(f"{coordinator_url}/v1/status", timeout=30).json()
+        history = sorted(status["history"], key=lambda e: (e["round"], e.get("attempt", 0)))
+        aggregated = [e for e in history if e.get("outcome") == "aggregated" and e["round"] >= 1]
+        incomplete = [e["round"] for e in aggregated if len(e["delivered"]) != w.clients]
+
+        response = requests.get(f"{status['aggregator_url'].rstrip('/')}/v1/model", timeout=600)
+        response.raise_for_status()
+        model, metadata = decode(response.content)
+        del response
+        check = check_range(
+            *workload.value_range(model), workload.expected_value(w.clients, w.rounds), w.rounds
+        )
+        shapes = {name: list(a.shape) for name, a in model.items()}
+        wanted = {name: [n] for name, n in workload.dummy().layout(w.n_elements).items()}
+        check["ok"] = check["ok"] and shapes == wanted and not incomplete
+        check["model_round"] = metadata.get("rondo.round")
+        del model
+        events = json.loads(events_path.read_text())
+        opened, closed = round_log(run_dir)
+    finally:
+        procs.stop_all()
+    return {
+        "wall_secs": wall,
+        "round_secs": [e["duration_secs"] for e in aggregated],
+        "rounds_aggregated": len(aggregated),
+        "rounds_missing_clients": incomplete,
+        "other_outcomes": [
+            {"round": e["round"], "outcome": e.get("outcome"), "reason": e.get("reason")}
+            for e in history
+            if e.get("outcome") != "aggregated"
+        ],
+        "server_peak_bytes": aggregator_peak + coordinator_peak,
+        "aggregator_peak_bytes": aggregator_peak,
+        "coordinator_peak_bytes": coordinator_peak,
+        "heartbeat_period_secs": heartbeat_period,
+        "cpu_secs": procs.cpu_secs,
+        "phases": rondo_phases(opened, closed, events),
+        **edges(t0_unix, opened.get(1), closed.get(w.rounds), end_unix),
+        "check": check,
+    }
+
+
+# --- Flower ----------------------------------------------------------------------------------
+
+
+def run_flower(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
+    address = f"127.0.0.1:{free_port()}"
+    common = ["--address", address, "--n-elements", str(w.n_elements)]
+    common += ["--max-message", str(GRPC_MAX_MESSAGE)]
+    report_path = run_dir / "flower-server.json"
+    procs = Processes(run_dir, deadline)
+    try:
+        t0, t0_unix = time.monotonic(), time.time()
+        procs.start(
+            "flower-server",
+            [sys.executable, str(BENCH / "flower_server.py"), *common]
+            + ["--clients", str(w.clients), "--rounds", str(w.rounds), "--out", str(report_path)],
+        )
+        # Flower's clients retry until the server listens, so both start at once, as an
+        # operator would start them.
+        procs.start(
+            "flower-clients",
+            [sys.executable, str(BENCH / "flower_clients.py"), *common]
+            + ["--clients", str(w.clients)],
+        )
+        # The server writes its report (peak RSS, final model) and exits after the last round
+        # and after telling the clients to disconnect.
+        if procs.wait("flower-server") != 0:
+            raise Aborted(f"Flower server failed; see {run_dir / 'flower-server.log'}")
+        if procs.wait("flower-clients") != 0:
+            raise Aborted(f"Flower clients failed; see {run_dir / 'flower-clients.log'}")
+        wall, end_unix = time.monotonic() - t0, time.time()
+    finally:
+        procs.stop_all()
+    report = json.loads(report_path.read_text())
+    expected = workload.expected_value(w.clients, w.rounds)
+    if "final_range" in report:
+        check = check_range(*report["final_range"], expected, w.rounds)
+        wanted = [[n] for n in workload.dummy().layout(w.n_elements).values()]
+        check["ok"] = check["ok"] and report["final_shapes"] == wanted
+    else:
+        check = {"expected": expected, "ok": False, "error": "no final model"}
+    rounds = report["rounds"]
+    incomplete = [r["round"] for r in rounds if r["delivered"] != w.clients]
+    check["ok"] = check["ok"] and len(rounds) == w.rounds and not incomplete
+    first_open = rounds[0]["started_unix"] if rounds else None
+    last_close = rounds[-1]["ended_unix"] if rounds else None
+    return {
+        "wall_secs": wall,
+        **edges(t0_unix, first_open, last_close, end_unix),
+        "round_secs": [r["duration_secs"] for r in rounds],
+        "rounds_aggregated": len(rounds),
+        "rounds_missing_clients": incomplete,
+        "server_peak_bytes": report["peak_rss_bytes"],
+        "cpu_secs": procs.cpu_secs,
+        "check": check,
+    }
+
+
+# --- reporting -------------------------------------------------------------------------------
+
+
+def summarize(result: dict[str, Any]) -> None:
+    result["round_mean_secs"] = mean(result["round_secs"])
+    # Start-up (processes, imports, joining), gaps between rounds and shutdown.
+    result["outside_rounds_secs"] = result["wall_secs"] - sum(result["round_secs"])
+
+
+def ratio(flower: float | None, rondo: float | None) -> float | None:
+    return flower / rondo if flower is not None and rondo else None
+
+
+def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def memory_check(w: Workload, rondo: dict[str, Any]) -> dict[str, Any]:
+    limit = 3 * w.size + 64 * MB
+    peak = rondo["aggregator_peak_bytes"]
+    return {"aggregator_peak_bytes": peak, "limit_bytes": limit, "ok": peak <= limit}
+
+
+def table(entry: dict[str, Any]) -> str:
+    """The per-workload console table."""
+    rondo, flower = entry.get("rondo"), entry.get("flower")
+    lines = [f"== {entry['workload']['name']} =="]
+    if rondo is None or "error" in rondo:
+        lines.append(f"Rondo: {'aborted: ' + rondo['error'] if rondo else 'not run'}")
+    if flower is None or "error" in flower or "skipped" in flower:
+        why = (
+            "not run" if flower is None else flower.get("skipped") or "aborted: " + flower["error"]
+        )
+        lines.append(f"Flower: {why}")
+    ok_rondo = rondo if rondo and "error" not in rondo else None
+    ok_flower = flower if flower and "wall_secs" in flower else None
+
+    def row(label: str, key: str, scale: float = 1.0, digits: int = 2) -> str:
+        a = ok_rondo[key] / scale if ok_rondo and ok_rondo[key] is not None else None
+        b = ok_flower[key] / scale if ok_flower and ok_flower[key] is not None else None
+        return (
+            f"{label:<24}{fmt(a, digits):>12}{fmt(b, digits):>12}"
+            f"{fmt(ratio(b, a), 1, 'x') if ok_flower else '-':>16}"
+        )
+
+    if ok_rondo or ok_flower:
+        lines.append(f"{'':<24}{'Rondo':>12}{'Flower':>12}{'Flower/Rondo':>16}")
+        lines.append(row("wall time (s)", "wall_secs"))
+        lines.append(row("round time, mean (s)", "round_mean_secs", digits=3))
+        lines.append(row("wall outside rounds (s)", "outside_rounds_secs"))
+        lines.append(row("  before round 1 (s)", "before_first_round_secs"))
+        lines.append(row("  after last round (s)", "after_last_round_secs"))
+        lines.append(row("server peak RSS (MB)", "server_peak_bytes", MB, 0))
+        if ok_rondo:
+            lines.append(
+                f"{'  aggregator alone (MB)':<24}{ok_rondo['aggregator_peak_bytes'] / MB:>12.0f}"
+            )
+            lines.append(
+                f"{'  coordinator (MB)':<24}{ok_rondo['coordinator_peak_bytes'] / MB:>12.0f}"
+            )
+
+        def verdict(r: dict[str, Any] | None) -> str:
+            return "-" if r is None else ("yes" if r["check"]["ok"] else "NO")
+
+        lines.append(f"{'final model correct':<24}{verdict(ok_rondo):>12}{verdict(ok_flower):>12}")
+    for label, result in (("Rondo", ok_rondo), ("Flower", ok_flower)):
+        if result:
+            cpu = ", ".join(f"{name} {secs:.1f}" for name, secs in result["cpu_secs"].items())
+            lines.append(f"{label} CPU s: {cpu}")
+    if ok_rondo:
+        mem = entry["memory_check"]
+        lines.append(
+            f"check: Rondo aggregator peak {mem['aggregator_peak_bytes'] / MB:.0f} MB <= "
+            f"3 x model + 64 MB = {mem['limit_bytes'] / MB:.0f} MB: "
+            f"{'OK' if mem['ok'] else 'FAILED'}"
+        )
+        phases = ok_rondo["phases"]
+        if phases:
+            parts = []
+            for label, key in (
+                ("first model in", "first_model_in_secs"),
+                ("last model in", "last_model_in_secs"),
+                ("last upload done", "last_upload_done_secs"),
+                ("round closed", "closed_secs"),
+            ):
+                parts.append(
+                    f"{label} {fmt(mean([p[key] for p in phases if p[key] is not None]), 3)}"
+                )
+            lines.append("Rondo rounds, mean s after opening: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def scaled(result: dict[str, Any], key: str, scale: float) -> float | None:
+    """A measured value of a run that completed, else None."""
+    if "wall_secs" not in result or result.get(key) is None:
+        return None
+    return float(result[key]) / scale
+
+
+def markdown(entries: list[dict[str, Any]]) -> str:
+    """One Markdown table over every workload, for docs/benchmarks.md."""
+    lines = [
+        "| Workload | Rondo wall s | Flower wall s | Flower/Rondo | Rondo round s | "
+        "Flower round s | Flower/Rondo | Rondo server peak MB (aggregator) | "
+        "Flower server peak MB | Flower/Rondo | Final model correct (Rondo / Flower) |",
+        "|" + "---|" * 11,
+    ]
+    for entry in entries:
+        rondo = entry.get("rondo") or {}
+        flower = entry.get("flower") or {}
+        r_ok, f_ok = "wall_secs" in rondo, "wall_secs" in flower
+
+        cells = [entry["workload"]["name"]]
+        for key, scale, digits in (
+            ("wall_secs", 1.0, 2),
+            ("round_mean_secs", 1.0, 3),
+            ("server_peak_bytes", MB, 0),
+        ):
+            a, b = scaled(rondo, key, scale), scaled(flower, key, scale)
+            first = fmt(a, digits)
+            if key == "server_peak_bytes" and r_ok:
+                first += f" ({rondo['aggregator_peak_bytes'] / MB:.0f})"
+            second = fmt(b, digits)
+            if not f_ok and key == "wall_secs":
+                # Say why Flower has no numbers, once per row.
+                second = flower.get("skipped") or (
+                    f"aborted: {flower['error']}" if "error" in flower else "not run"
+                )
+            cells += [first, second, fmt(ratio(b, a), 1, "×")]
+        cells.append(
+            " / ".join(
+                ("yes" if result["check"]["ok"] else "NO") if ok else "-"
+                for result, ok in ((rondo, r_ok), (flower, f_ok))
+            )
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def run_one(
+    label: str,
+    runner: Any,
+    w: Workload,
+    run_dir: Path,
+    deadline: float,
+) -> dict[str, Any]:
+    """Run one system on one workload; an abort becomes {"error": ...} rather than an exit."""
+    run_dir.mkdir(parents=True)
+    print(f"-- {w.name}: {label} (logs in {run_dir})", flush=True)
+    try:
+        result: dict[str, Any] = runner(w, run_dir, deadline)
+    except (Aborted, requests.RequestException, OSError, ValueError, KeyError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "logs": str(run_dir)}
+    finally:
+        for leftover in run_dir.glob("*.safetensors"):
+            leftover.unlink()  # a 1 GB initial model is not worth keeping with the logs
+    summarize(result)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--workload", type=parse_workload, action="append", metavar="N,SIZE,R",
+        help=f"clients, model size, rounds; repeatable (default: {' '.join(DEFAULT_WORKLOADS)})",
+    )  # fmt: skip
+    parser.add_argument("--rondo-only", action="store_true", help="do not run Flower")
+    parser.add_argument(
+        "--skip-flower-above", type=parse_size, default=parse_size("200MB"), metavar="SIZE",
+        help="run Flower only for models up to this size (default: 200MB)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, metavar="SECS",
+        help="abort a workload (both systems together) after this long (default: 900)",
+    )  # fmt: skip
+    parser.add_argument("--json-out", type=Path, metavar="PATH")
+    parser.add_argument("--markdown-out", type=Path, metavar="PATH")
+    parser.add_argument(
+        "--keep-logs", action="store_true",
+        help="keep the logs directory even when every run succeeded",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if not args.workload:
+        args.workload = [parse_workload(text) for text in DEFAULT_WORKLOADS]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for binary in ("coordinator", "aggregator"):
+        if not (TARGET / binary).exists():
+            sys.exit(f"{TARGET / binary} is missing: run scripts/setup --release (or bench/run)")
+    logs = Path(tempfile.mkdtemp(prefix="rondo-bench-"))
+    entries: list[dict[str, Any]] = []
+    failed = False
+    for number, w in enumerate(args.workload):
+        deadline = time.monotonic() + args.timeout
+        entry: dict[str, Any] = {
+            "workload": {"clients": w.clients, "size_bytes": w.size, "rounds": w.rounds}
+            | {"name": w.name}
+        }
+        base = logs / f"{number}-{w.clients}x{w.label}x{w.rounds}"
+        entry["rondo"] = run_one("Rondo", run_rondo, w, base / "rondo", deadline)
+        if "error" not in entry["rondo"]:
+            entry["memory_check"] = memory_check(w, entry["rondo"])
+        if args.rondo_only:
+            entry["flower"] = None
+        elif w.size > args.skip_flower_above:
+            entry["flower"] = {"skipped": FLOWER_TOO_LARGE}
+        else:
+            entry["flower"] = run_one("Flower", run_flower, w, base / "flower", deadline)
+        for result in (entry["rondo"], entry["flower"]):
+            if result and ("error" in result or ("check" in result and not result["check"]["ok"])):
+                failed = True
+        if entry.get("memory_check", {}).get("ok") is False:
+            failed = True
+        entries.append(entry)
+        print(table(entry) + "\n", flush=True)
+
+    document = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "flower_version": flower_version(),
+        "workloads": entries,
+    }
+    if args.json_out:
+        args.json_out.write_text(json.dumps(document, indent=2) + "\n")
+    md = markdown(entries)
+    if args.markdown_out:
+        args.markdown_out.write_text(md)
+    print(md)
+    if failed or args.keep_logs:
+        print(f"logs kept in {logs}")
+    else:
+        shutil.rmtree(logs, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def flower_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("flwr")
+    except Exception:  # noqa: BLE001 - only informational
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
