@@ -11,7 +11,7 @@ pub const DEFAULTS: &str = include_str!("../../../configs/dev-coordinator.toml")
 #[derive(Debug, Clone, Deserialize)]
 pub struct CoordinatorConfig {
     pub api: Endpoint,
-    pub rpc: Endpoint,
+    pub rpc: RpcEndpoint,
     pub aggregator: AggregatorLink,
     pub federation: FederationConfig,
     pub runtime: RuntimeConfig,
@@ -21,6 +21,13 @@ pub struct CoordinatorConfig {
 pub struct Endpoint {
     pub host: String,
     pub port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RpcEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub advertise_address: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

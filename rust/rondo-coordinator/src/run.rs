@@ -34,10 +34,14 @@ pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
         &config.runtime.addresses_file,
         &BTreeMap::from([("api", api_addr), ("rpc", rpc_addr)]),
     )?;
+    let advertised = match config.rpc.advertise_address.as_str() {
+        "" => rpc_addr.to_string(),
+        address => address.to_string(),
+    };
     tokio::spawn(drive(
         coordinator.clone(),
         config.aggregator.rpc_address.clone(),
-        rpc_addr.to_string(),
+        advertised,
         Duration::from_secs_f64(config.aggregator.call_timeout_secs),
     ));
     axum::serve(api_listener, crate::http::router(coordinator))

@@ -16,13 +16,13 @@ use rayon::prelude::*;
 
 use crate::model::DType;
 
-/// Elements of the running sum processed per block: 32 KiB of `f32`, which stays in L1/L2
+/// Elements of the running sum processed per block: 8 KiB of `f32`, which stays in L1
 /// while every update of a [`fold_many`] pass is added into it.
-pub const BLOCK: usize = 8 * 1024;
+pub const BLOCK: usize = 2 * 1024;
 
 /// Elements per parallel work item: large enough to amortise scheduling, small enough to
 /// spread a 10 MB tensor over every core.
-pub const PAR_CHUNK: usize = 16 * BLOCK;
+pub const PAR_CHUNK: usize = 64 * BLOCK;
 
 /// One update's contribution to a tensor: its bytes, their dtype and the FedAvg weight.
 #[derive(Debug, Clone, Copy)]
