@@ -26,6 +26,7 @@ import requests
 
 try:
     import rondo
+    from rondo.runner import read_body
     from rondo.safetensors_io import decode
     from rondo.util import parse_size
 except ImportError:  # pragma: no cover - a message beats a traceback here
@@ -62,8 +63,15 @@ class Dummy(rondo.Participant):
         self, weights: rondo.Weights, round: int
     ) -> tuple[rondo.Weights, int, dict[str, float]]:
         delta = np.float32(self.index + 1)
-        # One new array per tensor (the downloaded ones are read-only); no other copy.
-        new = {name: np.add(array, delta, dtype=np.float32) for name, array in weights.items()}
+        # The downloaded arrays are writable views of the download buffer: update them in
+        # place and send them back, so a round holds one copy of the model, not two.
+        new = {}
+        for name, array in weights.items():
+            if array.flags.writeable:
+                array += delta
+                new[name] = array
+            else:  # e.g. decoded from bytes: one new array
+                new[name] = np.add(array, delta, dtype=np.float32)
         return new, n_samples(self.index), {"loss": 1.0 / round}
 
 
@@ -191,10 +199,10 @@ def check_expected(
         expected += sum(n * (i + 1) for n, i in zip(weights, indices, strict=True)) / sum(weights)
         last_round = entry["round"]
 
-    response = requests.get(f"{status['aggregator_url'].rstrip('/')}/v1/model", timeout=600)
-    response.raise_for_status()
-    model, metadata = decode(response.content)
-    del response
+    url = f"{status['aggregator_url'].rstrip('/')}/v1/model"
+    with requests.get(url, timeout=600, stream=True) as response:
+        response.raise_for_status()
+        model, metadata = decode(read_body(response))
     sizes = layout(n_elements)
     shapes = {name: (array.dtype, array.shape) for name, array in model.items()}
     wanted = {name: (np.dtype(np.float32), (n,)) for name, n in sizes.items()}

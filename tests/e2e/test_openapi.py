@@ -199,6 +199,9 @@ def test_real_answers_validate_against_the_documents(start_federation, tmp_path)
     coord("get", "/v1/status")
     hb, st = "/v1/participants/{id}/heartbeat", "/v1/participants/{id}/start_training"
     assert coord("post", hb, me, secret).json()["action"] == "train"
+    state = coord("post", hb, me, secret, params={"wait_secs": 0.1}).json()["state"]
+    held = coord("post", hb, me, secret, params={"since": state, "wait_secs": 0.1}).json()
+    assert held == {"action": "train", "round": 1, "attempt": 0, "reason": None, "state": state}
     token = coord("post", st, me, secret).json()["token"]
     coord("get", "/v1/status")
 
@@ -212,6 +215,9 @@ def test_real_answers_validate_against_the_documents(start_federation, tmp_path)
     errors = [
         (coord("post", hb, "no-such-id", "x"), 404, "unknown_participant"),
         (coord("post", hb, me, "wrong"), 401, "invalid_secret"),
+        (coord("post", hb, me, secret, params={"wait_secs": "-1"}), 400, "invalid_query"),
+        (coord("post", hb, me, secret, params={"wait_secs": "soon"}), 400, "invalid_query"),
+        (coord("post", hb, me, secret, params={"no_such": "1"}), 400, "invalid_query"),
         (coord("post", st, me), 401, "missing_secret"),
         (coord("post", "/v1/participants", data="{nope"), 400, "invalid_body"),
         (coord("post", "/v1/participants", data=" " * 70_000 + "x"), 413, "invalid_body"),

@@ -36,7 +36,8 @@ class Participant(ABC):
     def train_round(self, weights: Weights, round: int) -> tuple[Weights, int, dict[str, float]]:
         """Train on local data, starting from the global model ``weights``, for round ``round``.
 
-        ``weights`` are read-only arrays (copy one before modifying it in place). Return
+        ``weights`` are the downloaded global model: writable arrays, views of the download
+        buffer (no copy was made), so they may be modified in place and returned. Return
         ``(new_weights, n_samples, metrics)``: the trained model, with the same tensor names,
         dtypes and shapes as ``weights``; how many samples it was trained on (>= 1, the weight of
         this update in the federated average); and metrics such as ``{"loss": 0.31}``.

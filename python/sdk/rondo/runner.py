@@ -1,9 +1,17 @@
 """``run_participant``: the network side of a participant.
 
-Two threads cooperate. A background thread sends a heartbeat every period and records the
-coordinator's latest answer; the calling thread acts on that answer (join again, train a round,
-finish). Heartbeats therefore keep flowing while a round trains, which is what keeps a slow
-participant from being declared dead.
+Two threads cooperate. A background thread heartbeats and records the coordinator's latest
+answer; the calling thread acts on that answer (join again, train a round, finish). Heartbeats
+therefore keep flowing while a round trains, which is what keeps a slow participant from being
+declared dead.
+
+Heartbeats are long polls: each one tells the coordinator the ``state`` of the previous answer
+(``since``) and asks it to hold the request until something changes (``wait_secs``, at most
+``LONG_POLL_SECS``; the coordinator caps the hold at half its heartbeat timeout, so a held
+request still proves the participant alive). A participant therefore hears of a new round at
+once, and while nothing happens sends one request per hold rather than one per period: with a
+hundred participants in one process, that is what keeps the GIL free for training. The calling
+thread sleeps until the heartbeat thread has news (waking now and then for the stop event).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple, cast
 
 import requests
+import urllib3.exceptions
 
 from .errors import ApiError, CoordinatorUnavailable, RondoError
 from .participant import Participant, ParticipantReport
@@ -27,8 +36,14 @@ CONTROL_TIMEOUT = 10.0
 """Seconds to wait for the coordinator's small JSON answers."""
 DATA_TIMEOUT = (10.0, 600.0)
 """(connect, read) seconds for model downloads and uploads, which can be large."""
+LONG_POLL_SECS = 30.0
+"""Longest hold asked of the coordinator per heartbeat (it applies its own, shorter, cap)."""
 MAX_BACKOFF = 2.0
 """Longest pause between two join attempts while the coordinator is unreachable."""
+STOP_CHECK_SECS = 0.25
+"""How often the main thread, while waiting for a heartbeat answer, looks at the stop event."""
+DOWNLOAD_CHUNK_BYTES = 1 << 22
+"""Bytes read from the connection at a time while downloading a model."""
 
 # Heartbeat errors that mean the coordinator does not know this identity (any more): the
 # participant must join again, exactly as after a `rejected` answer.
@@ -55,6 +70,49 @@ def _raise_for_error(response: requests.Response) -> None:
 
 def _bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
+
+
+def read_body(response: requests.Response) -> bytearray:
+    """Read the body of a ``stream=True`` response into one new, writable ``bytearray``.
+
+    With a ``Content-Length`` (and no content encoding), the buffer is allocated once at its
+    final size and filled in place, a chunk at a time: no chunk list, no join, no second copy of
+    a possibly-gigabyte model. Without one, chunks are appended to a growing buffer. Pass the
+    result to :func:`rondo.safetensors_io.decode`, whose arrays are then writable views of it.
+
+    Raises:
+        requests.ConnectionError: the connection failed or closed before the whole body came.
+    """
+    length = response.headers.get("Content-Length", "")
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if not (length.isdigit() and encoding in ("", "identity")):
+        # Unknown size (chunked or close-delimited) or compressed: let requests decode it.
+        buffer = bytearray()
+        for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK_BYTES):
+            buffer += chunk
+        return buffer
+    total = int(length)
+    buffer = bytearray(total)
+    view = memoryview(buffer)
+    received = 0
+    try:
+        while received < total:
+            n = response.raw.readinto(view[received : received + DOWNLOAD_CHUNK_BYTES])
+            if not n:
+                break
+            received += n
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise requests.ConnectionError(
+            f"download of {response.url} failed after {received} of {total} bytes: {exc}"
+        ) from exc
+    finally:
+        view.release()
+    if received < total:
+        raise requests.ConnectionError(
+            f"download of {response.url} ended early: the connection closed after {received} of "
+            f"{total} bytes (Content-Length)"
+        )
+    return buffer
 
 
 class _Link:
@@ -158,15 +216,27 @@ class _Run:
 
     def _heartbeat_loop(self, session: requests.Session, link: _Link, period: float) -> None:
         failing = False
+        since: str | None = None  # the `state` of the previous answer to this identity
+        asked: _Identity | None = None
         while not (self.stop.is_set() or link.halt.is_set()):
             started = time.monotonic()
             with link.cond:
                 identity = link.identity
+            if identity is not asked:  # first call, or joined again: nothing to compare with
+                asked, since = identity, None
             url = f"{self.base}/v1/participants/{identity.participant_id}/heartbeat"
+            params: dict[str, str | float] = {"wait_secs": max(period, LONG_POLL_SECS)}
+            if since is not None:
+                params["since"] = since
+            sent_since, since = since, None
             answer: dict[str, Any] | None = None
             try:
                 response = session.post(
-                    url, headers=_bearer(identity.secret), timeout=CONTROL_TIMEOUT
+                    url,
+                    params=params,
+                    headers=_bearer(identity.secret),
+                    # The coordinator may hold the answer for up to `wait_secs`.
+                    timeout=max(period, LONG_POLL_SECS) + CONTROL_TIMEOUT,
                 )
                 _raise_for_error(response)
                 answer = response.json()
@@ -185,6 +255,13 @@ class _Run:
                     failing = False
                 if self._record(link, identity, answer):
                     return
+                state = answer.get("state") if isinstance(answer, dict) else None
+                if isinstance(state, str):
+                    since = state
+                    if state != sent_since or time.monotonic() - started >= period:
+                        continue  # news, or the coordinator held the request: ask again now
+                # No `state` (a coordinator without long polls), or an answer that came back
+                # early and unchanged: heartbeat once per period, as plain polling does.
             link.halt.wait(max(0.0, period - (time.monotonic() - started)))
 
     def _record(self, link: _Link, identity: _Identity, answer: dict[str, Any]) -> bool:
@@ -228,7 +305,9 @@ class _Run:
             self._main_loop(link)
         finally:
             link.shutdown()
-            thread.join(timeout=1.0)
+            # A heartbeat may be in flight (held up to a period by the coordinator); the halted
+            # thread sends no other and ends when it returns. It is a daemon: no need to wait.
+            thread.join(timeout=0.1)
             self.session.close()
         return self.report
 
@@ -236,9 +315,10 @@ class _Run:
         seen_seq = handled_episode = 0
         while True:
             with link.cond:
-                # Poll rather than block so that the caller's stop_event is noticed promptly.
+                # Sleep until the heartbeat thread has news; wake now and then only to notice
+                # the caller's stop_event (an Event cannot notify this condition).
                 while link.seq == seen_seq and link.error is None and not self.stop.is_set():
-                    link.cond.wait(0.05)
+                    link.cond.wait(STOP_CHECK_SECS)
                 if link.error is not None:
                     raise RondoError("heartbeat thread failed") from link.error
                 if self.stop.is_set():
@@ -316,14 +396,19 @@ class _Run:
     def _download_and_train(
         self, model_url: str, token: str, round_: int
     ) -> tuple[Weights, int, dict[str, float]]:
-        response = self.session.get(model_url, headers=_bearer(token), timeout=DATA_TIMEOUT)
-        _raise_for_error(response)
-        data = response.content
+        headers = {**_bearer(token), "Accept-Encoding": "identity"}
+        with self.session.get(
+            model_url, headers=headers, timeout=DATA_TIMEOUT, stream=True
+        ) as response:
+            _raise_for_error(response)
+            data = read_body(response)
+            status = response.status_code
         try:
+            # Zero-copy: the arrays are writable views of `data`, which they keep alive.
             weights, _ = decode(data)
         except ValueError as exc:
-            raise ApiError(response.status_code, "malformed_download", str(exc)) from exc
-        del response, data  # the raw download is not needed while training
+            raise ApiError(status, "malformed_download", str(exc)) from exc
+        del data
         new_weights, n_samples, metrics = self.participant.train_round(weights, round_)
         del weights
         if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
@@ -373,11 +458,12 @@ def run_participant(
     """Take part in federated learning until the coordinator says all rounds are done.
 
     Joins the coordinator at ``coordinator_url`` (retrying with exponential backoff, at most
-    2 s apart, while it is unreachable), then heartbeats from a background thread every
-    ``heartbeat_period`` seconds (default: the period the coordinator asks for) and, in the
-    calling thread, trains each round it is selected for: downloads the global model, calls
-    :meth:`Participant.train_round` and uploads the result. Round 0 uploads
-    :meth:`Participant.initial_weights` instead.
+    2 s apart, while it is unreachable), then heartbeats from a background thread, about every
+    ``heartbeat_period`` seconds (default: the period the coordinator asks for; each heartbeat
+    is a long poll that the coordinator answers early when there is news) and, in the calling
+    thread, trains each round it is selected for: downloads the global model, calls
+    :meth:`Participant.train_round` with it (writable arrays, views of the downloaded buffer)
+    and uploads the result. Round 0 uploads :meth:`Participant.initial_weights` instead.
 
     Failures are survived, not raised: a rejected upload is logged, recorded in the report and
     not retried; heartbeats that fail are retried; a ``rejected`` answer (or a coordinator that
@@ -386,7 +472,8 @@ def run_participant(
     Args:
         participant: the user's training code.
         coordinator_url: base URL of the coordinator, e.g. ``http://127.0.0.1:8081``.
-        heartbeat_period: seconds between heartbeats; ``None`` uses the coordinator's.
+        heartbeat_period: seconds between heartbeats (and the longest a heartbeat may be held
+            by the coordinator); ``None`` uses the coordinator's.
         name: a label shown in the coordinator's status and used in log messages.
         connect_timeout: how long to keep trying to join, in seconds.
         log: where to log; default the ``"rondo"`` logger.

@@ -1,18 +1,18 @@
 """Safetensors encoding and decoding of :data:`rondo.Weights`.
 
 Uploads are streamed: :func:`encode_stream` yields the header and then views of the arrays'
-own memory, so that sending a model never holds a second full copy of it. Decoding uses the
-``safetensors`` package.
+own memory, so that sending a model never holds a second full copy of it. :func:`decode` is
+zero-copy the other way: its arrays are views of the downloaded buffer.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-import safetensors.numpy
 
 from .types import Weights
 
@@ -97,22 +97,122 @@ def encode(weights: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> by
     return b"".join(encode_stream(weights, metadata))
 
 
-def decode(data: bytes) -> tuple[Weights, dict[str, str]]:
-    """Decode a safetensors file into ``(weights, metadata)``.
+def decode(data: bytes | bytearray | memoryview) -> tuple[Weights, dict[str, str]]:
+    """Decode a safetensors file into ``(weights, metadata)``, without copying the tensors.
 
-    The arrays are read-only (they are views of buffers owned by the ``safetensors`` package);
-    copy one before modifying it in place.
+    The arrays are views of ``data``'s own memory (no copy): they are writable when ``data``
+    is writable (a ``bytearray``, as :func:`rondo.runner.read_body` returns), read-only when
+    it is ``bytes``. They keep ``data`` alive; modifying one in place modifies ``data``.
+
+    The file is checked strictly: a JSON header object of tensors with ``dtype`` F32, F64, F16
+    or BF16, ``shape`` a list of non-negative ints and ``data_offsets`` that cover the data
+    section exactly (contiguous from 0 in offset order, ``end - begin`` equal to the tensor's
+    size, no trailing bytes), and an optional ``__metadata__`` of strings. numpy has no
+    bfloat16: BF16 tensors are converted to float32, which copies them (exactly; only those).
 
     Raises:
-        ValueError: ``data`` is not a valid safetensors file.
+        ValueError: ``data`` is not a valid safetensors file of supported dtypes.
     """
-    if len(data) < 8:
+    view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    size = len(view)
+    if size < 8:
         raise ValueError("not a safetensors file: shorter than its 8-byte header length")
-    (header_len,) = struct.unpack_from("<Q", data)
+    header_len = int.from_bytes(view[:8], "little")
+    if header_len > size - 8:
+        raise ValueError(
+            f"truncated safetensors file: the header claims {header_len} bytes, "
+            f"but only {size - 8} follow the length"
+        )
     try:
-        header = json.loads(bytes(data[8 : 8 + header_len]))
-        weights = safetensors.numpy.load(bytes(data) if not isinstance(data, bytes) else data)
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ValueError(f"not a valid safetensors file: {exc}") from exc
-    metadata = header.get("__metadata__") or {}
-    return weights, {str(k): str(v) for k, v in metadata.items()}
+        header = json.loads(bytes(view[8 : 8 + header_len]), object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"not a valid safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError("not a valid safetensors header: not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("invalid safetensors header: __metadata__ must map strings to strings")
+
+    tensors = sorted(
+        (_tensor_info(name, info) for name, info in header.items()), key=lambda t: t[3:5]
+    )
+    data_len = size - 8 - header_len
+    expected_begin = 0
+    for name, _, _, begin, end in tensors:
+        if begin != expected_begin:
+            gap = "overlaps the previous one" if begin < expected_begin else "leaves a gap"
+            raise ValueError(
+                f"invalid safetensors header: tensor {name!r} starts at {begin}, which {gap} "
+                f"(expected {expected_begin}); data_offsets must be contiguous from 0"
+            )
+        expected_begin = end
+    if expected_begin != data_len:
+        what = "is truncated" if expected_begin > data_len else "has trailing bytes"
+        raise ValueError(
+            f"safetensors file {what}: the tensors need {expected_begin} data bytes, "
+            f"the file has {data_len}"
+        )
+
+    start = 8 + header_len
+    weights: Weights = {}
+    for name, dtype_name, shape, begin, _ in sorted(tensors):
+        count = math.prod(shape)
+        dtype = _DECODE_DTYPES[dtype_name]
+        array = np.frombuffer(view, dtype=dtype, count=count, offset=start + begin)
+        if dtype_name == "BF16":  # bfloat16 is the top half of a float32: widen (a copy)
+            array = (array.astype("<u4") << 16).view("<f4")
+        weights[name] = array.reshape(shape)
+    return weights, {str(k): v for k, v in metadata.items()}
+
+
+_DECODE_DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # read as raw bits, then widened to float32
+}
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        names = [k for k, _ in pairs]
+        duplicate = next(k for k in names if names.count(k) > 1)
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return result
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_info(name: str, info: object) -> tuple[str, str, tuple[int, ...], int, int]:
+    """Validate one header entry; return (name, dtype name, shape, begin, end)."""
+    where = f"invalid safetensors header: tensor {name!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"{where}: expected exactly the keys dtype, shape and data_offsets")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype_name not in _DECODE_DTYPES:
+        supported = ", ".join(_DECODE_DTYPES)
+        raise ValueError(f"{where}: unsupported dtype {dtype_name!r} (supported: {supported})")
+    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(n) for n in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ValueError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    nbytes = math.prod(shape) * _DECODE_DTYPES[dtype_name].itemsize
+    if end - begin != nbytes:
+        raise ValueError(
+            f"{where}: data_offsets {offsets} span {end - begin} bytes, "
+            f"but shape {shape} of {dtype_name} needs {nbytes}"
+        )
+    return name, dtype_name, tuple(shape), begin, end

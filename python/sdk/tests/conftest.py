@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -38,7 +39,14 @@ class FakeRondo:
     """One coordinator and aggregator for one participant at a time.
 
     Round 0 is answered with ``model_url: null``; rounds 1..rounds follow, each closing (in
-    this fake) as soon as an update is accepted, or ``linger`` heartbeats after a refused one.
+    this fake) as soon as an update is accepted, or ``linger`` heartbeats after a refused
+    upload or a truncated download.
+
+    Heartbeats are long polls, as the real coordinator's: answers carry ``state``, and one
+    whose ``state`` equals the query's ``since`` is held until the round changes or
+    ``wait_secs`` (at most ``max_hold``) pass. ``long_poll=False`` plays an older coordinator:
+    no ``state``, query ignored, answered at once. ``hold=False`` returns ``state`` but never
+    holds (a server or proxy that does not wait).
     """
 
     rounds: int = 2
@@ -50,10 +58,20 @@ class FakeRondo:
     upload_errors: dict[int, tuple[int, str]] = field(default_factory=dict)
     join_error: tuple[int, str] | None = None
     linger: int = 3
+    long_poll: bool = True
+    hold: bool = True
+    max_hold: float = 2.0
+    # How the model download is framed: "length" (Content-Length), "chunked", or "close"
+    # (neither: the body ends when the connection closes).
+    model_transfer: str = "length"
+    truncate_downloads: set[int] = field(default_factory=set)  # rounds: send half, then close
 
     # Recorded traffic.
     joins: list[dict[str, Any]] = field(default_factory=list)
     heartbeats: list[tuple[float, str]] = field(default_factory=list)
+    # One per heartbeat, in arrival order: {"pid", "query" (the query parameters), "state"
+    # (of the answer; None when there was none, or not answered yet)}.
+    heartbeat_log: list[dict[str, Any]] = field(default_factory=list)
     start_trainings: list[tuple[str, int]] = field(default_factory=list)
     downloads: list[int] = field(default_factory=list)
     uploads: list[Upload] = field(default_factory=list)
@@ -65,6 +83,10 @@ class FakeRondo:
     lock: threading.Lock = field(default_factory=threading.Lock)
     secrets: dict[str, str] = field(default_factory=dict)
     tokens: dict[str, tuple[str, int]] = field(default_factory=dict)
+    changed: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)  # held heartbeats wait on it
 
     # --- request handling, called with the lock held ------------------------------------------
 
@@ -80,8 +102,10 @@ class FakeRondo:
             "heartbeat_period_secs": self.heartbeat_period,
         }
 
-    def heartbeat(self, pid: str) -> tuple[int, Any] | None:
+    def heartbeat(self, pid: str, query: dict[str, str]) -> tuple[int, Any] | None:
         self.heartbeats.append((time.monotonic(), pid))
+        entry: dict[str, Any] = {"pid": pid, "query": query, "state": None}
+        self.heartbeat_log.append(entry)
         n = len(self.heartbeats)
         if n in self.drop_heartbeats:
             return None
@@ -91,15 +115,43 @@ class FakeRondo:
             return _error(404, "unknown_participant", f"no participant with id {pid}")
         if n in self.reject_heartbeats:
             del self.secrets[pid]
-            return 200, {"action": "rejected", "round": None, "reason": "heartbeat timeout"}
+            answer = {"action": "rejected", "round": None, "attempt": None}
+            return self._answer_heartbeat(entry, {**answer, "reason": "heartbeat timeout"})
+        try:
+            wait = float(query.get("wait_secs", "0"))
+        except ValueError:
+            wait = -1.0
+        if self.long_poll and not wait >= 0:
+            return _error(400, "invalid_query", "`wait_secs` must be a non-negative number")
         if self.refused_heartbeats_left is not None:
             self.refused_heartbeats_left -= 1
             if self.refused_heartbeats_left <= 0:  # the round closes without this update
                 self.refused_heartbeats_left = None
                 self.round += 1
+                self.changed.notify_all()
+        answer = self._action()
+        if self.long_poll and self.hold:
+            # Like the coordinator, which caps holds at half its heartbeat timeout: here the
+            # period, so that these tests see about one heartbeat per period.
+            deadline = time.monotonic() + min(wait, self.max_hold, self.heartbeat_period)
+            while _state(answer) == query.get("since"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.changed.wait(left)  # releases the lock meanwhile
+                answer = self._action()
+        return self._answer_heartbeat(entry, answer)
+
+    def _action(self) -> dict[str, Any]:
         if self.round > self.rounds:
-            return 200, {"action": "finish", "round": None, "reason": None}
-        return 200, {"action": "train", "round": self.round, "reason": None}
+            return {"action": "finish", "round": None, "attempt": None, "reason": None}
+        return {"action": "train", "round": self.round, "attempt": 0, "reason": None}
+
+    def _answer_heartbeat(self, entry: dict[str, Any], answer: dict[str, Any]) -> tuple[int, Any]:
+        if self.long_poll:
+            entry["state"] = _state(answer)
+            answer = {**answer, "state": entry["state"]}
+        return 200, answer
 
     def start_training(self, pid: str) -> tuple[int, Any]:
         self.start_trainings.append((pid, self.round))
@@ -112,10 +164,12 @@ class FakeRondo:
             "token": token,
         }
 
-    def model(self, r: int) -> tuple[int, Any]:
+    def model(self, r: int) -> bytes:
         self.downloads.append(r)
         assert self.global_model is not None
-        return 200, encode(self.global_model, {"rondo.round": str(r - 1)})
+        if r in self.truncate_downloads:
+            self.refused_heartbeats_left = self.linger  # no update will come: close later
+        return encode(self.global_model, {"rondo.round": str(r - 1)})
 
     def update(self, r: int, pid: str, body: bytes, chunked: bool) -> tuple[int, Any]:
         if r in self.upload_errors:
@@ -125,11 +179,19 @@ class FakeRondo:
         self.uploads.append(Upload(r, pid, weights, metadata, chunked))
         self.global_model = weights
         self.round += 1
+        self.changed.notify_all()
         return 200, {"accepted": True, "round": r, "participant_id": pid, "n_samples": 1}
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def _state(answer: dict[str, Any]) -> str:
+    """The real coordinator's `state` token for a heartbeat answer."""
+    if answer["action"] == "train":
+        return f"train:{answer['round']}:{answer['attempt']}"
+    return str(answer["action"])
 
 
 def _error(status: int, code: str, message: str = "scripted error") -> tuple[int, Any]:
@@ -171,9 +233,34 @@ def _handler(fake: FakeRondo) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _send_model(self, data: bytes, truncate: bool) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            if fake.model_transfer == "length" or truncate:
+                self.send_header("Content-Length", str(len(data)))
+            elif fake.model_transfer == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                assert fake.model_transfer == "close", fake.model_transfer
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if truncate:
+                self.wfile.write(data[: len(data) // 2])
+                self.close_connection = True
+            elif fake.model_transfer == "chunked":
+                for start in range(0, len(data), 100):
+                    piece = data[start : start + 100]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+            else:
+                self.wfile.write(data)
+                self.close_connection = fake.model_transfer == "close"
+
         def do_POST(self) -> None:
             body, chunked = self._body()
-            parts = self.path.strip("/").split("/")
+            url = urlsplit(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+            parts = url.path.strip("/").split("/")
             with fake.lock:
                 if parts == ["v1", "participants"]:
                     return self._answer(fake.join(json.loads(body) if body else {}))
@@ -182,7 +269,7 @@ def _handler(fake: FakeRondo) -> type[BaseHTTPRequestHandler]:
                     if pid in fake.secrets and self._bearer() != fake.secrets[pid]:
                         return self._answer(_error(401, "invalid_secret"))
                     if parts[3] == "heartbeat":
-                        return self._answer(fake.heartbeat(pid))
+                        return self._answer(fake.heartbeat(pid, query))
                     return self._answer(fake.start_training(pid))
                 if parts[:2] == ["v1", "rounds"] and parts[3] == "update":
                     pid, r = fake.tokens.get(self._bearer(), ("", -1))
@@ -196,9 +283,11 @@ def _handler(fake: FakeRondo) -> type[BaseHTTPRequestHandler]:
             parts = self.path.strip("/").split("/")
             with fake.lock:
                 if parts[:2] == ["v1", "rounds"] and parts[3] == "model":
-                    if fake.tokens.get(self._bearer(), ("", -1))[1] != int(parts[2]):
+                    r = int(parts[2])
+                    if fake.tokens.get(self._bearer(), ("", -1))[1] != r:
                         return self._answer(_error(401, "invalid_token"))
-                    return self._answer(fake.model(int(parts[2])))
+                    data = fake.model(r)
+                    return self._send_model(data, truncate=r in fake.truncate_downloads)
             self._answer(_error(404, "not_found"))
 
     return Handler

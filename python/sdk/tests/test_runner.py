@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -12,6 +13,7 @@ from conftest import AddOne, FakeRondo, free_port
 
 import rondo
 from rondo import ApiError, CoordinatorUnavailable, ParticipantReport, Weights, run_participant
+from rondo.runner import LONG_POLL_SECS
 
 
 def run(
@@ -65,13 +67,101 @@ def test_join_without_name_sends_no_body(serve) -> None:
     assert report.final_action == "finish"
 
 
-def test_heartbeat_period_defaults_to_the_coordinators(serve) -> None:
-    fake = serve(rounds=1, heartbeat_period=0.2)
-    run(fake)
-    times = [t for t, _ in fake.heartbeats]
-    gaps = np.diff(times)
-    assert len(times) >= 3
-    assert gaps.min() > 0.15
+def test_heartbeats_ask_for_long_holds_whatever_the_period(serve) -> None:
+    # The coordinator caps the hold itself (at half its heartbeat timeout), so the SDK always
+    # asks for the longest hold: while nothing happens, one request per hold, not per period.
+    for period in (None, 0.05):
+        fake = serve(rounds=1, heartbeat_period=0.2)
+        run(fake, heartbeat_period=period)
+        assert len(fake.heartbeat_log) >= 3
+        waits = {float(e["query"]["wait_secs"]) for e in fake.heartbeat_log}
+        assert waits == {LONG_POLL_SECS}
+
+
+def test_heartbeats_are_long_polls_since_the_previous_state(serve) -> None:
+    fake = serve(rounds=2, reject_heartbeats={4})
+    report = run(fake)
+    assert report.final_action == "finish"
+    log = fake.heartbeat_log
+    assert "since" not in log[0]["query"]  # nothing to compare with yet
+    for previous, entry in zip(log, log[1:], strict=False):
+        if entry["pid"] != previous["pid"]:
+            assert "since" not in entry["query"]  # joined again: a new identity starts afresh
+        else:
+            assert entry["query"]["since"] == previous["state"]
+    assert [e["pid"] for e in log].count("p2") >= 2  # the rejection led to a new identity
+    assert log[-1]["state"] == "finish"
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_unchanged_state_is_not_polled_in_a_busy_loop(serve, hold: bool) -> None:
+    """Held by the coordinator (hold), or answered at once though unchanged (a server that
+    does not wait): either way about one heartbeat per period while nothing changes."""
+
+    class Slow(AddOne):
+        def train_round(self, weights: Weights, round: int):
+            time.sleep(1.0)
+            return super().train_round(weights, round)
+
+    fake = serve(rounds=1, heartbeat_period=0.2, hold=hold)
+    started = time.monotonic()
+    report = run(fake, Slow())
+    assert report.rounds_trained == [0, 1]
+    elapsed = time.monotonic() - started
+    # Two state changes (round 1 opens, finish) cost an extra immediate poll each.
+    assert len(fake.heartbeats) <= elapsed / 0.2 + 4
+    held = [e for e in fake.heartbeat_log if e["state"] == e["query"].get("since")]
+    assert len(held) >= 3
+
+
+def test_works_with_a_coordinator_without_long_polls(serve) -> None:
+    fake = serve(rounds=2, heartbeat_period=0.1, long_poll=False)
+    report = run(fake)
+    assert report.rounds_trained == [0, 1, 2]
+    assert report.final_action == "finish"
+    # No `state` came back, so no `since` is sent and heartbeats are a period apart.
+    assert all("since" not in e["query"] for e in fake.heartbeat_log)
+    assert all(e["state"] is None for e in fake.heartbeat_log)
+    gaps = np.diff([t for t, _ in fake.heartbeats])
+    assert len(gaps) >= 2
+    assert gaps.min() > 0.075
+
+
+@pytest.mark.parametrize("transfer", ["length", "chunked", "close"])
+def test_downloads_are_writable_views_of_one_buffer(serve, transfer: str) -> None:
+    class InPlace(AddOne):
+        def train_round(self, weights: Weights, round: int):
+            self.seen.append((round, {k: v.copy() for k, v in weights.items()}))
+            for array in weights.values():
+                assert array.flags.writeable
+                # A view of the download buffer (a bytearray), not an array of its own.
+                assert not array.flags.owndata
+                array += array.dtype.type(1)
+            return weights, 5, {}
+
+    fake = serve(rounds=2, model_transfer=transfer)
+    participant = InPlace()
+    report = run(fake, participant)
+    assert report.rounds_trained == [0, 1, 2]
+    initial = AddOne().initial_weights()
+    assert_weights_equal(participant.seen[0][1], initial)
+    assert_weights_equal(
+        participant.seen[1][1], {k: v + v.dtype.type(1) for k, v in initial.items()}
+    )
+    assert_weights_equal(
+        fake.uploads[-1].weights, {k: v + v.dtype.type(2) for k, v in initial.items()}
+    )
+
+
+def test_truncated_download_is_a_network_error(serve, caplog: pytest.LogCaptureFixture) -> None:
+    fake = serve(rounds=2, truncate_downloads={1})
+    with caplog.at_level("WARNING", logger="rondo"):
+        report = run(fake)
+    assert report.rejected_uploads == {1: "network_error"}
+    assert report.rounds_trained == [0, 2]
+    assert report.final_action == "finish"
+    pattern = r"download of \S+/v1/rounds/1/model .*after \d+ of \d+ bytes"
+    assert any(re.search(pattern, r.getMessage()) for r in caplog.records)
 
 
 def test_refused_upload_is_recorded_and_not_retried(serve) -> None:

@@ -98,3 +98,109 @@ def test_decode_rejects_garbage() -> None:
         decode(b"\x01")
     with pytest.raises(ValueError):
         decode(b"\x04\x00\x00\x00\x00\x00\x00\x00nope")
+
+
+def build(header: dict, data: bytes, header_len: int | None = None) -> bytes:
+    """A safetensors file with exactly this header and data section (no checks)."""
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if header_len is None else header_len) + text + data
+
+
+def f32(shape: list[int], begin: int, end: int) -> dict:
+    return {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_decode_is_zero_copy_and_writable_on_a_bytearray(dtype: str) -> None:
+    weights = sample(dtype)
+    buffer = bytearray(encode(weights, {"k": "v"}))
+    decoded, metadata = decode(buffer)
+    assert_same(decoded, weights)
+    assert metadata == {"k": "v"}
+    raw = np.frombuffer(buffer, np.uint8)
+    for name, array in decoded.items():
+        assert array.flags.writeable, name
+        if array.size:
+            assert np.shares_memory(array, raw), name
+    before = bytes(buffer)
+    decoded["dense/kernel"] += decoded["dense/kernel"].dtype.type(1)  # writes into the buffer
+    assert bytes(buffer) != before
+    np.testing.assert_array_equal(decode(buffer)[0]["dense/kernel"], decoded["dense/kernel"])
+
+
+def test_decode_of_bytes_gives_read_only_views() -> None:
+    data = encode(sample("float32"), {})
+    for source in (data, memoryview(data)):
+        decoded, _ = decode(source)
+        assert not any(array.flags.writeable for array in decoded.values())
+        assert np.shares_memory(decoded["dense/kernel"], np.frombuffer(data, np.uint8))
+    decoded, _ = decode(memoryview(bytearray(data)))
+    assert all(array.flags.writeable for array in decoded.values())
+
+
+def test_decode_matches_safetensors_on_unaligned_offsets() -> None:
+    # An odd number of float16s puts the next tensor off its natural alignment.
+    weights = {"a": np.arange(3, dtype=np.float16), "b": np.arange(5, dtype=np.float64)}
+    data = safetensors.numpy.save(weights)
+    assert_same(decode(bytearray(data))[0], safetensors.numpy.load(data))
+
+
+def test_decode_converts_bf16_to_float32() -> None:
+    values = np.array([[1.0, -2.5], [0.15625, -(2.0**127)]], dtype=np.float32)  # exact in BF16
+    bits = (values.view(np.uint32) >> 16).astype("<u2")
+    tensor = {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}
+    header = {"__metadata__": {"m": "1"}, "w": tensor}
+    decoded, metadata = decode(build(header, bits.tobytes()))
+    assert decoded["w"].dtype == np.float32
+    np.testing.assert_array_equal(decoded["w"], values)
+    assert metadata == {"m": "1"}
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        ({"a": f32([2], 4, 12)}, bytes(8), "starts at 4.*gap"),  # not from 0
+        ({"a": f32([1], 0, 4), "b": f32([1], 8, 12)}, bytes(12), "gap"),
+        ({"a": f32([2], 0, 8), "b": f32([1], 4, 8)}, bytes(8), "overlaps"),
+        ({"a": f32([2], 0, 4)}, bytes(4), "needs 8"),  # wrong size for the shape
+        ({"a": f32([2], 8, 0)}, bytes(8), "begin <= end"),
+        ({"a": f32([2], 0, 8)}, bytes(4), "truncated"),
+        ({"a": f32([2], 0, 8)}, bytes(9), "trailing bytes"),
+        ({"a": f32([-1], 0, 0)}, b"", "non-negative"),
+        ({"a": f32([True], 0, 4)}, bytes(4), "non-negative integers"),
+        ({"a": f32([1.0], 0, 4)}, bytes(4), "non-negative integers"),
+        ({"a": f32([1], 0, 4.0)}, bytes(4), "data_offsets"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}, bytes(4), "data_offsets"),
+        ({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, bytes(8), "I64"),
+        ({"a": {"dtype": "F32", "shape": [1]}}, bytes(4), "keys"),
+        ({"a": {**f32([1], 0, 4), "extra": 1}}, bytes(4), "keys"),
+        ({"a": [1, 2]}, b"", "keys"),
+        ({"__metadata__": {"k": 1}}, b"", "__metadata__"),
+        ({"__metadata__": ["k"]}, b"", "__metadata__"),
+    ],
+)
+def test_decode_rejects_malformed_headers(header: dict, data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        decode(build(header, data))
+
+
+def test_decode_rejects_malformed_framing() -> None:
+    good = encode({"w": np.ones(3, np.float32)}, {})
+    for bad in (good[:7], good[:20], good[:-1], good + b"\0"):
+        with pytest.raises(ValueError):
+            decode(bad)
+    with pytest.raises(ValueError, match="header claims"):
+        decode(build({}, b"", header_len=10**6))
+    with pytest.raises(ValueError, match="not a JSON object"):
+        decode(build([], b""))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="valid safetensors header"):
+        decode(struct.pack("<Q", 2) + b"\xff{")
+    entry = b'{"dtype":"F32","shape":[],"data_offsets":[0,4]}'
+    text = b'{"a":' + entry + b',"a":' + entry + b"}"
+    with pytest.raises(ValueError, match="duplicate"):
+        decode(struct.pack("<Q", len(text)) + text + bytes(4))
+
+
+def test_decode_of_an_empty_model() -> None:
+    assert decode(build({}, b"")) == ({}, {})
+    assert decode(safetensors.numpy.save({}))[0] == {}
