@@ -1,20 +1,22 @@
 //! The aggregator's state: the global model, the round that accepts uploads, its tokens and its
 //! running sum. Plain data behind one mutex; the HTTP and RPC edges call in.
 //!
-//! Invariant: an update is either folded into the sum and recorded as accepted, under one lock,
-//! or not at all. Staging and validation happen outside the lock (see [`crate::wire`]), so a
-//! rejected or interrupted upload never touches the sum.
+//! Invariant: an update is folded into the sum and recorded as accepted exactly once, or not at
+//! all. Staging and validation happen before (see [`crate::wire`]), so a rejected or
+//! interrupted upload never touches the sum; [`RoundBook::begin_commit`] and
+//! [`RoundBook::finish_commit`] bracket the fold, and a round only closes when no fold is in
+//! flight.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rondo_core::aggregate::{AccumulatorOptions, FedAvgAccumulator, Update};
+use rondo_core::aggregate::{AccumulatorOptions, FedAvgAccumulator};
 use rondo_core::federation::{AggregationResult, constant_time_eq};
 use rondo_core::model::ModelSpec;
 use rondo_net::link::RoundOpening;
 
-use crate::wire::{self, StagedUpdate};
+use crate::wire;
 
 /// The current global model, serialized once and shared by every download.
 #[derive(Debug, Clone)]
@@ -297,20 +299,6 @@ impl RoundBook {
         }
     }
 
-    /// Validates, folds and records an update in one go (the three steps above, for callers
-    /// that hold the book anyway, such as tests).
-    pub fn commit(&mut self, grant: &Grant, update: &StagedUpdate) -> Result<(), CommitError> {
-        let sum = self.begin_commit(grant, &update.spec)?;
-        let folded = sum.add(Update {
-            key: grant.participant_id.clone(),
-            spec: update.spec.clone(),
-            data: update.data.clone(),
-            weight: update.n_samples as f64,
-        });
-        self.finish_commit(grant, folded.is_ok().then_some(update.n_samples));
-        folded.map_err(|e| CommitError::Mismatch(e.to_string()))
-    }
-
     /// Closes the open round `(round, attempt)`: finalizes the sum into the next global model.
     /// Closing a round that was already closed returns its recorded result.
     pub fn close_round(
@@ -387,6 +375,8 @@ impl RoundBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::StagedUpdate;
+    use rondo_core::aggregate::Update;
     use rondo_core::kernels::{decode_values, encode_values};
     use rondo_core::model::{DType, TensorSpec};
 
@@ -420,6 +410,24 @@ mod tests {
         }
     }
 
+    /// Begins, folds and finishes a commit in one go, as the HTTP edge does in three steps.
+    fn commit(
+        book: &mut RoundBook,
+        grant: &Grant,
+        update: &StagedUpdate,
+    ) -> Result<(), CommitError> {
+        let sum = book.begin_commit(grant, &update.spec)?;
+        let folded = sum.add(Update {
+            key: grant.participant_id.clone(),
+            spec: update.spec.clone(),
+            data: update.data.clone(),
+            weight: update.n_samples as f64,
+        });
+        drop(sum);
+        book.finish_commit(grant, folded.is_ok().then_some(update.n_samples));
+        folded.map_err(|e| CommitError::Mismatch(e.to_string()))
+    }
+
     fn model_values(book: &RoundBook) -> Vec<f64> {
         let file = &book.model().unwrap().file;
         let (_, data) = wire::read_model_file(file).unwrap();
@@ -431,7 +439,7 @@ mod tests {
         let mut book = RoundBook::new(None, AccumulatorOptions::default());
         book.open_round(&opening(0, 0, &[("p", "t0")])).unwrap();
         let g = book.begin_upload("t0", 0).unwrap();
-        book.commit(&g, &update(&[1.0, 2.0], 1)).unwrap();
+        commit(&mut book, &g, &update(&[1.0, 2.0], 1)).unwrap();
         book.end_upload(&g);
         assert!(matches!(
             book.close_round(0, 0),
@@ -443,7 +451,7 @@ mod tests {
             .unwrap();
         for (token, values, n) in [("t1", [2.0, 2.0], 1), ("t2", [4.0, 6.0], 3)] {
             let g = book.begin_upload(token, 1).unwrap();
-            book.commit(&g, &update(&values, n)).unwrap();
+            commit(&mut book, &g, &update(&values, n)).unwrap();
             book.end_upload(&g);
         }
         book.close_round(1, 0).unwrap().unwrap();
@@ -463,9 +471,9 @@ mod tests {
         );
         let g = book.begin_upload("t0", 0).unwrap();
         assert_eq!(book.begin_upload("t0", 0), Err(GrantError::InProgress));
-        book.commit(&g, &update(&[1.0, 1.0], 1)).unwrap();
+        commit(&mut book, &g, &update(&[1.0, 1.0], 1)).unwrap();
         assert_eq!(
-            book.commit(&g, &update(&[9.0, 9.0], 1)),
+            commit(&mut book, &g, &update(&[9.0, 9.0], 1)),
             Err(CommitError::Duplicate)
         );
         book.end_upload(&g);
@@ -478,7 +486,7 @@ mod tests {
             "close is idempotent"
         );
         assert_eq!(
-            book.commit(&late, &update(&[5.0, 5.0], 1)),
+            commit(&mut book, &late, &update(&[5.0, 5.0], 1)),
             Err(CommitError::RoundClosed)
         );
         assert_eq!(book.begin_upload("t0", 0), Err(GrantError::TokenExpired));

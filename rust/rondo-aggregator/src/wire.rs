@@ -377,7 +377,8 @@ pub fn load_model_file(mut reader: impl std::io::Read) -> Result<(ModelSpec, Byt
 }
 
 /// Reads a whole safetensors file held in memory into its tensors and their bytes.
-pub fn read_model_file(bytes: &[u8]) -> Result<(ModelSpec, Vec<u8>), UploadError> {
+#[cfg(test)]
+pub(crate) fn read_model_file(bytes: &[u8]) -> Result<(ModelSpec, Vec<u8>), UploadError> {
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| UploadError::Malformed(format!("invalid safetensors file: {e}")))?;
     let header_len = bytes.len() - metadata.data_len();
