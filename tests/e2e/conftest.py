@@ -54,9 +54,9 @@ class Service:
                 self.process.wait()
 
 
-def start_service(binary: str, tmp: Path, settings: dict[str, object]) -> Service:
-    addresses = tmp / f"{binary}.addresses.json"
-    log = tmp / f"{binary}.log"
+def start_service(binary: str, tmp: Path, settings: dict[str, object], tag: str = "") -> Service:
+    addresses = tmp / f"{binary}{tag}.addresses.json"
+    log = tmp / f"{binary}{tag}.log"
     env = dict(os.environ)
     env.update(
         {
@@ -114,6 +114,24 @@ class Federation:
         for service in (self.coordinator, self.aggregator):
             service.stop()
 
+    def restart_coordinator(self, tmp: Path, settings: dict[str, object]) -> None:
+        """Kills the coordinator (SIGKILL: no goodbye) and starts a new one on the same API
+        port, so that participants find it where the old one was."""
+        self.coordinator.process.kill()
+        self.coordinator.process.wait()
+        self.services.append(self.coordinator)
+        port = self.coordinator.addresses["api"].rsplit(":", 1)[1]
+        self.coordinator = start_service(
+            "coordinator",
+            tmp,
+            {
+                "aggregator.rpc_address": self.aggregator.addresses["rpc"],
+                "api.port": port,
+                **settings,
+            },
+            tag=f".{len(self.services)}",
+        )
+
 
 @pytest.fixture
 def start_federation(tmp_path: Path) -> Iterator:
@@ -134,6 +152,6 @@ def start_federation(tmp_path: Path) -> Iterator:
     yield start
     for federation in started:
         federation.stop()
-        for service in (federation.coordinator, federation.aggregator):
+        for service in (*federation.services, federation.coordinator, federation.aggregator):
             text = service.log.read_text(errors="replace")
             print(f"----- {service.name} log -----\n{text[-4000:]}")

@@ -30,6 +30,8 @@ pub struct GlobalModel {
 struct OpenRound {
     round: u32,
     attempt: u32,
+    /// participant id → token, as the coordinator sent them.
+    grants: BTreeMap<String, String>,
     /// token → participant id.
     tokens: HashMap<String, String>,
     accepted: BTreeMap<String, u64>,
@@ -78,8 +80,9 @@ pub struct RoundBook {
     open: Option<OpenRound>,
     /// Tokens of closed rounds, so that late callers hear "expired" rather than "invalid".
     retired_tokens: HashSet<String>,
-    /// Results of closed rounds, for idempotent `close_round` retries.
-    closed: BTreeMap<(u32, u32), AggregationResult>,
+    /// Results (and grants) of closed rounds, for idempotent `close_round` and `open_round`
+    /// retries.
+    closed: BTreeMap<(u32, u32), (AggregationResult, BTreeMap<String, String>)>,
 }
 
 /// How many closed rounds' results and tokens to remember.
@@ -133,23 +136,27 @@ impl RoundBook {
         sum: Option<FedAvgAccumulator>,
     ) -> Result<(), String> {
         let id = (opening.round, opening.attempt);
-        if self.closed.contains_key(&id) {
+        // The same opening again is a retry. A different one with the same number comes from a
+        // coordinator that restarted and lost count: it replaces whatever this round was.
+        if self
+            .closed
+            .get(&id)
+            .is_some_and(|(_, grants)| *grants == opening.grants)
+        {
             return Ok(());
         }
+        self.closed.remove(&id);
         if let Some(open) = &self.open {
-            if (open.round, open.attempt) == id {
+            if (open.round, open.attempt) == id && open.grants == opening.grants {
                 return Ok(());
             }
-            if (open.round, open.attempt) > id {
-                return Err(format!(
-                    "round {} attempt {} is already open; refusing older round {} attempt {}",
-                    open.round, open.attempt, opening.round, opening.attempt
-                ));
-            }
+            // Updates folded so far belong to participants the coordinator no longer knows
+            // (or to a round it gave up); the round is redone with the new grants.
             tracing::warn!(
                 round = open.round,
                 attempt = open.attempt,
-                "a newer round opens before this one closed; dropping its partial sum"
+                accepted = open.accepted.len(),
+                "the coordinator opens another round before this one closed; dropping its partial sum"
             );
             self.retire_open_tokens();
         }
@@ -162,6 +169,7 @@ impl RoundBook {
         self.open = Some(OpenRound {
             round: opening.round,
             attempt: opening.attempt,
+            grants: opening.grants.clone(),
             tokens: opening
                 .grants
                 .iter()
@@ -306,7 +314,7 @@ impl RoundBook {
         round: u32,
         attempt: u32,
     ) -> Result<Result<AggregationResult, String>, CommitsInFlight> {
-        if let Some(result) = self.closed.get(&(round, attempt)) {
+        if let Some((result, _)) = self.closed.get(&(round, attempt)) {
             return Ok(Ok(result.clone()));
         }
         match self.open.as_mut() {
@@ -355,7 +363,8 @@ impl RoundBook {
             },
         };
         self.retired_tokens.extend(open.tokens.into_keys());
-        self.closed.insert((round, attempt), result.clone());
+        self.closed
+            .insert((round, attempt), (result.clone(), open.grants));
         while self.closed.len() > REMEMBERED_ROUNDS {
             self.closed.pop_first();
         }
