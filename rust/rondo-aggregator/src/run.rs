@@ -56,8 +56,11 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
         &config.runtime.addresses_file,
         &BTreeMap::from([("api", api_addr), ("rpc", rpc_addr)]),
     )?;
-    axum::serve(api_listener, crate::http::router(aggregator))
-        .with_graceful_shutdown(boot::shutdown_signal())
-        .await?;
+    axum::serve(
+        boot::no_delay(api_listener),
+        crate::http::router(aggregator),
+    )
+    .with_graceful_shutdown(boot::shutdown_signal())
+    .await?;
     Ok(())
 }

@@ -44,8 +44,11 @@ pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
         advertised,
         Duration::from_secs_f64(config.aggregator.call_timeout_secs),
     ));
-    axum::serve(api_listener, crate::http::router(coordinator))
-        .with_graceful_shutdown(boot::shutdown_signal())
-        .await?;
+    axum::serve(
+        boot::no_delay(api_listener),
+        crate::http::router(coordinator),
+    )
+    .with_graceful_shutdown(boot::shutdown_signal())
+    .await?;
     Ok(())
 }

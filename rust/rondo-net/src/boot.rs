@@ -45,6 +45,17 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// An HTTP listener whose connections have Nagle's algorithm off: answers are written as soon
+/// as they are ready rather than held for the peer's acknowledgement of the last segment.
+pub fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|stream| {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(%err, "could not set TCP_NODELAY");
+        }
+    })
+}
+
 pub async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
     TcpListener::bind((host, port))
         .await

@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 
 use rondo_core::federation::AggregationResult;
 use serde::{Deserialize, Serialize};
-use tarpc::serde_transport::tcp;
+use tarpc::serde_transport::{self, Transport};
 use tarpc::tokio_serde::formats::Json;
+use tarpc::tokio_util::codec::LengthDelimitedCodec;
 use tarpc::{client, context};
+use tokio::net::TcpStream;
 
 /// What the aggregator tells a coordinator that attaches.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,16 +81,33 @@ pub fn deadline(timeout: Duration) -> context::Context {
     ctx
 }
 
+/// A tarpc transport (length-delimited JSON frames) over `stream`, with Nagle's algorithm off:
+/// the link's messages are small and each one waits for an answer, the exact case where
+/// Nagle and delayed acknowledgements together add tens of milliseconds per call.
+pub fn transport<Item, SinkItem>(
+    stream: TcpStream,
+) -> io::Result<Transport<TcpStream, Item, SinkItem, Json<Item, SinkItem>>>
+where
+    Item: for<'de> Deserialize<'de>,
+    SinkItem: Serialize,
+{
+    stream.set_nodelay(true)?;
+    Ok(serde_transport::new(
+        LengthDelimitedCodec::builder().new_framed(stream),
+        Json::default(),
+    ))
+}
+
 /// Connects an [`AggregatorRpcClient`] to `addr`.
 pub async fn connect_aggregator(addr: &str) -> io::Result<AggregatorRpcClient> {
-    let transport = tcp::connect(addr, Json::default).await?;
-    Ok(AggregatorRpcClient::new(client::Config::default(), transport).spawn())
+    let stream = TcpStream::connect(addr).await?;
+    Ok(AggregatorRpcClient::new(client::Config::default(), transport(stream)?).spawn())
 }
 
 /// Connects a [`CoordinatorRpcClient`] to `addr`.
 pub async fn connect_coordinator(addr: &str) -> io::Result<CoordinatorRpcClient> {
-    let transport = tcp::connect(addr, Json::default).await?;
-    Ok(CoordinatorRpcClient::new(client::Config::default(), transport).spawn())
+    let stream = TcpStream::connect(addr).await?;
+    Ok(CoordinatorRpcClient::new(client::Config::default(), transport(stream)?).spawn())
 }
 
 /// Serves a tarpc service on a bound `tokio::net::TcpListener` in the background, one task per
@@ -105,12 +124,17 @@ macro_rules! serve_rpc {
     ($listener:expr, $serve:expr) => {
         async {
             use $crate::link::__private::*;
-            let mut incoming = tcp::listen_on($listener, Json::default).await?;
-            let addr = incoming.local_addr();
+            let listener: tokio::net::TcpListener = $listener;
+            let addr = listener.local_addr()?;
             let serve = $serve;
             tokio::spawn(async move {
-                while let Some(transport) = incoming.next().await {
-                    let Ok(transport) = transport else { continue };
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let Ok(transport) = $crate::link::transport(stream) else {
+                        continue;
+                    };
                     let serve = serve.clone();
                     tokio::spawn(
                         BaseChannel::with_defaults(transport)
@@ -129,7 +153,5 @@ macro_rules! serve_rpc {
 #[doc(hidden)]
 pub mod __private {
     pub use futures::StreamExt;
-    pub use tarpc::serde_transport::tcp;
     pub use tarpc::server::{BaseChannel, Channel};
-    pub use tarpc::tokio_serde::formats::Json;
 }
