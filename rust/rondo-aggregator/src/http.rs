@@ -22,7 +22,7 @@ use crate::wire::{self, UploadError};
 const OPENAPI: &str = include_str!("../../../docs/openapi/aggregator.json");
 
 pub fn router(aggregator: Arc<Aggregator>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/rounds/{round}/model", get(download_round_model))
         // An upload makes hyper grow the connection's read buffer to its maximum, and a
         // kept-alive connection keeps it: with a hundred participants that is more memory than
@@ -36,14 +36,8 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         )
         .route("/v1/model", get(download_latest_model))
         .route("/v1/status", get(status))
-        .route(
-            "/openapi.json",
-            get(|| async { api::openapi_response(OPENAPI) }),
-        )
-        .route("/healthz", get(api::healthz))
-        .route("/metrics", get(metrics))
-        .fallback(api::unknown_route)
-        .method_not_allowed_fallback(api::method_not_allowed)
+        .route("/metrics", get(metrics));
+    api::with_common_routes(routes, OPENAPI)
         // Uploads are streamed and limited by `api.max_body_bytes` in `wire::read_update`.
         .layer(DefaultBodyLimit::disable())
         .with_state(aggregator)

@@ -25,8 +25,6 @@ pub struct Metrics {
 
 impl Metrics {
     fn new() -> Self {
-        let registry = Registry::new_custom(Some("rondo_aggregator".into()), None)
-            .expect("static prefix is valid");
         let updates_accepted = IntCounter::new(
             "updates_accepted_total",
             "Updates folded into a round's sum",
@@ -56,17 +54,18 @@ impl Metrics {
         .expect("valid metric");
         let model_bytes =
             IntGauge::new("model_bytes", "Size of the serialized global model").expect("valid");
-        for metric in [
-            Box::new(updates_accepted.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(updates_rejected.clone()),
-            Box::new(bytes_received.clone()),
-            Box::new(rounds_closed.clone()),
-            Box::new(finalize_seconds.clone()),
-            Box::new(fold_seconds.clone()),
-            Box::new(model_bytes.clone()),
-        ] {
-            registry.register(metric).expect("metric names are unique");
-        }
+        let registry = rondo_net::api::registry(
+            "rondo_aggregator",
+            vec![
+                Box::new(updates_accepted.clone()),
+                Box::new(updates_rejected.clone()),
+                Box::new(bytes_received.clone()),
+                Box::new(rounds_closed.clone()),
+                Box::new(finalize_seconds.clone()),
+                Box::new(fold_seconds.clone()),
+                Box::new(model_bytes.clone()),
+            ],
+        );
         Self {
             registry,
             updates_accepted,

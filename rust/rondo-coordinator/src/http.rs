@@ -23,19 +23,13 @@ const OPENAPI: &str = include_str!("../../../docs/openapi/coordinator.json");
 const MAX_JSON_BODY: usize = 64 * 1024;
 
 pub fn router(coordinator: Arc<Coordinator>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/participants", post(join))
         .route("/v1/participants/{id}/heartbeat", post(heartbeat))
         .route("/v1/participants/{id}/start_training", post(start_training))
         .route("/v1/status", get(status))
-        .route(
-            "/openapi.json",
-            get(|| async { api::openapi_response(OPENAPI) }),
-        )
-        .route("/healthz", get(api::healthz))
-        .route("/metrics", get(metrics))
-        .fallback(api::unknown_route)
-        .method_not_allowed_fallback(api::method_not_allowed)
+        .route("/metrics", get(metrics));
+    api::with_common_routes(routes, OPENAPI)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(coordinator)
 }

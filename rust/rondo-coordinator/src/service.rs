@@ -18,8 +18,6 @@ pub struct Metrics {
 
 impl Metrics {
     fn new() -> Self {
-        let registry = Registry::new_custom(Some("rondo_coordinator".into()), None)
-            .expect("static prefix is valid");
         let heartbeats = IntCounter::new("heartbeats_total", "Heartbeats answered").expect("valid");
         let joins = IntCounter::new("joins_total", "Participants joined").expect("valid");
         let rounds_closed =
@@ -30,15 +28,16 @@ impl Metrics {
             &["state"],
         )
         .expect("valid");
-        for metric in [
-            Box::new(heartbeats.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(joins.clone()),
-            Box::new(rounds_closed.clone()),
-            Box::new(round.clone()),
-            Box::new(participants.clone()),
-        ] {
-            registry.register(metric).expect("metric names are unique");
-        }
+        let registry = rondo_net::api::registry(
+            "rondo_coordinator",
+            vec![
+                Box::new(heartbeats.clone()),
+                Box::new(joins.clone()),
+                Box::new(rounds_closed.clone()),
+                Box::new(round.clone()),
+                Box::new(participants.clone()),
+            ],
+        );
         Self {
             registry,
             heartbeats,

@@ -114,6 +114,18 @@ pub fn fold_many_f32(acc: &mut [f32], terms: &[Term<'_>]) {
     if terms.len() > 1 && terms.iter().all(|t| t.dtype == DType::F32) {
         return fold_many_f32_registers(acc, terms);
     }
+    fold_blocked(acc, terms, |acc, bytes, dtype, weight| {
+        axpy_f32(acc, bytes, dtype, weight as f32)
+    });
+}
+
+/// The blocked pass shared by the sums of every width: parallel over chunks of the sum, and
+/// within a chunk, block by block, every term added while the sum's block is in cache.
+fn fold_blocked<T: Send>(
+    acc: &mut [T],
+    terms: &[Term<'_>],
+    axpy: impl Fn(&mut [T], &[u8], DType, f64) + Sync,
+) {
     acc.par_chunks_mut(PAR_CHUNK)
         .enumerate()
         .for_each(|(chunk_index, acc)| {
@@ -123,7 +135,7 @@ pub fn fold_many_f32(acc: &mut [f32], terms: &[Term<'_>]) {
                 for term in terms {
                     let size = term.dtype.size_bytes();
                     let bytes = &term.bytes[start * size..(start + acc.len()) * size];
-                    axpy_f32(acc, bytes, term.dtype, term.weight as f32);
+                    axpy(acc, bytes, term.dtype, term.weight);
                 }
             }
         });
@@ -167,19 +179,7 @@ fn fold_many_f32_registers(acc: &mut [f32], terms: &[Term<'_>]) {
 
 /// [`fold_many_f32`] for `f64` sums.
 pub fn fold_many_f64(acc: &mut [f64], terms: &[Term<'_>]) {
-    acc.par_chunks_mut(PAR_CHUNK)
-        .enumerate()
-        .for_each(|(chunk_index, acc)| {
-            let chunk_start = chunk_index * PAR_CHUNK;
-            for (block_index, acc) in acc.chunks_mut(BLOCK).enumerate() {
-                let start = chunk_start + block_index * BLOCK;
-                for term in terms {
-                    let size = term.dtype.size_bytes();
-                    let bytes = &term.bytes[start * size..(start + acc.len()) * size];
-                    axpy_f64(acc, bytes, term.dtype, term.weight);
-                }
-            }
-        });
+    fold_blocked(acc, terms, axpy_f64);
 }
 
 /// Hogwild accumulation: adds one term into a shared `f32` sum without a lock. Each element is

@@ -106,9 +106,36 @@ pub fn bearer_token<'a>(
         })
 }
 
+/// The routes every Rondo HTTP API has besides its own: `/openapi.json` (the document compiled
+/// into the binary), `/healthz`, and JSON answers for unknown paths and methods.
+pub fn with_common_routes<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+    openapi: &'static str,
+) -> axum::Router<S> {
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || async move { openapi_response(openapi) }),
+        )
+        .route("/healthz", axum::routing::get(healthz))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
 /// Serves an OpenAPI document that was compiled into the binary.
 pub fn openapi_response(document: &'static str) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], document).into_response()
+}
+
+/// A Prometheus registry with every metric name prefixed by `prefix` (e.g. `rondo_aggregator`).
+/// The metrics are built from constant names in the code, so a failure here is a bug.
+pub fn registry(prefix: &str, metrics: Vec<Box<dyn prometheus::core::Collector>>) -> Registry {
+    let registry =
+        Registry::new_custom(Some(prefix.into()), None).expect("the prefix is a valid name");
+    for metric in metrics {
+        registry.register(metric).expect("metric names are unique");
+    }
+    registry
 }
 
 /// Renders a Prometheus registry in the text exposition format.
