@@ -80,16 +80,26 @@ class Participant:
             time.sleep(0.01)
 
 
-def timed_stream(weights: dict, metadata: dict, stamp: dict) -> Iterator:
-    """The SDK's upload stream, noting when its last chunk has been taken by the socket."""
-    yield from encode_stream(weights, metadata)
-    stamp["last_byte"] = time.perf_counter()
+class TimedStream:
+    """The SDK's upload body (sized, so sent with a Content-Length, as the SDK does), noting
+    when its last chunk has been taken by the socket."""
+
+    def __init__(self, weights: dict, metadata: dict, stamp: dict) -> None:
+        self.stream = encode_stream(weights, metadata)
+        self.stamp = stamp
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Iterator:
+        yield from self.stream
+        self.stamp["last_byte"] = time.perf_counter()
 
 
 def upload(ticket: dict, weights: dict, n: int, stamp: dict) -> None:
     response = requests.post(
         ticket["upload_url"],
-        data=timed_stream(weights, {"rondo.n_samples": str(n)}, stamp),
+        data=TimedStream(weights, {"rondo.n_samples": str(n)}, stamp),
         headers={"Authorization": f"Bearer {ticket['token']}"},
         timeout=600,
     )

@@ -436,7 +436,7 @@ class _Run:
         response = self.session.post(
             upload_url,
             # Chunked upload straight from the arrays; urllib3 takes memoryview chunks too.
-            data=cast(Iterable[bytes], encode_stream(weights, metadata)),
+            data=cast(Iterable[bytes], encode_stream(weights, metadata)),  # sized: no chunking
             headers={**_bearer(token), "Content-Type": "application/octet-stream"},
             timeout=DATA_TIMEOUT,
         )

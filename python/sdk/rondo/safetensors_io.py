@@ -49,8 +49,8 @@ def encode_stream(
     weights: Mapping[str, np.ndarray],
     metadata: Mapping[str, str],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Iterator[bytes | memoryview]:
-    """Yield ``weights`` as a safetensors file, piece by piece.
+) -> SafetensorsStream:
+    """``weights`` as a safetensors file, to be iterated piece by piece.
 
     The first piece is the header: the 8-byte little-endian length, then the JSON header padded
     with spaces to a multiple of 8, with ``__metadata__`` (when ``metadata`` is not empty) and
@@ -58,7 +58,9 @@ def encode_stream(
     of the arrays themselves, at most ``chunk_bytes`` long: arrays that are already C-contiguous
     and little-endian are not copied. Do not modify the arrays while the stream is consumed.
 
-    Suitable as a ``requests`` body (sent with chunked transfer encoding).
+    The result knows its total length (``len()``), so ``requests`` sends it with a
+    ``Content-Length`` and passes each piece to the socket as it is; with chunked transfer
+    encoding, urllib3 would copy every piece to frame it.
 
     Raises:
         TypeError: a tensor has an unsupported dtype (raised before anything is yielded).
@@ -78,18 +80,31 @@ def encode_stream(
         offset += array.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return _stream(struct.pack("<Q", len(text)) + text, prepared, chunk_bytes)
+    return SafetensorsStream(struct.pack("<Q", len(text)) + text, prepared, chunk_bytes)
 
 
-def _stream(
-    header: bytes, prepared: list[tuple[str, np.ndarray]], chunk_bytes: int
-) -> Iterator[bytes | memoryview]:
-    # A separate generator so that encode_stream validates eagerly, at call time.
-    yield header
-    for _, array in prepared:
-        view = array.reshape(-1).view(np.uint8).data  # a memoryview, no copy
-        for start in range(0, len(view), chunk_bytes):
-            yield view[start : start + chunk_bytes]
+class SafetensorsStream:
+    """A safetensors file that is never assembled: its header, then views of the arrays.
+
+    Iterating yields the pieces (each iteration starts over); ``len()`` is the file's size.
+    """
+
+    def __init__(
+        self, header: bytes, prepared: list[tuple[str, np.ndarray]], chunk_bytes: int
+    ) -> None:
+        self._header = header
+        self._prepared = prepared
+        self._chunk_bytes = chunk_bytes
+
+    def __len__(self) -> int:
+        return len(self._header) + sum(array.nbytes for _, array in self._prepared)
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        yield self._header
+        for _, array in self._prepared:
+            view = array.reshape(-1).view(np.uint8).data  # a memoryview, no copy
+            for start in range(0, len(view), self._chunk_bytes):
+                yield view[start : start + self._chunk_bytes]
 
 
 def encode(weights: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:

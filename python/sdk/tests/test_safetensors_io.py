@@ -34,7 +34,10 @@ def assert_same(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) 
 @pytest.mark.parametrize("metadata", [{}, {"rondo.n_samples": "12", "rondo.metrics": "{}"}])
 def test_round_trip(dtype: str, metadata: dict[str, str]) -> None:
     weights = sample(dtype)
-    data = b"".join(encode_stream(weights, metadata))
+    stream = encode_stream(weights, metadata)
+    data = b"".join(stream)
+    assert len(stream) == len(data), "the announced length is the file's"
+    assert b"".join(stream) == data, "iterating again starts over"
     assert_same(safetensors.numpy.load(data), weights)
     decoded, decoded_metadata = decode(data)
     assert_same(decoded, weights)
@@ -54,7 +57,7 @@ def test_decodes_files_written_by_safetensors(dtype: str) -> None:
 
 def test_header_layout() -> None:
     weights = {"b": np.ones(2, np.float32), "a": np.ones((1, 3), np.float64)}
-    header = next(encode_stream(weights, {"k": "v"}))
+    header = next(iter(encode_stream(weights, {"k": "v"})))
     (length,) = struct.unpack("<Q", header[:8])
     assert len(header) == 8 + length and length % 8 == 0
     text = header[8:].decode()
