@@ -167,13 +167,14 @@ fn touched_zeros<T: Default + Clone + Copy + Send + Sync>(len: usize) -> Vec<T> 
     values
 }
 
-/// Frees large folded updates on the rayon pool: unmapping a buffer of many megabytes takes
-/// milliseconds that the upload's answer (and the round's close) need not wait for. Small ones
-/// are freed at once, so that memory is back before the next upload is staged.
+/// Frees large folded updates on a thread of their own: unmapping a buffer of many megabytes
+/// takes milliseconds that the upload's answer (and the round's close) need not wait for, and
+/// on the rayon pool it would hold up the next fold or finalize. Small ones are freed at once,
+/// so that memory is back before the next upload is staged.
 fn release_in_background(updates: Vec<Update>) {
     const LARGE: usize = 64 << 20;
     if updates.iter().map(|u| u.data.len()).sum::<usize>() >= LARGE {
-        rayon::spawn(move || drop(updates));
+        std::thread::spawn(move || drop(updates));
     }
 }
 
