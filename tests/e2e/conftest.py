@@ -114,6 +114,21 @@ class Federation:
         for service in (self.coordinator, self.aggregator):
             service.stop()
 
+    def restart_aggregator(self, tmp: Path, settings: dict[str, object]) -> None:
+        """Kills the aggregator (SIGKILL) and starts a new one on the same ports; whatever it
+        held in memory is gone."""
+        self.aggregator.process.kill()
+        self.aggregator.process.wait()
+        self.services.append(self.aggregator)
+        api_port = self.aggregator.addresses["api"].rsplit(":", 1)[1]
+        rpc_port = self.aggregator.addresses["rpc"].rsplit(":", 1)[1]
+        self.aggregator = start_service(
+            "aggregator",
+            tmp,
+            {"api.port": api_port, "rpc.port": rpc_port, **settings},
+            tag=f".{len(self.services)}",
+        )
+
     def restart_coordinator(self, tmp: Path, settings: dict[str, object]) -> None:
         """Kills the coordinator (SIGKILL: no goodbye) and starts a new one on the same API
         port, so that participants find it where the old one was."""

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import requests
+from safetensors.numpy import save_file
 from test_rounds import Adder, expected_value, final_model, run_in_thread
 
 import rondo
@@ -67,6 +68,43 @@ def test_coordinator_killed_mid_federation(start_federation, tmp_path):
     # Each round adds the n-weighted mean delta of the participants that delivered (a: +1 with
     # n=10, b: +3 with n=30) - both deliver every round here, so each round adds 2.5.
     np.testing.assert_allclose(model_value(federation), 2.5 * 5, rtol=1e-6)
+
+
+def test_aggregator_killed_mid_federation(start_federation, tmp_path):
+    """A restarted aggregator has only its configured initial model: the coordinator notices
+    (its probe fails, it reconnects), closes the round in progress as failed, and runs the lost
+    rounds again. The final model is exactly what rounds 1..4 give from the initial model."""
+    initial = tmp_path / "initial.safetensors"
+    save_file({"layer/w": np.zeros((100, 10), np.float32), "layer/b": np.zeros(10, np.float32)},
+              str(initial))  # fmt: skip
+    aggregator = {"model.initial_model": initial}
+    federation = start_federation(
+        coordinator={
+            "federation.rounds": 4,
+            "federation.min_clients": 2,
+            "federation.heartbeat_timeout_secs": 5,
+            "federation.heartbeat_period_secs": 0.2,
+            "aggregator.call_timeout_secs": 1,
+        },
+        aggregator=aggregator,
+    )
+    people = {"a": Adder(1.0, 10), "b": Adder(3.0, 30)}
+    reports: dict = {}
+    threads = [run_in_thread(p, federation.coordinator_url, n, reports) for n, p in people.items()]
+    federation.wait_for(
+        lambda s: sum(e["outcome"] == "aggregated" for e in s["history"]) >= 2,
+        what="round 2 to close",
+    )
+    federation.restart_aggregator(tmp_path, aggregator)
+    status = federation.wait_for(lambda s: s["phase"] == "finished", what="all rounds again")
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert {r.final_action for r in reports.values()} == {"finish"}
+    rewound = [e for e in status["history"] if "restarted" in (e["reason"] or "")]
+    assert rewound and all(e["outcome"] == "failed" for e in rewound), status["history"]
+    # Rounds 1..4 counted from the restart: each adds (10·1 + 30·3) / 40 = 2.5 to every weight.
+    np.testing.assert_allclose(model_value(federation), 4 * 2.5, rtol=1e-6)
 
 
 @pytest.mark.skipif(not os.environ.get("RONDO_LONG_TESTS"), reason="set RONDO_LONG_TESTS=1")

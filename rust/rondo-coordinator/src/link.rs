@@ -76,6 +76,8 @@ impl CoordinatorRpc for CoordinatorRpcServer {
 
 /// How often the driver ticks when nothing wakes it.
 const TICK: Duration = Duration::from_millis(200);
+/// How often an otherwise silent link is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long an acknowledged command is not resent.
 const RESEND_AFTER: Duration = Duration::from_secs(2);
 
@@ -88,6 +90,7 @@ pub async fn drive(
 ) {
     let mut client: Option<AggregatorRpcClient> = None;
     let mut acked: Option<(Command, Instant)> = None;
+    let mut last_heard = Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
         if client.is_none() {
@@ -134,11 +137,27 @@ pub async fn drive(
                         coordinator.changed();
                     }
                     acked = Some((command, Instant::now()));
+                    last_heard = Instant::now();
                 }
                 Ok(Err(refused)) => tracing::warn!(?command, %refused, "aggregator refused"),
                 Err(err) => {
                     tracing::warn!(%err, "link to the aggregator broke; reconnecting");
                     client = None;
+                }
+            }
+        }
+        // Nothing to say for a while: ask for the aggregator's status anyway, so that a restart
+        // is noticed (and the round re-opened, or rounds it lost run again) within a second
+        // rather than at the round's close.
+        if last_heard.elapsed() >= PROBE_EVERY
+            && let Some(c) = client.as_ref()
+        {
+            match c.status(deadline(call_timeout)).await {
+                Ok(_) => last_heard = Instant::now(),
+                Err(err) => {
+                    tracing::warn!(%err, "the aggregator stopped answering; reconnecting");
+                    client = None;
+                    continue;
                 }
             }
         }
@@ -163,7 +182,14 @@ async fn attach(
     coordinator.set_aggregator_url(info.public_url);
     let resend = {
         let mut federation = coordinator.federation();
-        federation.aggregator_attached(info.model_round);
+        if let Some(round) = federation.aggregator_attached(info.model_round, Instant::now()) {
+            tracing::error!(
+                model_round = ?info.model_round,
+                resume_at = round,
+                "the aggregator lost rounds (restarted without them); running them again"
+            );
+            coordinator.changed();
+        }
         federation.open_round_command()
     };
     // After an aggregator restart the round it had open is gone: open it again (idempotent

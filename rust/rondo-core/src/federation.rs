@@ -246,15 +246,48 @@ impl Federation {
     /// The aggregator is reachable. `model_round` is the round of the global model it holds
     /// (`None` when it has none yet, so round 0 must establish one). Later calls (after a
     /// reconnect) change nothing.
-    pub fn aggregator_attached(&mut self, model_round: Option<u32>) {
-        if matches!(self.phase, Phase::WaitingForAggregator) {
-            self.round = model_round.map_or(0, |r| r + 1);
-            self.attempt = 0;
-            self.phase = if self.round > self.settings.rounds {
-                Phase::Finished
-            } else {
-                Phase::WaitingForParticipants
-            };
+    ///
+    /// After a reconnect, an aggregator whose model is older than the last round aggregated
+    /// here has restarted and lost rounds: the federation rewinds to the round after the model
+    /// it has, closing the round in progress as failed with that reason. Returns the round it
+    /// rewound to, if it did.
+    pub fn aggregator_attached(&mut self, model_round: Option<u32>, now: Instant) -> Option<u32> {
+        let resume_at = model_round.map_or(0, |r| r + 1);
+        match self.phase {
+            Phase::WaitingForAggregator => {
+                self.round = resume_at;
+                self.attempt = 0;
+                self.phase = if self.round > self.settings.rounds {
+                    Phase::Finished
+                } else {
+                    Phase::WaitingForParticipants
+                };
+                None
+            }
+            // A finished federation's result is whatever the aggregator kept; nothing to redo.
+            Phase::Finished => None,
+            _ if resume_at >= self.round => None,
+            _ => {
+                let reason = format!(
+                    "the aggregator restarted holding the model of {}; rounds from {resume_at} \
+                     are run again",
+                    model_round.map_or("no round".to_string(), |r| format!("round {r}")),
+                );
+                let phase = std::mem::replace(&mut self.phase, Phase::WaitingForParticipants);
+                if let Phase::Opening(mut active)
+                | Phase::Training(mut active)
+                | Phase::Closing(mut active) = phase
+                {
+                    active.record.outcome = Some("failed");
+                    active.record.reason = Some(reason);
+                    active.record.duration_secs =
+                        Some(now.duration_since(active.opened_at).as_secs_f64());
+                    self.history.push(active.record);
+                }
+                self.round = resume_at;
+                self.attempt += 1;
+                Some(resume_at)
+            }
         }
     }
 
@@ -707,7 +740,7 @@ mod tests {
     impl World {
         fn new(settings: FederationSettings, model_round: Option<u32>) -> Self {
             let mut fed = Federation::new(settings);
-            fed.aggregator_attached(model_round);
+            fed.aggregator_attached(model_round, Instant::now());
             Self {
                 fed,
                 now: Instant::now(),
@@ -987,6 +1020,30 @@ mod tests {
             w.fed.start_training(&id, &w.people[0].1.clone(), w.now),
             Err(FederationError::NotSelected(id))
         );
+    }
+
+    #[test]
+    fn a_restarted_aggregator_that_lost_rounds_rewinds_the_federation() {
+        let mut w = World::new(settings(), Some(0));
+        w.join();
+        w.join();
+        w.open();
+        w.deliver(0, 1);
+        w.deliver(1, 1);
+        w.close(ok(2));
+        w.open();
+        assert_eq!(w.fed.current_round(), (2, 0));
+        // Reconnecting to an aggregator that still has round 1's model changes nothing.
+        assert_eq!(w.fed.aggregator_attached(Some(1), w.now), None);
+        assert_eq!(w.fed.phase_name(), PhaseName::Training);
+        // One that came back with only the initial model: round 2 fails, round 1 runs again.
+        assert_eq!(w.fed.aggregator_attached(Some(0), w.now), Some(1));
+        assert_eq!(w.fed.current_round(), (1, 1));
+        let status = w.fed.status(w.now);
+        let last = status.history.last().unwrap();
+        assert_eq!((last.round, last.outcome), (2, Some("failed")));
+        assert!(last.reason.as_deref().unwrap().contains("restarted"));
+        assert_eq!(w.open().len(), 2);
     }
 
     #[test]
