@@ -9,7 +9,9 @@ weighted average of the two good updates.
 from __future__ import annotations
 
 import json
+import socket
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -64,7 +66,11 @@ def round_one(start_federation, tmp_path):
             "federation.min_clients": 2,
             "federation.heartbeat_timeout_secs": 120,
         },
-        aggregator={"model.initial_model": initial, "api.max_body_bytes": MAX_BODY},
+        aggregator={
+            "model.initial_model": initial,
+            "api.max_body_bytes": MAX_BODY,
+            "api.upload_idle_timeout_secs": 1,
+        },
     )
     a = Person(federation.coordinator_url, "a")
     b = Person(federation.coordinator_url, "b")
@@ -193,3 +199,31 @@ def test_aggregator_rejects_bad_uploads_and_averages_the_good_ones(round_one):
 
     # The round is closed: its tokens have expired.
     assert_error(upload(ta, good_a), 401, "token_expired")
+
+
+def test_a_stalled_upload_is_dropped_and_changes_nothing(round_one):
+    """A participant that stops sending mid-upload gets 408 `upload_stalled` once nothing has
+    arrived for `api.upload_idle_timeout_secs`, and can then upload properly."""
+    federation, a, _, tickets = round_one
+    ticket = tickets[a.id]
+    body = upload_bytes(weights(1.0))
+    host, port = federation.aggregator.addresses["api"].rsplit(":", 1)
+    path = "/" + ticket["upload_url"].split("/", 3)[3]
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {ticket['token']}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body[:40])  # then nothing more
+        started = time.monotonic()
+        answer = sock.recv(65536).decode(errors="replace")
+        waited = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert '"code":"upload_stalled"' in answer
+    assert 0.5 < waited < 8, waited
+    assert federation.aggregator_status()["accepted"] == []
+    ok = requests.post(
+        ticket["upload_url"], data=body, headers={"Authorization": f"Bearer {ticket['token']}"}
+    )
+    assert ok.status_code == 200, ok.text

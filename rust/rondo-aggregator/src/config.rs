@@ -22,6 +22,7 @@ pub struct ApiConfig {
     pub port: u16,
     pub public_url: String,
     pub max_body_bytes: u64,
+    pub upload_idle_timeout_secs: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +58,11 @@ impl AggregatorConfig {
         anyhow::ensure!(
             !(self.aggregation.deterministic && self.aggregation.mode == AccumulationMode::Hogwild),
             "aggregation.deterministic cannot be combined with mode = \"hogwild\""
+        );
+        anyhow::ensure!(
+            self.api.upload_idle_timeout_secs.is_finite()
+                && self.api.upload_idle_timeout_secs > 0.0,
+            "api.upload_idle_timeout_secs must be a positive number of seconds"
         );
         anyhow::ensure!(
             self.link.call_timeout_secs > 0.0,

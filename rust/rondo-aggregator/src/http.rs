@@ -8,6 +8,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use rondo_net::api::{self, ApiError, bearer_token};
 use serde_json::json;
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -17,7 +18,7 @@ use rondo_core::aggregate::Update;
 use crate::link::Notice;
 use crate::rounds::{CommitError, Grant, GrantError};
 use crate::service::Aggregator;
-use crate::wire::{self, UploadError};
+use crate::wire::{self, BodyError, UploadError};
 
 const OPENAPI: &str = include_str!("../../../docs/openapi/aggregator.json");
 
@@ -138,6 +139,7 @@ impl Drop for UploadSlot {
 fn upload_error(err: &UploadError) -> ApiError {
     let status = match err {
         UploadError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        UploadError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
         _ => StatusCode::BAD_REQUEST,
     };
     ApiError::new(status, err.code(), err.to_string())
@@ -193,8 +195,17 @@ async fn upload_update(
                 "the aggregator is shutting down",
             )
         })?;
+    // A participant that stops sending mid-upload must not hold its staging memory for ever.
+    let idle = aggregator.upload_idle_timeout;
+    let body = futures::stream::unfold(body.into_data_stream(), move |mut body| async move {
+        match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(chunk)) => Some((chunk.map_err(|e| BodyError::Broken(e.to_string())), body)),
+            Ok(None) => None,
+            Err(_) => Some((Err(BodyError::Stalled(idle)), body)),
+        }
+    });
     let update = wire::read_update(
-        body.into_data_stream(),
+        Box::pin(body),
         expected.as_deref(),
         aggregator.max_body_bytes,
     )

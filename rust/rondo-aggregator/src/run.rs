@@ -48,6 +48,7 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
         outbox,
         public_url.clone(),
         config.api.max_body_bytes,
+        Duration::from_secs_f64(config.api.upload_idle_timeout_secs),
     );
     let rpc_addr =
         rondo_net::serve_rpc!(rpc_listener, AggregatorRpcServer::new(&aggregator).serve()).await?;

@@ -92,6 +92,7 @@ pub struct Aggregator {
     pub metrics: Metrics,
     pub public_url: String,
     pub max_body_bytes: u64,
+    pub upload_idle_timeout: std::time::Duration,
 }
 
 impl Aggregator {
@@ -101,6 +102,7 @@ impl Aggregator {
         outbox: Outbox,
         public_url: String,
         max_body_bytes: u64,
+        upload_idle_timeout: std::time::Duration,
     ) -> Arc<Self> {
         let metrics = Metrics::new();
         if let Some(model) = book.model() {
@@ -117,6 +119,7 @@ impl Aggregator {
             metrics,
             public_url,
             max_body_bytes,
+            upload_idle_timeout,
         })
     }
 

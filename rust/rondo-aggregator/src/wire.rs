@@ -50,6 +50,17 @@ pub enum UploadError {
     TooLarge { size: u64, limit: u64 },
     #[error("the upload ended after {got} of {expected} bytes")]
     Incomplete { got: u64, expected: u64 },
+    #[error("no byte of the upload arrived for {} s", .0.as_secs_f64())]
+    Stalled(std::time::Duration),
+}
+
+/// Why reading the request body failed (rather than what it held).
+#[derive(Debug)]
+pub enum BodyError {
+    /// Nothing arrived for this long.
+    Stalled(std::time::Duration),
+    /// The connection broke.
+    Broken(String),
 }
 
 impl UploadError {
@@ -61,6 +72,7 @@ impl UploadError {
             UploadError::InvalidMetadata(_) => "invalid_metadata",
             UploadError::TooLarge { .. } => "body_too_large",
             UploadError::Incomplete { .. } => "upload_incomplete",
+            UploadError::Stalled(_) => "upload_stalled",
         }
     }
 }
@@ -144,14 +156,13 @@ fn parse_upload_metadata(
 
 /// Reads one upload from `body`. When `expected` is given, the upload's tensors must match it
 /// (checked from the header, before the tensor bytes are read).
-pub async fn read_update<S, E>(
+pub async fn read_update<S>(
     mut body: S,
     expected: Option<&ModelSpec>,
     max_body_bytes: u64,
 ) -> Result<StagedUpdate, UploadError>
 where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-    E: std::fmt::Display,
+    S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
 {
     let mut received: u64 = 0;
     let mut head = BytesMut::new();
@@ -192,10 +203,9 @@ where
                 received += chunk.len() as u64;
                 head.extend_from_slice(&chunk);
             }
-            Some(Err(e)) => {
-                return Err(UploadError::Malformed(format!(
-                    "reading the body failed: {e}"
-                )));
+            Some(Err(BodyError::Stalled(idle))) => return Err(UploadError::Stalled(idle)),
+            Some(Err(BodyError::Broken(_))) => {
+                return Err(next(received, 8 + header_len.unwrap_or(0)));
             }
             None => {
                 return Err(if head.len() < 8 {
@@ -235,7 +245,10 @@ where
     data.extend_from_slice(&rest);
     finite.advance(&data)?;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|_| next(received, total))?;
+        let chunk = chunk.map_err(|e| match e {
+            BodyError::Stalled(idle) => UploadError::Stalled(idle),
+            BodyError::Broken(_) => next(received, total),
+        })?;
         received += chunk.len() as u64;
         if (data.len() + chunk.len()) as u64 > data_len {
             return Err(too_long());
@@ -433,8 +446,8 @@ mod tests {
         out
     }
 
-    fn chunks(bytes: &[u8], size: usize) -> impl Stream<Item = Result<Bytes, String>> + Unpin {
-        let parts: Vec<Result<Bytes, String>> = bytes
+    fn chunks(bytes: &[u8], size: usize) -> impl Stream<Item = Result<Bytes, BodyError>> + Unpin {
+        let parts: Vec<Result<Bytes, BodyError>> = bytes
             .chunks(size)
             .map(|c| Ok(Bytes::copy_from_slice(c)))
             .collect();
@@ -491,6 +504,14 @@ mod tests {
         assert_eq!(
             code(read_update(chunks(&good, 4), Some(&other), 1 << 20).await),
             "model_mismatch"
+        );
+        let stalled = futures::stream::iter(vec![
+            Ok(Bytes::copy_from_slice(&good[..20])),
+            Err(BodyError::Stalled(std::time::Duration::from_secs(1))),
+        ]);
+        assert_eq!(
+            code(read_update(stalled, None, 1 << 20).await),
+            "upload_stalled"
         );
     }
 
