@@ -458,9 +458,9 @@ def run_participant(
     """Take part in federated learning until the coordinator says all rounds are done.
 
     Joins the coordinator at ``coordinator_url`` (retrying with exponential backoff, at most
-    2 s apart, while it is unreachable), then heartbeats from a background thread, about every
-    ``heartbeat_period`` seconds (default: the period the coordinator asks for; each heartbeat
-    is a long poll that the coordinator answers early when there is news) and, in the calling
+    2 s apart, while it is unreachable), then heartbeats from a background thread (each one a
+    long poll that the coordinator answers as soon as there is news, and otherwise holds for up
+    to half its heartbeat timeout) and, in the calling
     thread, trains each round it is selected for: downloads the global model, calls
     :meth:`Participant.train_round` with it (writable arrays, views of the downloaded buffer)
     and uploads the result. Round 0 uploads :meth:`Participant.initial_weights` instead.
@@ -472,8 +472,9 @@ def run_participant(
     Args:
         participant: the user's training code.
         coordinator_url: base URL of the coordinator, e.g. ``http://127.0.0.1:8081``.
-        heartbeat_period: seconds between heartbeats (and the longest a heartbeat may be held
-            by the coordinator); ``None`` uses the coordinator's.
+        heartbeat_period: seconds between heartbeats when the coordinator does not hold them
+            (an older coordinator, or one that answers early); ``None`` uses the
+            coordinator's.
         name: a label shown in the coordinator's status and used in log messages.
         connect_timeout: how long to keep trying to join, in seconds.
         log: where to log; default the ``"rondo"`` logger.
