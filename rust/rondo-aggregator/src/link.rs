@@ -176,11 +176,15 @@ impl AggregatorRpc for AggregatorRpcServer {
 
     async fn open_round(self, _: Context, opening: RoundOpening) -> Result<(), String> {
         let aggregator = self.get()?;
-        let already = aggregator.book().open_round_id() == Some((opening.round, opening.attempt));
-        let builder = if already {
-            None
-        } else {
-            aggregator.book().sum_builder(opening.round)
+        // Allocating a large sum takes a while: done outside the book's lock.
+        let builder = {
+            let book = aggregator.book();
+            let already = book.open_round_id() == Some((opening.round, opening.attempt));
+            if already {
+                None
+            } else {
+                book.sum_builder(opening.round)
+            }
         };
         let sum = match builder {
             Some(build) => Some(
@@ -190,7 +194,7 @@ impl AggregatorRpc for AggregatorRpcServer {
             ),
             None => None,
         };
-        let result = aggregator.book().open_round_with(&opening, sum);
+        let result = aggregator.book().open_round(&opening, sum);
         if result.is_ok() {
             tracing::debug!(
                 round = opening.round,

@@ -112,8 +112,6 @@ impl RoundBook {
             .unwrap_or_default()
     }
 
-    /// Opens a round. The same opening twice is a no-op; an opening of a round that was already
-    /// closed is a stale retry and ignored.
     /// A fresh sum for a training round on the current model, to be built outside the lock
     /// (allocating a large sum takes a while) and handed to [`RoundBook::open_round`].
     pub fn sum_builder(&self, round: u32) -> Option<impl FnOnce() -> FedAvgAccumulator + use<>> {
@@ -125,12 +123,10 @@ impl RoundBook {
         })
     }
 
-    pub fn open_round(&mut self, opening: &RoundOpening) -> Result<(), String> {
-        self.open_round_with(opening, None)
-    }
-
-    /// [`RoundBook::open_round`] with a sum prepared by [`RoundBook::sum_builder`].
-    pub fn open_round_with(
+    /// Opens a round, with a sum prepared by [`RoundBook::sum_builder`] when there is one (else
+    /// the first update creates it). The same opening twice is a no-op, and so is a stale retry
+    /// of a round already closed.
+    pub fn open_round(
         &mut self,
         opening: &RoundOpening,
         sum: Option<FedAvgAccumulator>,
@@ -446,7 +442,8 @@ mod tests {
     #[test]
     fn round_zero_sets_the_model_and_round_one_averages() {
         let mut book = RoundBook::new(None, AccumulatorOptions::default());
-        book.open_round(&opening(0, 0, &[("p", "t0")])).unwrap();
+        book.open_round(&opening(0, 0, &[("p", "t0")]), None)
+            .unwrap();
         let g = book.begin_upload("t0", 0).unwrap();
         commit(&mut book, &g, &update(&[1.0, 2.0], 1)).unwrap();
         book.end_upload(&g);
@@ -456,7 +453,7 @@ mod tests {
         ));
         assert_eq!(model_values(&book), vec![1.0, 2.0]);
 
-        book.open_round(&opening(1, 0, &[("p", "t1"), ("q", "t2")]))
+        book.open_round(&opening(1, 0, &[("p", "t1"), ("q", "t2")]), None)
             .unwrap();
         for (token, values, n) in [("t1", [2.0, 2.0], 1), ("t2", [4.0, 6.0], 3)] {
             let g = book.begin_upload(token, 1).unwrap();
@@ -471,7 +468,7 @@ mod tests {
     #[test]
     fn tokens_are_checked_and_nothing_counts_twice() {
         let mut book = RoundBook::new(None, AccumulatorOptions::default());
-        book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]))
+        book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]), None)
             .unwrap();
         assert_eq!(book.begin_upload("nope", 0), Err(GrantError::InvalidToken));
         assert_eq!(
@@ -505,7 +502,7 @@ mod tests {
     #[test]
     fn close_waits_for_commits_in_flight_and_then_refuses_new_ones() {
         let mut book = RoundBook::new(None, AccumulatorOptions::default());
-        book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]))
+        book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]), None)
             .unwrap();
         let p = book.begin_upload("t0", 0).unwrap();
         let q = book.begin_upload("u0", 0).unwrap();
@@ -542,19 +539,22 @@ mod tests {
     fn reopening_is_idempotent_and_empty_rounds_fail() {
         let mut book = RoundBook::new(None, AccumulatorOptions::default());
         let o = opening(0, 0, &[("p", "t0")]);
-        book.open_round(&o).unwrap();
-        book.open_round(&o).unwrap();
+        book.open_round(&o, None).unwrap();
+        book.open_round(&o, None).unwrap();
         assert!(matches!(
             book.close_round(0, 0),
             Ok(Ok(AggregationResult::Failed { .. }))
         ));
         assert!(book.model().is_none());
-        book.open_round(&o).unwrap();
+        book.open_round(&o, None).unwrap();
         assert_eq!(
             book.open_round_id(),
             None,
             "a stale re-open of a closed round is ignored"
         );
-        assert!(book.open_round(&opening(1, 0, &[("p", "t1")])).is_err());
+        assert!(
+            book.open_round(&opening(1, 0, &[("p", "t1")]), None)
+                .is_err()
+        );
     }
 }

@@ -379,32 +379,16 @@ pub fn load_model_file(mut reader: impl std::io::Read) -> Result<(ModelSpec, Byt
             file.len() - ours.len()
         )));
     }
-    let mut offset = ours.len();
-    for tensor in &spec.tensors {
-        if !all_finite(tensor.dtype, &file[offset..offset + tensor.byte_len()]) {
-            return Err(UploadError::NonFinite(tensor.name.clone()));
-        }
-        offset += tensor.byte_len();
-    }
+    FiniteCheck::new(&spec).advance(&file[ours.len()..])?;
     Ok((spec, Bytes::from(file)))
 }
 
 /// Reads a whole safetensors file held in memory into its tensors and their bytes.
 #[cfg(test)]
 pub(crate) fn read_model_file(bytes: &[u8]) -> Result<(ModelSpec, Vec<u8>), UploadError> {
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| UploadError::Malformed(format!("invalid safetensors file: {e}")))?;
-    let header_len = bytes.len() - metadata.data_len();
-    let (spec, _) = parse_header(&bytes[8..header_len])?;
-    let data = bytes[header_len..].to_vec();
-    let mut offset = 0;
-    for tensor in &spec.tensors {
-        if !all_finite(tensor.dtype, &data[offset..offset + tensor.byte_len()]) {
-            return Err(UploadError::NonFinite(tensor.name.clone()));
-        }
-        offset += tensor.byte_len();
-    }
-    Ok((spec, data))
+    let (spec, file) = load_model_file(bytes)?;
+    let header_len = model_header(&spec, 0).len();
+    Ok((spec, file[header_len..].to_vec()))
 }
 
 #[cfg(test)]

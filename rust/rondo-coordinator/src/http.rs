@@ -200,5 +200,8 @@ async fn status(State(coordinator): State<Arc<Coordinator>>) -> Json<serde_json:
 }
 
 async fn metrics(State(coordinator): State<Arc<Coordinator>>) -> Response {
+    // The gauges are read off the federation when scraped, not kept up to date on every tick.
+    let status = coordinator.federation().status(Instant::now());
+    coordinator.metrics.observe(&status);
     api::metrics_response(&coordinator.metrics.registry)
 }

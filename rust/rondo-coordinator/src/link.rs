@@ -108,14 +108,7 @@ pub async fn drive(
                 }
             }
         }
-        let commands = {
-            let mut federation = coordinator.federation();
-            let commands = federation.tick(Instant::now());
-            coordinator
-                .metrics
-                .observe(&federation.status(Instant::now()));
-            commands
-        };
+        let commands = coordinator.federation().tick(Instant::now());
         for command in commands {
             if acked
                 .as_ref()

@@ -64,8 +64,9 @@ pub struct Coordinator {
     aggregator_url: RwLock<Option<String>>,
     /// Pokes the driver to run a tick now (after an event that may close or open a round).
     pub wake: Notify,
-    /// Bumped whenever what a heartbeat answers may have changed; long-polling heartbeats
-    /// wait on it.
+    /// Bumped when a round opens or closes, which is when heartbeat answers change for
+    /// everyone; long-polling heartbeats wait on it. (A single participant's delivery is not
+    /// announced: it would wake every held heartbeat for one participant's news.)
     changes: watch::Sender<u64>,
     pub heartbeat_period_secs: f64,
     pub metrics: Metrics,

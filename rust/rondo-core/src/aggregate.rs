@@ -79,6 +79,12 @@ struct InPlaceSum {
     ranges: Vec<std::ops::Range<usize>>,
 }
 
+/// A locked plain or in-place sum.
+enum SumGuard<'a> {
+    InPlace(MutexGuard<'a, InPlaceSum>),
+    Plain(MutexGuard<'a, Vec<PlainSum>>),
+}
+
 #[derive(Debug)]
 enum Sums {
     InPlace(Mutex<InPlaceSum>),
@@ -288,13 +294,17 @@ impl FedAvgAccumulator {
             match (&self.sums, self.options.mode) {
                 (Sums::Atomic(sums), _) => self.fold_hogwild(sums, &update),
                 (_, AccumulationMode::Locked) => {
-                    self.fold_locked(std::slice::from_ref(&update));
+                    self.fold(&mut self.lock_sum(), std::slice::from_ref(&update));
                 }
                 _ => {
                     lock(&self.queue).push(update);
                     // Whoever gets the sum folds everything queued by then, ours included
                     // (or a previous holder already folded ours: the queue is then empty).
-                    self.fold_locked(&[]);
+                    let mut sum = self.lock_sum();
+                    let batch = std::mem::take(&mut *lock(&self.queue));
+                    self.fold(&mut sum, &batch);
+                    drop(sum);
+                    release_in_background(batch);
                 }
             }
         }
@@ -326,35 +336,19 @@ impl FedAvgAccumulator {
             .collect()
     }
 
-    /// Takes the sum's lock and folds `updates`, or (when empty) whatever is queued.
-    fn fold_locked(&self, updates: &[Update]) {
+    /// Takes the lock of a plain or in-place sum (Hogwild sums have none).
+    fn lock_sum(&self) -> SumGuard<'_> {
         match &self.sums {
-            Sums::InPlace(sum) => {
-                let mut sum = lock(sum);
-                let queued = self.take_queue_if(updates.is_empty());
-                self.fold_in_place(&mut sum, if updates.is_empty() { &queued } else { updates });
-                drop(sum);
-                release_in_background(queued);
-            }
-            Sums::Plain(sums) => {
-                let mut sums = lock(sums);
-                let queued = self.take_queue_if(updates.is_empty());
-                self.fold_plain(
-                    &mut sums,
-                    if updates.is_empty() { &queued } else { updates },
-                );
-                drop(sums);
-                release_in_background(queued);
-            }
+            Sums::InPlace(sum) => SumGuard::InPlace(lock(sum)),
+            Sums::Plain(sums) => SumGuard::Plain(lock(sums)),
             Sums::Atomic(_) => unreachable!("hogwild sums are folded without a lock"),
         }
     }
 
-    fn take_queue_if(&self, take: bool) -> Vec<Update> {
-        if take {
-            std::mem::take(&mut *lock(&self.queue))
-        } else {
-            Vec::new()
+    fn fold(&self, sum: &mut SumGuard<'_>, updates: &[Update]) {
+        match sum {
+            SumGuard::InPlace(sum) => self.fold_in_place(sum, updates),
+            SumGuard::Plain(sums) => self.fold_plain(sums, updates),
         }
     }
 
@@ -415,7 +409,7 @@ impl FedAvgAccumulator {
         if self.options.deterministic {
             let mut held = std::mem::take(&mut *lock(&self.queue));
             held.sort_by(|a, b| a.key.cmp(&b.key));
-            self.fold_locked(&held);
+            self.fold(&mut self.lock_sum(), &held);
         }
         let scale = 1.0 / total_weight;
         let prefix = self.prefix;
@@ -430,49 +424,37 @@ impl FedAvgAccumulator {
                 };
                 let data = buffer.data_mut();
                 match sum.dtype {
-                    DType::F64 => {
-                        kernels::scale_in_place_f64(bytemuck::cast_slice_mut(data), scale)
-                    }
-                    _ => kernels::scale_in_place_f32(bytemuck::cast_slice_mut(data), scale as f32),
+                    DType::F64 => kernels::scale_in_place(bytemuck::cast_slice_mut(data), scale),
+                    _ => kernels::scale_in_place(bytemuck::cast_slice_mut(data), scale as f32),
                 }
                 Some(buffer)
             }
-            Sums::Plain(sums) => {
-                let sums = sums.into_inner().unwrap_or_else(|p| p.into_inner());
-                let mut buffer = ModelBuffer::zeroed(prefix, data_len);
-                let mut out = buffer.data_mut();
-                for (tensor, sum) in self.spec.tensors.iter().zip(&sums) {
-                    let (here, rest) = out.split_at_mut(tensor.byte_len());
-                    match sum {
-                        PlainSum::F32(acc) => {
-                            kernels::write_scaled_f32(acc, tensor.dtype, scale, here)
-                        }
-                        PlainSum::F64(acc) => {
-                            kernels::write_scaled_f64(acc, tensor.dtype, scale, here)
-                        }
-                    }
-                    out = rest;
-                }
-                Some(buffer)
+            Sums::Plain(ref sums) => {
+                let sums = lock(sums);
+                Some(self.write_tensors(|index, dtype, out| match &sums[index] {
+                    PlainSum::F32(acc) => kernels::write_scaled_f32(acc, dtype, scale, out),
+                    PlainSum::F64(acc) => kernels::write_scaled_f64(acc, dtype, scale, out),
+                }))
             }
-            Sums::Atomic(sums) => {
-                let mut buffer = ModelBuffer::zeroed(prefix, data_len);
-                let mut out = buffer.data_mut();
-                for (tensor, sum) in self.spec.tensors.iter().zip(&sums) {
-                    let (here, rest) = out.split_at_mut(tensor.byte_len());
-                    match sum {
-                        AtomicSum::F32(acc) => {
-                            kernels::write_scaled_atomic_f32(acc, tensor.dtype, scale, here)
-                        }
-                        AtomicSum::F64(acc) => {
-                            kernels::write_scaled_atomic_f64(acc, tensor.dtype, scale, here)
-                        }
-                    }
-                    out = rest;
-                }
-                Some(buffer)
+            Sums::Atomic(ref sums) => {
+                Some(self.write_tensors(|index, dtype, out| match &sums[index] {
+                    AtomicSum::F32(acc) => kernels::write_scaled_atomic_f32(acc, dtype, scale, out),
+                    AtomicSum::F64(acc) => kernels::write_scaled_atomic_f64(acc, dtype, scale, out),
+                }))
             }
         }
+    }
+
+    /// A new model buffer whose tensors `write(index, dtype, bytes)` fills one by one.
+    fn write_tensors(&self, write: impl Fn(usize, DType, &mut [u8])) -> ModelBuffer {
+        let mut buffer = ModelBuffer::zeroed(self.prefix, self.spec.byte_len());
+        let mut out = buffer.data_mut();
+        for (index, tensor) in self.spec.tensors.iter().enumerate() {
+            let (here, rest) = out.split_at_mut(tensor.byte_len());
+            write(index, tensor.dtype, here);
+            out = rest;
+        }
+        buffer
     }
 }
 

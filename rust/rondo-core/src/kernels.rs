@@ -251,79 +251,66 @@ pub fn all_finite(dtype: DType, bytes: &[u8]) -> bool {
     })
 }
 
-/// Writes `sum[i] * scale` into `out` as `dtype` (the finalize pass).
-pub fn write_scaled_f32(sum: &[f32], dtype: DType, scale: f64, out: &mut [u8]) {
+/// Writes `value(sum[i]) * scale` into `out` as `dtype` (the finalize pass), whatever the
+/// sum's element type.
+fn write_scaled<T: Sync>(
+    sum: &[T],
+    dtype: DType,
+    scale: f64,
+    out: &mut [u8],
+    value: impl Fn(&T) -> f64 + Sync,
+) {
     let size = dtype.size_bytes();
-    let scale32 = scale as f32;
     sum.par_chunks(PAR_CHUNK)
         .zip(out.par_chunks_mut(PAR_CHUNK * size))
-        .for_each(|(sum, out)| match dtype {
-            DType::F32 => {
-                for (a, o) in sum.iter().zip(out.chunks_exact_mut(4)) {
-                    o.copy_from_slice(&(a * scale32).to_le_bytes());
-                }
+        .for_each(|(sum, out)| {
+            for (a, o) in sum.iter().zip(out.chunks_exact_mut(size)) {
+                write(dtype, value(a) * scale, o);
             }
-            _ => {
-                for (a, o) in sum.iter().zip(out.chunks_exact_mut(size)) {
-                    write(dtype, f64::from(*a) * scale, o);
-                }
+        });
+}
+
+/// Writes `sum[i] * scale` into `out` as `dtype` (the finalize pass).
+pub fn write_scaled_f32(sum: &[f32], dtype: DType, scale: f64, out: &mut [u8]) {
+    if dtype != DType::F32 {
+        return write_scaled(sum, dtype, scale, out, |a| f64::from(*a));
+    }
+    let scale = scale as f32;
+    sum.par_chunks(PAR_CHUNK)
+        .zip(out.par_chunks_mut(PAR_CHUNK * 4))
+        .for_each(|(sum, out)| {
+            for (a, o) in sum.iter().zip(out.chunks_exact_mut(4)) {
+                o.copy_from_slice(&(a * scale).to_le_bytes());
             }
         });
 }
 
 /// [`write_scaled_f32`] for `f64` sums.
 pub fn write_scaled_f64(sum: &[f64], dtype: DType, scale: f64, out: &mut [u8]) {
-    let size = dtype.size_bytes();
-    sum.par_chunks(PAR_CHUNK)
-        .zip(out.par_chunks_mut(PAR_CHUNK * size))
-        .for_each(|(sum, out)| {
-            for (a, o) in sum.iter().zip(out.chunks_exact_mut(size)) {
-                write(dtype, a * scale, o);
-            }
-        });
-}
-
-/// `sum[i] *= scale` in place (finalize of a sum that becomes the model file).
-pub fn scale_in_place_f32(sum: &mut [f32], scale: f32) {
-    sum.par_chunks_mut(PAR_CHUNK).for_each(|sum| {
-        for a in sum {
-            *a *= scale;
-        }
-    });
-}
-
-/// [`scale_in_place_f32`] for `f64` sums.
-pub fn scale_in_place_f64(sum: &mut [f64], scale: f64) {
-    sum.par_chunks_mut(PAR_CHUNK).for_each(|sum| {
-        for a in sum {
-            *a *= scale;
-        }
-    });
+    write_scaled(sum, dtype, scale, out, |a| *a);
 }
 
 /// [`write_scaled_f32`] straight from a Hogwild sum.
 pub fn write_scaled_atomic_f32(sum: &[AtomicU32], dtype: DType, scale: f64, out: &mut [u8]) {
-    let size = dtype.size_bytes();
-    sum.par_chunks(PAR_CHUNK)
-        .zip(out.par_chunks_mut(PAR_CHUNK * size))
-        .for_each(|(sum, out)| {
-            for (a, o) in sum.iter().zip(out.chunks_exact_mut(size)) {
-                let value = f32::from_bits(a.load(Ordering::Relaxed));
-                write(dtype, f64::from(value) * scale, o);
-            }
-        });
+    write_scaled(sum, dtype, scale, out, |a| {
+        f64::from(f32::from_bits(a.load(Ordering::Relaxed)))
+    });
 }
 
 /// [`write_scaled_f64`] straight from a Hogwild sum.
 pub fn write_scaled_atomic_f64(sum: &[AtomicU64], dtype: DType, scale: f64, out: &mut [u8]) {
-    let size = dtype.size_bytes();
-    sum.par_chunks(PAR_CHUNK)
-        .zip(out.par_chunks_mut(PAR_CHUNK * size))
-        .for_each(|(sum, out)| {
-            for (a, o) in sum.iter().zip(out.chunks_exact_mut(size)) {
-                write(dtype, f64::from_bits(a.load(Ordering::Relaxed)) * scale, o);
-            }
-        });
+    write_scaled(sum, dtype, scale, out, |a| {
+        f64::from_bits(a.load(Ordering::Relaxed))
+    });
+}
+
+/// `sum[i] *= scale` in place (finalize of a sum that becomes the model file).
+pub fn scale_in_place<T: Copy + Send + Sync + std::ops::MulAssign>(sum: &mut [T], scale: T) {
+    sum.par_chunks_mut(PAR_CHUNK).for_each(|sum| {
+        for a in sum {
+            *a *= scale;
+        }
+    });
 }
 
 /// Encodes `values` as little-endian `dtype` bytes.

@@ -1,8 +1,6 @@
 //! What every Rondo HTTP API answers the same way.
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prometheus::{Encoder, Registry, TextEncoder};
@@ -62,28 +60,6 @@ impl IntoResponse for ApiError {
             },
         };
         (self.status, Json(body)).into_response()
-    }
-}
-
-/// `axum::Json`, but a body that is not the expected JSON gets an [`ApiError`] (`invalid_body`).
-pub struct JsonBody<T>(pub T);
-
-impl<S, T> FromRequest<S> for JsonBody<T>
-where
-    Json<T>: FromRequest<S, Rejection = JsonRejection>,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(ApiError::new(
-                rejection.status(),
-                "invalid_body",
-                rejection.body_text(),
-            )),
-        }
     }
 }
 

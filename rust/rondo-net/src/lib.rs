@@ -5,9 +5,9 @@
 //! - [`link`] is the tarpc link between the coordinator and the aggregator: the two service
 //!   traits (one per direction), the messages they carry, and helpers to serve and to connect
 //!   with explicit deadlines.
-//! - [`api`] is what every HTTP API of Rondo answers the same way: the JSON error body, a JSON
-//!   extractor that reports bad bodies in that shape, and the `/openapi.json`, `/healthz` and
-//!   `/metrics` handlers.
+//! - [`api`] is what every HTTP API of Rondo answers the same way: the JSON error body (also
+//!   for unknown paths and methods), bearer tokens, `/openapi.json`, `/healthz`, and the
+//!   Prometheus registry and `/metrics` rendering.
 //! - [`boot`] starts a service: the TOML config (embedded defaults, `-c FILE`, `RONDO__…`
 //!   environment overrides), logging, binding listeners (port 0 allowed) and writing the bound
 //!   addresses where scripts and tests can read them.
