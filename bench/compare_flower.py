@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import select
 import shutil
 import socket
 import subprocess
@@ -102,7 +103,9 @@ class Processes:
         self.running[name] = subprocess.Popen(
             argv,
             cwd=BENCH,  # the child scripts import workload.py from here
-            env={**os.environ, **(env or {})},
+            # Neither system uses BLAS here, but numpy's OpenBLAS starts a spinning worker
+            # thread per core at import, which costs every Python process CPU while it starts.
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -126,10 +129,17 @@ class Processes:
         Also records its CPU time: what reaping it adds to this process's children's usage.
         """
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        process = self.running[name]
+        # Popen.wait(timeout) polls with sleeps of up to 50 ms, which would add to the measured
+        # wall time; a pidfd becomes readable the moment the process exits.
+        pidfd = os.pidfd_open(process.pid)
         try:
-            code = self.running[name].wait(timeout=self.remaining())
-        except subprocess.TimeoutExpired:
-            raise Aborted(f"timed out waiting for {name}") from None
+            exited, _, _ = select.select([pidfd], [], [], self.remaining())
+        finally:
+            os.close(pidfd)
+        if not exited:
+            raise Aborted(f"timed out waiting for {name}")
+        code = process.wait()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.cpu_secs[name] = (after.ru_utime + after.ru_stime) - (
             before.ru_utime + before.ru_stime
@@ -141,19 +151,6 @@ class Processes:
         fields = Path(f"/proc/{self.running[name].pid}/stat").read_text().rsplit(")", 1)[1].split()
         # utime and stime are fields 14 and 15 of stat(5), in clock ticks.
         self.cpu_secs[name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def wait_for_file(self, path: Path, name: str) -> dict[str, Any]:
-        """The JSON that process ``name`` writes to ``path`` once it listens."""
-        while True:
-            if path.exists() and path.stat().st_size > 0:
-                try:
-                    data: dict[str, Any] = json.loads(path.read_text())
-                    return data
-                except ValueError:
-                    pass  # caught half-written
-            self.check_alive(name)
-            self.remaining()
-            time.sleep(0.01)
 
     def stop_all(self) -> None:
         for process in self.running.values():
@@ -265,7 +262,11 @@ def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
     heartbeat_timeout = 10.0 if w.clients <= 10 else 30.0
     if w.size > 200 * MB:
         heartbeat_timeout = 60.0  # a participant busy with a GB-sized model answers late
-    ports = {"RONDO__API__PORT": "0", "RONDO__RPC__PORT": "0"}
+    # Ports chosen up front, as for Flower, so that all three processes start at once, as an
+    # operator would start them: the coordinator keeps trying to reach the aggregator, and the
+    # participants to join the coordinator, until each is up.
+    aggregator_rpc = f"127.0.0.1:{free_port()}"
+    coordinator_url = f"http://127.0.0.1:{free_port()}"
 
     procs = Processes(run_dir, deadline)
     try:
@@ -274,19 +275,18 @@ def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
             "aggregator",
             [str(TARGET / "aggregator"), "-c", str(REPO / "configs" / "dev-aggregator.toml")],
             {
-                **ports,
-                "RONDO__RUNTIME__ADDRESSES_FILE": str(run_dir / "aggregator.json"),
+                "RONDO__API__PORT": str(free_port()),
+                "RONDO__RPC__PORT": aggregator_rpc.rsplit(":", 1)[1],
                 "RONDO__MODEL__INITIAL_MODEL": str(initial),
             },
         )
-        aggregator = procs.wait_for_file(run_dir / "aggregator.json", "aggregator")
         coordinator_pid = procs.start(
             "coordinator",
             [str(TARGET / "coordinator"), "-c", str(REPO / "configs" / "dev-coordinator.toml")],
             {
-                **ports,
-                "RONDO__RUNTIME__ADDRESSES_FILE": str(run_dir / "coordinator.json"),
-                "RONDO__AGGREGATOR__RPC_ADDRESS": aggregator["rpc"],
+                "RONDO__API__PORT": coordinator_url.rsplit(":", 1)[1],
+                "RONDO__RPC__PORT": str(free_port()),
+                "RONDO__AGGREGATOR__RPC_ADDRESS": aggregator_rpc,
                 "RONDO__FEDERATION__ROUNDS": str(w.rounds),
                 "RONDO__FEDERATION__MIN_CLIENTS": str(w.clients),
                 "RONDO__FEDERATION__HEARTBEAT_PERIOD_SECS": str(heartbeat_period),
@@ -295,8 +295,6 @@ def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
                 "RONDO__FEDERATION__ROUND_TIMEOUT_SECS": str(max(1.0, procs.remaining())),
             },
         )
-        coordinator = procs.wait_for_file(run_dir / "coordinator.json", "coordinator")
-        coordinator_url = f"http://{coordinator['api']}"
         events_path = run_dir / "participant-events.json"
         procs.start(
             "participants",

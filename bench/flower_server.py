@@ -100,3 +100,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    workload.exit_now(0)

@@ -22,12 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import requests
 
 try:
     import rondo
-    from rondo.runner import read_body
     from rondo.safetensors_io import decode
+    from rondo.transport import HttpClient
     from rondo.util import parse_size
 except ImportError:  # pragma: no cover - a message beats a traceback here
     sys.exit("dummy.py needs the Rondo SDK: pip install -e python/sdk")
@@ -132,9 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def get_status(coordinator_url: str) -> dict[str, Any]:
-    response = requests.get(f"{coordinator_url.rstrip('/')}/v1/status", timeout=10)
-    response.raise_for_status()
-    status: dict[str, Any] = response.json()
+    with HttpClient() as http:
+        status: dict[str, Any] = http.call(
+            "GET", f"{coordinator_url.rstrip('/')}/v1/status", timeout=10
+        )
     return status
 
 
@@ -159,7 +159,7 @@ class Progress:
     def poll(self) -> None:
         try:
             status = get_status(self.coordinator_url)
-        except (requests.RequestException, ValueError):
+        except (rondo.RondoError, ValueError):
             return  # progress is best effort; the participants report real problems
         for entry in status.get("history", []):
             key = (entry["round"], entry.get("attempt", 0))
@@ -200,9 +200,8 @@ def check_expected(
         last_round = entry["round"]
 
     url = f"{status['aggregator_url'].rstrip('/')}/v1/model"
-    with requests.get(url, timeout=600, stream=True) as response:
-        response.raise_for_status()
-        model, metadata = decode(read_body(response))
+    with HttpClient() as http:
+        model, metadata = decode(http.download(url, timeout=600))
     sizes = layout(n_elements)
     shapes = {name: (array.dtype, array.shape) for name, array in model.items()}
     wanted = {name: (np.dtype(np.float32), (n,)) for name, n in sizes.items()}

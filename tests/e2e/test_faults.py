@@ -36,7 +36,8 @@ def test_coordinator_killed_mid_federation(start_federation, tmp_path):
         "federation.heartbeat_period_secs": 0.2,
     }
     federation = start_federation(coordinator=settings)
-    people = {"a": Adder(1.0, 10), "b": Adder(3.0, 30)}
+    # Rounds of a fraction of a second, so that the restart lands in the middle.
+    people = {"a": Adder(1.0, 10, train_secs=0.2), "b": Adder(3.0, 30, train_secs=0.2)}
     reports: dict = {}
     threads = [run_in_thread(p, federation.coordinator_url, n, reports) for n, p in people.items()]
 
@@ -88,7 +89,8 @@ def test_aggregator_killed_mid_federation(start_federation, tmp_path):
         },
         aggregator=aggregator,
     )
-    people = {"a": Adder(1.0, 10), "b": Adder(3.0, 30)}
+    # Rounds of a fraction of a second, so that the restart lands in the middle.
+    people = {"a": Adder(1.0, 10, train_secs=0.2), "b": Adder(3.0, 30, train_secs=0.2)}
     reports: dict = {}
     threads = [run_in_thread(p, federation.coordinator_url, n, reports) for n, p in people.items()]
     federation.wait_for(

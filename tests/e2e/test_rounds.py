@@ -15,12 +15,16 @@ N_ELEMENTS = 1000
 
 
 class Adder(rondo.Participant):
-    """Adds `delta` to every weight; trains on `n` samples. Optionally dies in `die_in_round`."""
+    """Adds `delta` to every weight; trains on `n` samples. Optionally dies in `die_in_round`,
+    and takes `train_secs` to train (so that a test can act while rounds are running)."""
 
-    def __init__(self, delta: float, n: int, die_in_round: int | None = None) -> None:
+    def __init__(
+        self, delta: float, n: int, die_in_round: int | None = None, train_secs: float = 0.0
+    ) -> None:
         self.delta = delta
         self.n = n
         self.die_in_round = die_in_round
+        self.train_secs = train_secs
         self.stop = threading.Event()
 
     def initial_weights(self) -> rondo.Weights:
@@ -33,6 +37,7 @@ class Adder(rondo.Participant):
         if round == self.die_in_round:
             # Stop heartbeating and never upload: a crash in the middle of training.
             self.stop.set()
+        time.sleep(self.train_secs)
         return {k: v + np.float32(self.delta) for k, v in weights.items()}, self.n, {"loss": 0.5}
 
 

@@ -7,10 +7,12 @@ calls your training code and uploads the result, round after round::
     report = rondo.run_participant(MyParticipant(), "http://127.0.0.1:8081")
 
 Modules: :mod:`rondo.participant` (the interface and the report), :mod:`rondo.runner` (the
-network side), :mod:`rondo.safetensors_io` (the wire encoding of weights), :mod:`rondo.util`.
+protocol: joining, heartbeats, rounds), :mod:`rondo.transport` (HTTP on the standard library,
+downloads read in place, uploads sent from the arrays), :mod:`rondo.safetensors_io` (the wire
+encoding of weights), :mod:`rondo.errors`, :mod:`rondo.util`.
 """
 
-from .errors import ApiError, CoordinatorUnavailable, RondoError
+from .errors import ApiError, CoordinatorUnavailable, NetworkError, RondoError
 from .participant import Participant, ParticipantReport
 from .runner import run_participant
 from .types import Weights
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ApiError",
     "CoordinatorUnavailable",
+    "NetworkError",
     "Participant",
     "ParticipantReport",
     "RondoError",

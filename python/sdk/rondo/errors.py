@@ -11,6 +11,11 @@ class CoordinatorUnavailable(RondoError):
     """The coordinator could not be reached within the connect timeout."""
 
 
+class NetworkError(RondoError):
+    """A Rondo service could not be reached, or an exchange with it broke off (connection
+    refused or reset, timeout, a body that ended early)."""
+
+
 class ApiError(RondoError):
     """A Rondo service answered with an error (any 4xx/5xx).
 

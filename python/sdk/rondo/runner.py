@@ -19,31 +19,29 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
-import requests
-import urllib3.exceptions
+import numpy as np
 
-from .errors import ApiError, CoordinatorUnavailable, RondoError
+from .errors import ApiError, CoordinatorUnavailable, NetworkError, RondoError
 from .participant import Participant, ParticipantReport
 from .safetensors_io import decode, encode_stream
+from .transport import HttpClient
 from .types import Weights
 
 CONTROL_TIMEOUT = 10.0
 """Seconds to wait for the coordinator's small JSON answers."""
-DATA_TIMEOUT = (10.0, 600.0)
-"""(connect, read) seconds for model downloads and uploads, which can be large."""
+DATA_TIMEOUT = 600.0
+"""Seconds without progress after which a model download or upload is given up."""
 LONG_POLL_SECS = 30.0
 """Longest hold asked of the coordinator per heartbeat (it applies its own, shorter, cap)."""
 MAX_BACKOFF = 2.0
 """Longest pause between two join attempts while the coordinator is unreachable."""
 STOP_CHECK_SECS = 0.25
 """How often the main thread, while waiting for a heartbeat answer, looks at the stop event."""
-DOWNLOAD_CHUNK_BYTES = 1 << 22
-"""Bytes read from the connection at a time while downloading a model."""
 
 # Heartbeat errors that mean the coordinator does not know this identity (any more): the
 # participant must join again, exactly as after a `rejected` answer.
@@ -55,64 +53,8 @@ class _Identity(NamedTuple):
     secret: str
 
 
-def _raise_for_error(response: requests.Response) -> None:
-    """Raise :class:`ApiError` for a 4xx/5xx answer, with the documented error body's fields."""
-    if response.status_code < 400:
-        return
-    code, message = f"http_{response.status_code}", response.text[:500]
-    try:
-        error = response.json()["error"]
-        code, message = str(error["code"]), str(error.get("message", ""))
-    except (ValueError, KeyError, TypeError):
-        pass  # not the documented shape (e.g. a proxy's page): keep the generic code
-    raise ApiError(response.status_code, code, message)
-
-
 def _bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
-
-
-def read_body(response: requests.Response) -> bytearray:
-    """Read the body of a ``stream=True`` response into one new, writable ``bytearray``.
-
-    With a ``Content-Length`` (and no content encoding), the buffer is allocated once at its
-    final size and filled in place, a chunk at a time: no chunk list, no join, no second copy of
-    a possibly-gigabyte model. Without one, chunks are appended to a growing buffer. Pass the
-    result to :func:`rondo.safetensors_io.decode`, whose arrays are then writable views of it.
-
-    Raises:
-        requests.ConnectionError: the connection failed or closed before the whole body came.
-    """
-    length = response.headers.get("Content-Length", "")
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    if not (length.isdigit() and encoding in ("", "identity")):
-        # Unknown size (chunked or close-delimited) or compressed: let requests decode it.
-        buffer = bytearray()
-        for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK_BYTES):
-            buffer += chunk
-        return buffer
-    total = int(length)
-    buffer = bytearray(total)
-    view = memoryview(buffer)
-    received = 0
-    try:
-        while received < total:
-            n = response.raw.readinto(view[received : received + DOWNLOAD_CHUNK_BYTES])
-            if not n:
-                break
-            received += n
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise requests.ConnectionError(
-            f"download of {response.url} failed after {received} of {total} bytes: {exc}"
-        ) from exc
-    finally:
-        view.release()
-    if received < total:
-        raise requests.ConnectionError(
-            f"download of {response.url} ended early: the connection closed after {received} of "
-            f"{total} bytes (Content-Length)"
-        )
-    return buffer
 
 
 class _Link:
@@ -155,9 +97,12 @@ class _Run:
         self.connect_timeout = connect_timeout
         self.log = log
         self.stop = stop
-        self.session = requests.Session()  # the main thread's; the heartbeat thread has its own
+        self.http = HttpClient()  # the main thread's; the heartbeat thread has its own
         self.report = ParticipantReport()
         self.label = name or "participant"
+        # The previous round's download buffer, when nothing of it outlived the round: the
+        # next download of the same size is read into it (no new allocation to fault in).
+        self.spare: np.ndarray | None = None
 
     # --- joining -------------------------------------------------------------------------------
 
@@ -169,17 +114,16 @@ class _Run:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                response = self.session.post(
+                answer = self.http.call(
+                    "POST",
                     f"{self.base}/v1/participants",
-                    json=body,
+                    body=body,
                     timeout=max(0.1, min(CONTROL_TIMEOUT, remaining)),
                 )
-                _raise_for_error(response)
-                answer = response.json()
                 identity = _Identity(str(answer["participant_id"]), str(answer["secret"]))
                 period = float(answer["heartbeat_period_secs"])
                 break
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except NetworkError as exc:
                 failure: Exception = exc
             except ApiError as exc:
                 if exc.status < 500:
@@ -207,14 +151,14 @@ class _Run:
 
     def heartbeat_loop(self, link: _Link, period: float) -> None:
         try:
-            with requests.Session() as session:
-                self._heartbeat_loop(session, link, period)
+            with HttpClient() as http:
+                self._heartbeat_loop(http, link, period)
         except BaseException as exc:  # surfaced to the main thread, which raises it
             with link.cond:
                 link.error = exc
                 link.cond.notify_all()
 
-    def _heartbeat_loop(self, session: requests.Session, link: _Link, period: float) -> None:
+    def _heartbeat_loop(self, http: HttpClient, link: _Link, period: float) -> None:
         failing = False
         since: str | None = None  # the `state` of the previous answer to this identity
         asked: _Identity | None = None
@@ -231,16 +175,15 @@ class _Run:
             sent_since, since = since, None
             answer: dict[str, Any] | None = None
             try:
-                response = session.post(
+                answer = http.call(
+                    "POST",
                     url,
                     params=params,
                     headers=_bearer(identity.secret),
                     # The coordinator may hold the answer for up to `wait_secs`.
                     timeout=max(period, LONG_POLL_SECS) + CONTROL_TIMEOUT,
                 )
-                _raise_for_error(response)
-                answer = response.json()
-            except (ApiError, requests.RequestException, ValueError) as exc:
+            except (ApiError, NetworkError, ValueError) as exc:
                 if isinstance(exc, ApiError) and exc.code in _IDENTITY_ERRORS:
                     answer = {"action": "rejected", "round": None, "reason": str(exc)}
                 else:
@@ -308,7 +251,7 @@ class _Run:
             # A heartbeat may be in flight (held up to a period by the coordinator); the halted
             # thread sends no other and ends when it returns. It is a daemon: no need to wait.
             thread.join(timeout=0.1)
-            self.session.close()
+            self.http.close()
         return self.report
 
     def _main_loop(self, link: _Link) -> None:
@@ -357,63 +300,62 @@ class _Run:
     def _train(self, identity: _Identity, round_: int) -> bool:
         """Handle a `train` selection; False when start_training should be retried."""
         try:
-            response = self.session.post(
+            ticket = self.http.call(
+                "POST",
                 f"{self.base}/v1/participants/{identity.participant_id}/start_training",
                 headers=_bearer(identity.secret),
                 timeout=CONTROL_TIMEOUT,
             )
-            _raise_for_error(response)
-            ticket = response.json()
         except ApiError as exc:
             # e.g. not_selected: the round closed between the heartbeat and this call.
             self.log.warning("%s: start_training for round %d refused: %s", self.label, round_, exc)
             return True
-        except requests.RequestException as exc:
+        except NetworkError as exc:
             self.log.warning("%s: start_training for round %d failed: %s", self.label, round_, exc)
             return False
         round_ = int(ticket["round"])
         token = str(ticket["token"])
+        upload_url = str(ticket["upload_url"])
         try:
             if ticket.get("model_url") is None:
                 # Round 0: this participant's initial weights become the global model.
-                weights, n_samples = self.participant.initial_weights(), 1
-                metrics: dict[str, float] = {}
+                weights = self.participant.initial_weights()
+                if not self.stop.is_set():  # a set stop event plays a crash: no upload
+                    self._upload(upload_url, token, round_, weights, 1, {})
             else:
-                weights, n_samples, metrics = self._download_and_train(
-                    str(ticket["model_url"]), token, round_
-                )
-            if self.stop.is_set():
-                return True  # simulated crash: no upload
-            self._upload(str(ticket["upload_url"]), token, round_, weights, n_samples, metrics)
+                self._train_on(str(ticket["model_url"]), upload_url, token, round_)
         except ApiError as exc:
             self.log.warning("%s: round %d: %s", self.label, round_, exc)
             self.report.rejected_uploads[round_] = exc.code
-        except requests.RequestException as exc:
+        except NetworkError as exc:
             self.log.warning("%s: round %d: aggregator not reachable: %s", self.label, round_, exc)
             self.report.rejected_uploads[round_] = "network_error"
         return True
 
-    def _download_and_train(
-        self, model_url: str, token: str, round_: int
-    ) -> tuple[Weights, int, dict[str, float]]:
-        headers = {**_bearer(token), "Accept-Encoding": "identity"}
-        with self.session.get(
-            model_url, headers=headers, timeout=DATA_TIMEOUT, stream=True
-        ) as response:
-            _raise_for_error(response)
-            data = read_body(response)
-            status = response.status_code
+    def _train_on(self, model_url: str, upload_url: str, token: str, round_: int) -> None:
+        """Download the global model, let the participant train on it, upload the result."""
+        data = self.http.download(
+            model_url, headers=_bearer(token), timeout=DATA_TIMEOUT, into=self.spare
+        )
+        self.spare = None
         try:
             # Zero-copy: the arrays are writable views of `data`, which they keep alive.
             weights, _ = decode(data)
         except ValueError as exc:
-            raise ApiError(status, "malformed_download", str(exc)) from exc
-        del data
+            raise NetworkError(f"download of {model_url} is not a valid model: {exc}") from exc
         new_weights, n_samples, metrics = self.participant.train_round(weights, round_)
         del weights
         if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
             raise ValueError(f"train_round must return n_samples >= 1, got {n_samples!r}")
-        return new_weights, int(n_samples), metrics
+        if self.stop.is_set():
+            return  # a set stop event plays a crash: no upload
+        self._upload(upload_url, token, round_, new_weights, int(n_samples), metrics)
+        del new_weights
+        # References left: this frame's `data` and getrefcount's argument. Any more means an
+        # array of this round (a view of `data`) is still held, by the participant or anyone:
+        # then the buffer is theirs, and the next download gets a new one.
+        if getattr(sys, "getrefcount", lambda _: 0)(data) == 2:
+            self.spare = data
 
     def _upload(
         self,
@@ -433,14 +375,13 @@ class _Run:
                 self.log.warning("%s: metric %r is %s; not sent", self.label, key, value)
         if finite:
             metadata["rondo.metrics"] = json.dumps(finite)
-        response = self.session.post(
+        self.http.upload(
             upload_url,
-            # Chunked upload straight from the arrays; urllib3 takes memoryview chunks too.
-            data=cast(Iterable[bytes], encode_stream(weights, metadata)),  # sized: no chunking
+            # Sent straight from the arrays' memory, with a Content-Length.
+            encode_stream(weights, metadata),
             headers={**_bearer(token), "Content-Type": "application/octet-stream"},
             timeout=DATA_TIMEOUT,
         )
-        _raise_for_error(response)
         self.report.rounds_trained.append(round_)
         what = "uploaded initial weights" if round_ == 0 else "trained"
         self.log.info("%s: %s round %d", self.label, what, round_)

@@ -23,9 +23,9 @@ DTYPE_NAMES: dict[np.dtype, str] = {
 }
 """numpy dtypes the SDK can send, and their safetensors names."""
 
-# urllib3 copies each chunk of a chunked body once (to frame it), so chunks are kept small
-# rather than one memoryview per possibly-gigabyte tensor.
-DEFAULT_CHUNK_BYTES = 1 << 20
+# Each piece is handed to the socket as it is (no copy); pieces of a bounded size keep any one
+# call short for a possibly-gigabyte tensor, and at this size cost nothing measurable.
+DEFAULT_CHUNK_BYTES = 1 << 24
 
 
 def _prepare(weights: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
@@ -58,9 +58,8 @@ def encode_stream(
     of the arrays themselves, at most ``chunk_bytes`` long: arrays that are already C-contiguous
     and little-endian are not copied. Do not modify the arrays while the stream is consumed.
 
-    The result knows its total length (``len()``), so ``requests`` sends it with a
-    ``Content-Length`` and passes each piece to the socket as it is; with chunked transfer
-    encoding, urllib3 would copy every piece to frame it.
+    The result knows its total length (``len()``), so it is sent with a ``Content-Length``
+    and each piece goes to the socket as it is (see :meth:`rondo.transport.HttpClient.upload`).
 
     Raises:
         TypeError: a tensor has an unsupported dtype (raised before anything is yielded).
@@ -112,12 +111,13 @@ def encode(weights: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> by
     return b"".join(encode_stream(weights, metadata))
 
 
-def decode(data: bytes | bytearray | memoryview) -> tuple[Weights, dict[str, str]]:
+def decode(data: bytes | bytearray | memoryview | np.ndarray) -> tuple[Weights, dict[str, str]]:
     """Decode a safetensors file into ``(weights, metadata)``, without copying the tensors.
 
     The arrays are views of ``data``'s own memory (no copy): they are writable when ``data``
-    is writable (a ``bytearray``, as :func:`rondo.runner.read_body` returns), read-only when
-    it is ``bytes``. They keep ``data`` alive; modifying one in place modifies ``data``.
+    is writable (a ``bytearray``, or the array :meth:`rondo.transport.HttpClient.download`
+    returns), read-only when it is ``bytes``. They keep ``data`` alive; modifying one in place
+    modifies ``data``.
 
     The file is checked strictly: a JSON header object of tensors with ``dtype`` F32, F64, F16
     or BF16, ``shape`` a list of non-negative ints and ``data_offsets`` that cover the data

@@ -6,6 +6,7 @@ import json
 import re
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from conftest import AddOne, FakeRondo, free_port
 import rondo
 from rondo import ApiError, CoordinatorUnavailable, ParticipantReport, Weights, run_participant
 from rondo.runner import LONG_POLL_SECS
+from rondo.transport import HttpClient
 
 
 def run(
@@ -135,7 +137,7 @@ def test_downloads_are_writable_views_of_one_buffer(serve, transfer: str) -> Non
             self.seen.append((round, {k: v.copy() for k, v in weights.items()}))
             for array in weights.values():
                 assert array.flags.writeable
-                # A view of the download buffer (a bytearray), not an array of its own.
+                # A view of the download buffer, not an array of its own.
                 assert not array.flags.owndata
                 array += array.dtype.type(1)
             return weights, 5, {}
@@ -282,3 +284,46 @@ def test_bad_n_samples_is_reported(serve) -> None:
     fake = serve(rounds=1)
     with pytest.raises(ValueError, match="n_samples"):
         run(fake, Zero())
+
+
+def offered_buffers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record, for every model download, whether the runner offered a buffer to reuse."""
+    offered: list[bool] = []
+    download = HttpClient.download
+
+    def spy(self: HttpClient, url: str, **kwargs: Any) -> np.ndarray:
+        offered.append(kwargs.get("into") is not None)
+        return download(self, url, **kwargs)
+
+    monkeypatch.setattr(HttpClient, "download", spy)
+    return offered
+
+
+def test_download_buffer_is_reused_when_nothing_of_it_is_kept(serve, monkeypatch) -> None:
+    class InPlaceForgetful(AddOne):
+        def train_round(self, weights: Weights, round: int):
+            for array in weights.values():
+                array += array.dtype.type(1)
+            return weights, 5, {}
+
+    offered = offered_buffers(monkeypatch)
+    fake = serve(rounds=3)
+    report = run(fake, InPlaceForgetful())
+    assert report.rounds_trained == [0, 1, 2, 3]
+    assert offered == [False, True, True]
+    initial = AddOne().initial_weights()
+    assert_weights_equal(
+        fake.uploads[-1].weights, {k: v + v.dtype.type(3) for k, v in initial.items()}
+    )
+
+
+def test_weights_a_participant_keeps_are_never_overwritten(serve, monkeypatch) -> None:
+    offered = offered_buffers(monkeypatch)
+    fake = serve(rounds=3)
+    participant = AddOne()  # keeps every round's downloaded arrays in `seen`
+    run(fake, participant)
+    assert offered == [False, False, False]
+    initial = participant.initial_weights()
+    for k, (round_, weights) in enumerate(participant.seen):
+        assert round_ == k + 1
+        assert_weights_equal(weights, {n: v + v.dtype.type(k) for n, v in initial.items()})

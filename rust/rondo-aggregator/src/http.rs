@@ -185,16 +185,13 @@ async fn upload_update(
         err
     };
 
-    let _staging = aggregator
-        .reserve_staging(expected.as_ref().map(|spec| spec.byte_len() as u64))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "the aggregator is shutting down",
-            )
-        })?;
+    // Taken before any byte of the body is read, so that uploads beyond the budget wait with
+    // their bytes still in the socket. Round 0 before its first upload does not know the size
+    // yet: the buffer then holds the whole budget until the header declares it.
+    let staging = aggregator
+        .staging
+        .take(expected.as_ref().map(|spec| spec.byte_len()))
+        .await;
     // A participant that stops sending mid-upload must not hold its staging memory for ever.
     let idle = aggregator.upload_idle_timeout;
     let body = futures::stream::unfold(body.into_data_stream(), move |mut body| async move {
@@ -208,6 +205,7 @@ async fn upload_update(
         Box::pin(body),
         expected.as_deref(),
         aggregator.max_body_bytes,
+        staging,
     )
     .await
     .map_err(|e| reject(upload_error(&e)))?;
@@ -220,12 +218,17 @@ async fn upload_update(
         .begin_commit(&grant, &update.spec)
         .map_err(|e| reject(commit_error(e)))?;
     let key = grant.participant_id.clone();
+    // A pooled buffer returns to the pool, permits and all, wherever the fold drops the update.
+    // Without reuse (deterministic mode holds every update until the round closes) the bytes
+    // leave the budget and `_staging` holds their permits only until this handler ends, so
+    // that held updates cannot use up the budget and stall the uploads still to come.
+    let (data, _staging) = update.data.into_bytes();
     let fold_started = std::time::Instant::now();
     let folded = tokio::task::spawn_blocking(move || {
         sum.add(Update {
             key,
             spec: update.spec,
-            data: update.data,
+            data,
             weight: n_samples as f64,
         })
     })

@@ -7,8 +7,9 @@
 //! - [`config`]: the TOML config (`configs/dev-aggregator.toml` is compiled in as defaults).
 //! - [`wire`]: safetensors on the wire — reading an upload off the socket into a staging
 //!   buffer, validating it, and laying out the global model file.
+//! - [`staging`]: the staging budget and the pool of upload buffers reused within it.
 //! - [`rounds`]: the round book — global model, open round, tokens, running sum; plain data.
-//! - [`service`]: the shared [`service::Aggregator`] (book + limits + outbox + metrics).
+//! - [`service`]: the shared [`service::Aggregator`] (book + staging pool + outbox + metrics).
 //! - [`http`]: the participants' HTTP API (axum).
 //! - [`link`]: the tarpc side — serving the coordinator's calls, and the outbox of notices back.
 //! - [`run`]: start-up, used by `main`.
@@ -19,4 +20,5 @@ pub mod link;
 pub mod rounds;
 pub mod run;
 pub mod service;
+pub mod staging;
 pub mod wire;

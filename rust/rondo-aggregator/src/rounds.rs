@@ -97,6 +97,10 @@ impl RoundBook {
         }
     }
 
+    pub fn options(&self) -> AccumulatorOptions {
+        self.options
+    }
+
     pub fn model(&self) -> Option<&GlobalModel> {
         self.model.as_ref()
     }
@@ -380,6 +384,7 @@ impl RoundBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::staging::StagingBuffer;
     use crate::wire::StagedUpdate;
     use rondo_core::aggregate::Update;
     use rondo_core::kernels::{decode_values, encode_values};
@@ -398,7 +403,7 @@ mod tests {
     fn update(values: &[f64], n: u64) -> StagedUpdate {
         StagedUpdate {
             spec: spec(),
-            data: encode_values(DType::F32, values),
+            data: StagingBuffer::unpooled(encode_values(DType::F32, values)),
             n_samples: n,
             metrics: BTreeMap::new(),
         }
@@ -425,7 +430,7 @@ mod tests {
         let folded = sum.add(Update {
             key: grant.participant_id.clone(),
             spec: update.spec.clone(),
-            data: update.data.clone(),
+            data: Bytes::copy_from_slice(&update.data),
             weight: update.n_samples as f64,
         });
         drop(sum);
@@ -517,7 +522,7 @@ mod tests {
         sum.add(Update {
             key: "p".into(),
             spec: staged.spec.clone(),
-            data: staged.data.clone(),
+            data: Bytes::copy_from_slice(&staged.data),
             weight: 1.0,
         })
         .unwrap();

@@ -1,4 +1,4 @@
-//! The aggregator as one shared object: the round book behind its lock, the staging limit, the
+//! The aggregator as one shared object: the round book behind its lock, the staging pool, the
 //! outbox to the coordinator and the metrics. Both edges ([`crate::http`], [`crate::link`]) hold
 //! an `Arc<Aggregator>`.
 
@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rondo_core::federation::AggregationResult;
-use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::link::{Notice, Outbox};
 use crate::rounds::{CommitsInFlight, RoundBook};
+use crate::staging::StagingPool;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -21,6 +21,7 @@ pub struct Metrics {
     pub finalize_seconds: Histogram,
     pub fold_seconds: Histogram,
     pub model_bytes: IntGauge,
+    pub staging_pool_idle_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -54,6 +55,11 @@ impl Metrics {
         .expect("valid metric");
         let model_bytes =
             IntGauge::new("model_bytes", "Size of the serialized global model").expect("valid");
+        let staging_pool_idle_bytes = IntGauge::new(
+            "staging_pool_idle_bytes",
+            "Staging memory kept in idle buffers for the next uploads",
+        )
+        .expect("valid metric");
         let registry = rondo_net::api::registry(
             "rondo_aggregator",
             vec![
@@ -64,6 +70,7 @@ impl Metrics {
                 Box::new(finalize_seconds.clone()),
                 Box::new(fold_seconds.clone()),
                 Box::new(model_bytes.clone()),
+                Box::new(staging_pool_idle_bytes.clone()),
             ],
         );
         Self {
@@ -75,19 +82,16 @@ impl Metrics {
             finalize_seconds,
             fold_seconds,
             model_bytes,
+            staging_pool_idle_bytes,
         }
     }
 }
 
-/// Staging memory is handed out in units of this many bytes.
-const STAGING_UNIT: u64 = 1 << 20;
-
 pub struct Aggregator {
     book: Mutex<RoundBook>,
-    /// Staging memory, one permit per [`STAGING_UNIT`]: bounds the bytes of uploads held in
-    /// memory at once, whatever the number of participants.
-    staging: Semaphore,
-    staging_units: u32,
+    /// Bounds the bytes of uploads held in memory at once, whatever the number of
+    /// participants, and keeps their buffers for the next uploads.
+    pub staging: StagingPool,
     pub outbox: Outbox,
     pub metrics: Metrics,
     pub public_url: String,
@@ -108,13 +112,18 @@ impl Aggregator {
         if let Some(model) = book.model() {
             metrics.model_bytes.set(model.file.len() as i64);
         }
-        let staging_units = u32::try_from(staging_memory_bytes / STAGING_UNIT)
-            .unwrap_or(u32::MAX)
-            .clamp(1, Semaphore::MAX_PERMITS as u32);
+        // Deterministic mode holds every update until the round closes: a pooled buffer would
+        // hold its share of the budget as long, and uploads would stall once the held updates
+        // filled it.
+        let reuse = !book.options().deterministic;
+        let staging = StagingPool::new(
+            staging_memory_bytes,
+            reuse,
+            metrics.staging_pool_idle_bytes.clone(),
+        );
         Arc::new(Self {
             book: Mutex::new(book),
-            staging: Semaphore::new(staging_units as usize),
-            staging_units,
+            staging,
             outbox,
             metrics,
             public_url,
@@ -129,20 +138,6 @@ impl Aggregator {
         self.book
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Reserves staging memory for one upload of `bytes` (the whole budget when the size is not
-    /// known yet, or is larger than the budget). Waits while other uploads hold it.
-    pub async fn reserve_staging(
-        &self,
-        bytes: Option<u64>,
-    ) -> Result<SemaphorePermit<'_>, tokio::sync::AcquireError> {
-        let units = bytes.map_or(self.staging_units, |b| {
-            u32::try_from(b.div_ceil(STAGING_UNIT))
-                .unwrap_or(u32::MAX)
-                .clamp(1, self.staging_units)
-        });
-        self.staging.acquire_many(units).await
     }
 
     /// Closes a round and reports the result to the coordinator. Blocking: it waits for folds

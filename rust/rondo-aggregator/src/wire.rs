@@ -1,9 +1,10 @@
 //! Safetensors on the wire: reading an upload as it streams in, and writing the global model.
 //!
 //! An upload is read chunk by chunk off the socket: the header first (checked against the
-//! global model before any tensor byte is read), then the tensor bytes straight into one staging
-//! buffer of exactly the declared size. Nothing here touches the running sum; a rejected upload
-//! is simply dropped.
+//! global model before any tensor byte is read), then the tensor bytes straight into the
+//! staging buffer the caller took from the pool (see [`crate::staging`]), sized for the
+//! declared bytes. Nothing here touches the running sum; a rejected upload is simply dropped,
+//! and its buffer goes back to the pool.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
@@ -14,6 +15,8 @@ use rondo_core::kernels::all_finite;
 use rondo_core::model::{DType, ModelSpec, TensorSpec};
 use safetensors::Dtype;
 use safetensors::tensor::{Metadata, TensorInfo};
+
+use crate::staging::StagingBuffer;
 
 /// Upload metadata key: the FedAvg weight.
 pub const N_SAMPLES_KEY: &str = "rondo.n_samples";
@@ -30,7 +33,7 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 pub struct StagedUpdate {
     /// Tensors in the order of their bytes in `data`.
     pub spec: ModelSpec,
-    pub data: Vec<u8>,
+    pub data: StagingBuffer,
     pub n_samples: u64,
     pub metrics: BTreeMap<String, f64>,
 }
@@ -154,12 +157,15 @@ fn parse_upload_metadata(
     Ok((n_samples, metrics))
 }
 
-/// Reads one upload from `body`. When `expected` is given, the upload's tensors must match it
-/// (checked from the header, before the tensor bytes are read).
+/// Reads one upload from `body` into `data` (empty; taken for `expected`'s size, or holding the
+/// whole budget when `expected` is not known). When `expected` is given, the upload's tensors
+/// must match it (checked from the header, before the tensor bytes are read), so they fit the
+/// buffer.
 pub async fn read_update<S>(
     mut body: S,
     expected: Option<&ModelSpec>,
     max_body_bytes: u64,
+    mut data: StagingBuffer,
 ) -> Result<StagedUpdate, UploadError>
 where
     S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
@@ -237,7 +243,7 @@ where
             "the body runs past the {total} bytes its safetensors header declares"
         ))
     };
-    let mut data = Vec::with_capacity(data_len as usize);
+    data.fit(data_len as usize);
     let mut finite = FiniteCheck::new(&spec);
     if rest.len() as u64 > data_len {
         return Err(too_long());
@@ -368,6 +374,7 @@ pub fn load_model_file(mut reader: impl std::io::Read) -> Result<(ModelSpec, Byt
     let ours = model_header(&spec, 0);
     let data_len = spec.byte_len();
     let mut file = Vec::with_capacity(ours.len() + data_len);
+    rondo_core::memory::advise_huge_pages(&mut file);
     file.extend_from_slice(&ours);
     reader
         .take(data_len as u64 + 1)
@@ -395,6 +402,23 @@ pub(crate) fn read_model_file(bytes: &[u8]) -> Result<(ModelSpec, Vec<u8>), Uplo
 mod tests {
     use super::*;
     use rondo_core::kernels::encode_values;
+
+    async fn read_update<S>(
+        body: S,
+        expected: Option<&ModelSpec>,
+        max_body_bytes: u64,
+    ) -> Result<StagedUpdate, UploadError>
+    where
+        S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
+    {
+        super::read_update(
+            body,
+            expected,
+            max_body_bytes,
+            StagingBuffer::unpooled(Vec::new()),
+        )
+        .await
+    }
 
     fn spec() -> ModelSpec {
         ModelSpec {
@@ -447,7 +471,7 @@ mod tests {
                 .unwrap();
             assert_eq!(staged.n_samples, 7);
             assert_eq!(
-                staged.data,
+                &staged.data[..],
                 encode_values(DType::F32, &[1.0, 2.0, 3.0, 4.0, 5.0])
             );
         }
@@ -496,6 +520,30 @@ mod tests {
         assert_eq!(
             code(read_update(stalled, None, 1 << 20).await),
             "upload_stalled"
+        );
+    }
+
+    #[tokio::test]
+    async fn uploads_are_staged_in_pooled_buffers_and_rejected_ones_give_theirs_back() {
+        let gauge = prometheus::IntGauge::new("idle", "idle bytes").expect("valid metric");
+        let pool = crate::staging::StagingPool::new(1 << 20, true, gauge);
+        let size = Some(spec().byte_len());
+        let buffer = pool.take(size).await;
+        let ptr = buffer.as_ptr();
+        let bad = upload(&[f64::INFINITY; 5], "1");
+        let err = super::read_update(chunks(&bad, 4), Some(&spec()), 1 << 20, buffer).await;
+        assert_eq!(err.unwrap_err().code(), "non_finite_values");
+        assert_eq!(pool.idle_bytes(), spec().byte_len() as u64);
+
+        let good = upload(&[1.0, 2.0, 3.0, 4.0, 5.0], "2");
+        let buffer = pool.take(size).await;
+        let staged = super::read_update(chunks(&good, 4), Some(&spec()), 1 << 20, buffer)
+            .await
+            .unwrap();
+        assert_eq!(staged.data.as_ptr(), ptr, "the same buffer, reused");
+        assert_eq!(
+            &staged.data[..],
+            encode_values(DType::F32, &[1.0, 2.0, 3.0, 4.0, 5.0])
         );
     }
 

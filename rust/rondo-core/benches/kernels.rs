@@ -203,7 +203,7 @@ fn modes(c: &mut Criterion) {
                     .map(|(k, data)| Update {
                         key: format!("p{k}"),
                         spec: spec.clone(),
-                        data: data.clone(),
+                        data: bytes::Bytes::from(data.clone()),
                         weight: (k + 1) as f64,
                     })
                     .collect();

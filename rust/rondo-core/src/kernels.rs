@@ -242,13 +242,20 @@ pub fn read_sum_f32(bytes: &[u8]) -> f32 {
 /// Whether every value in `bytes` (little-endian `dtype` elements) is finite.
 pub fn all_finite(dtype: DType, bytes: &[u8]) -> bool {
     let size = dtype.size_bytes();
-    bytes.par_chunks(PAR_CHUNK * size).all(|chunk| match dtype {
+    let check = |chunk: &[u8]| match dtype {
         // An f32 is finite unless its exponent bits are all ones.
         DType::F32 => chunk.chunks_exact(4).fold(true, |ok, x| {
             ok & (u32::from_le_bytes([x[0], x[1], x[2], x[3]]) & 0x7f80_0000 != 0x7f80_0000)
         }),
         _ => chunk.chunks_exact(size).all(|x| read(dtype, x).is_finite()),
-    })
+    };
+    // Uploads are checked piece by piece as they arrive, from the async runtime's threads:
+    // handing each piece of a few hundred kilobytes to the rayon pool and blocking until it is
+    // done cost more in thread hand-offs than the check itself.
+    if bytes.len() <= 4 * PAR_CHUNK * size {
+        return check(bytes);
+    }
+    bytes.par_chunks(PAR_CHUNK * size).all(check)
 }
 
 /// Writes `value(sum[i]) * scale` into `out` as `dtype` (the finalize pass), whatever the

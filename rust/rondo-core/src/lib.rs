@@ -13,6 +13,8 @@
 //!   deterministic), and the finalize pass that produces the next global model.
 //! - [`kernels`] are the loops underneath, over raw little-endian bytes, shaped for memory
 //!   bandwidth, with the read-only baseline they are measured against.
+//! - [`memory`] asks for huge pages for model-sized buffers, so that mapping them in costs a
+//!   few page faults rather than one per 4 KiB.
 //!
 //! Nothing here opens a socket, reads a clock or parses a wire format: the binaries
 //! (`rondo-coordinator`, `rondo-aggregator`) do that at the edge and call in.
@@ -20,4 +22,5 @@
 pub mod aggregate;
 pub mod federation;
 pub mod kernels;
+pub mod memory;
 pub mod model;

@@ -1,0 +1,230 @@
+"""rondo.transport against small scripted HTTP servers on loopback ports."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from rondo import ApiError, NetworkError
+from rondo.transport import HttpClient
+
+Handler = Callable[[BaseHTTPRequestHandler], None]
+
+
+@pytest.fixture
+def server() -> Iterator[Callable[[Handler], str]]:
+    """Factory: ``server(handle)`` serves every request with ``handle``; returns the base URL."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(handle: Handler) -> str:
+        class RequestHandler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                handle(self)
+
+            do_POST = do_GET
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), RequestHandler)
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def reply(handler: BaseHTTPRequestHandler, status: int, body: bytes, close: bool = False) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(body)))
+    if close:
+        handler.send_header("Connection", "close")
+        handler.close_connection = True
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
+    return handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
+
+
+def test_call_sends_json_and_parses_the_answer(server) -> None:
+    seen: list[tuple[str, str, Any, str | None]] = []
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        body = read_request_body(h)
+        seen.append((h.command, h.path, json.loads(body) if body else None, h.headers["X-A"]))
+        reply(h, 200, b'{"ok": true}')
+
+    url = server(handle)
+    with HttpClient() as http:
+        assert http.call("POST", f"{url}/a", body={"x": 1}, headers={"X-A": "b"}, timeout=5) == {
+            "ok": True
+        }
+        assert http.call("POST", f"{url}/b", params={"wait_secs": 0.5}, timeout=5) == {"ok": True}
+    assert seen == [("POST", "/a", {"x": 1}, "b"), ("POST", "/b?wait_secs=0.5", None, None)]
+
+
+def test_error_answers_become_api_errors(server) -> None:
+    answers = iter(
+        [
+            (409, b'{"error": {"code": "duplicate_update", "message": "already in"}}'),
+            (502, b"<html>bad gateway</html>"),
+        ]
+    )
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        read_request_body(h)
+        reply(h, *next(answers))
+
+    url = server(handle)
+    with HttpClient() as http:
+        with pytest.raises(ApiError) as info:
+            http.call("POST", url, timeout=5)
+        assert (info.value.status, info.value.code, info.value.message) == (
+            409,
+            "duplicate_update",
+            "already in",
+        )
+        with pytest.raises(ApiError) as info:
+            http.call("GET", url, timeout=5)
+        assert (info.value.status, info.value.code) == (502, "http_502")
+        assert "bad gateway" in info.value.message
+
+
+def test_connections_are_kept_alive(server) -> None:
+    peers: list[tuple[str, int]] = []
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        peers.append(h.client_address)
+        reply(h, 200, b"{}")
+
+    url = server(handle)
+    with HttpClient() as http:
+        for _ in range(3):
+            http.call("GET", url, timeout=5)
+    assert len(peers) == 3 and len(set(peers)) == 1
+
+
+def test_a_connection_the_server_closed_is_replaced(server) -> None:
+    peers: list[tuple[str, int]] = []
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        peers.append(h.client_address)
+        # Claims keep-alive, then closes anyway: as a server does after its idle timeout.
+        reply(h, 200, b"{}")
+        h.close_connection = True
+
+    url = server(handle)
+    with HttpClient() as http:
+        http.call("GET", url, timeout=5)
+        time.sleep(0.1)  # the close reaches the client while its connection sits idle
+        assert http.call("GET", url, timeout=5) == {}
+    assert len(set(peers)) == 2
+
+
+def test_download_reads_into_the_given_buffer_when_it_fits(server) -> None:
+    payloads = iter([b"abcdefgh", b"ABCDEFGH", b"0123456789"])
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        reply(h, 200, next(payloads))
+
+    url = server(handle)
+    with HttpClient() as http:
+        first = http.download(url, timeout=5)
+        assert first.flags.writeable and bytes(first) == b"abcdefgh"
+        second = http.download(url, timeout=5, into=first)
+        assert second is first and bytes(first) == b"ABCDEFGH"
+        third = http.download(url, timeout=5, into=first)  # another size: a new buffer
+        assert third is not first and bytes(third) == b"0123456789"
+        assert bytes(first) == b"ABCDEFGH"
+
+
+def test_download_cut_short_is_a_network_error(server) -> None:
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", "100")
+        h.end_headers()
+        h.wfile.write(b"x" * 40)
+        h.close_connection = True
+
+    url = server(handle)
+    with HttpClient() as http, pytest.raises(NetworkError, match=r"after 40 of 100 bytes"):
+        http.download(url, timeout=5)
+
+
+def test_upload_sends_every_piece_with_a_content_length(server) -> None:
+    received: list[tuple[str | None, bytes]] = []
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        received.append((h.headers["Content-Length"], read_request_body(h)))
+        reply(h, 200, b'{"accepted": true}')
+
+    class Pieces:
+        def __len__(self) -> int:
+            return 11
+
+        def __iter__(self) -> Iterator[bytes | memoryview]:
+            yield b"head"
+            yield memoryview(b"")  # empty pieces are skipped
+            yield memoryview(bytearray(b"-body-!"))
+
+    url = server(handle)
+    with HttpClient() as http:
+        assert http.upload(url, Pieces(), timeout=5) == {"accepted": True}
+    assert received == [("11", b"head-body-!")]
+
+
+def test_upload_refused_before_it_is_read_gives_the_refusal(server) -> None:
+    """A service may answer a bad token at once and close without reading a large body."""
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        body = b'{"error": {"code": "invalid_token", "message": "no"}}'
+        reply(h, 401, body, close=True)
+
+    class Large:
+        def __len__(self) -> int:
+            return 64 << 20
+
+        def __iter__(self) -> Iterator[bytes | memoryview]:
+            chunk = memoryview(bytearray(1 << 20))
+            for _ in range(64):
+                yield chunk
+
+    url = server(handle)
+    with HttpClient() as http, pytest.raises(ApiError) as info:
+        http.upload(url, Large(), timeout=10)
+    assert (info.value.status, info.value.code) == (401, "invalid_token")
+
+
+def test_unreachable_and_silent_services_are_network_errors() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        with HttpClient() as http, pytest.raises(NetworkError, match="failed"):
+            http.call("GET", f"http://127.0.0.1:{port}/", timeout=5)  # bound, not listening
+        sock.listen()  # accepts connections, never answers
+        started = time.monotonic()
+        with HttpClient() as http, pytest.raises(NetworkError, match="timed out"):
+            http.call("GET", f"http://127.0.0.1:{port}/", timeout=0.3)
+        assert time.monotonic() - started < 2.0
+
+
+def test_bad_urls_are_network_errors() -> None:
+    with HttpClient() as http:
+        for url in ["ftp://example.org/", "http:///nohost", "http://127.0.0.1:notaport/"]:
+            with pytest.raises(NetworkError):
+                http.call("GET", url, timeout=1)
