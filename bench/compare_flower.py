@@ -10,6 +10,9 @@ total wall time from starting the server process(es) until every client has fini
 final model is in place, the mean round time, the server processes' peak RSS (VmHWM), and
 whether the final model equals the expected weighted average.
 
+Each system runs ``--repeat`` times per workload (3 by default), the two alternating; the
+tables show the run of median wall time of each (with the highest peak memory of any run).
+
     bench/run                                   # setup, then the three default workloads
     bench/run --workload 2,1MB,2 --rondo-only   # anything after bench/run goes here
 
@@ -19,6 +22,7 @@ Times drift with machine load; compare the two systems through the ratios of one
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -61,6 +65,13 @@ class Workload:
     size: int  # bytes
     rounds: int
     label: str  # as given, e.g. "10MB"
+    client_processes: int = 1  # the clients are spread over this many processes
+
+    def client_groups(self) -> list[tuple[int, int]]:
+        """(first index, count) of the clients of each client process."""
+        processes = min(self.client_processes, self.clients)
+        bounds = [self.clients * k // processes for k in range(processes + 1)]
+        return [(bounds[k], bounds[k + 1] - bounds[k]) for k in range(processes)]
 
     @property
     def n_elements(self) -> int:
@@ -68,7 +79,11 @@ class Workload:
 
     @property
     def name(self) -> str:
-        return f"{self.clients} clients, {self.label} model, {self.rounds} rounds"
+        name = f"{self.clients} clients, {self.label} model, {self.rounds} rounds"
+        processes = len(self.client_groups())
+        if processes > 1:
+            name += f", clients in {processes} processes"
+        return name
 
 
 def parse_workload(text: str) -> Workload:
@@ -295,21 +310,27 @@ def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
                 "RONDO__FEDERATION__ROUND_TIMEOUT_SECS": str(max(1.0, procs.remaining())),
             },
         )
-        events_path = run_dir / "participant-events.json"
-        procs.start(
-            "participants",
-            [
-                sys.executable,
-                str(BENCH / "rondo_participants.py"),
-                "--coordinator-url", coordinator_url,
-                "--clients", str(w.clients),
-                "--n-elements", str(w.n_elements),
-                "--heartbeat-period", str(heartbeat_period),
-                "--events", str(events_path),
-            ],
-        )  # fmt: skip
-        if procs.wait("participants") != 0:
-            raise Aborted(f"participants failed; see {run_dir / 'participants.log'}")
+        groups = w.client_groups()
+        names = [
+            f"participants-{k}" if len(groups) > 1 else "participants" for k in range(len(groups))
+        ]
+        for name, (first, count) in zip(names, groups, strict=True):
+            procs.start(
+                name,
+                [
+                    sys.executable,
+                    str(BENCH / "rondo_participants.py"),
+                    "--coordinator-url", coordinator_url,
+                    "--clients", str(count),
+                    "--first-index", str(first),
+                    "--n-elements", str(w.n_elements),
+                    "--heartbeat-period", str(heartbeat_period),
+                    "--events", str(run_dir / f"{name}-events.json"),
+                ],
+            )  # fmt: skip
+        for name in names:
+            if procs.wait(name) != 0:
+                raise Aborted(f"participants failed; see {run_dir / name}.log")
         wall, end_unix = time.monotonic() - t0, time.time()
         # The final model was aggregated before the last participant was told "finish".
 
@@ -337,7 +358,7 @@ def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
         check["ok"] = check["ok"] and shapes == wanted and not incomplete
         check["model_round"] = metadata.get("rondo.round")
         del model
-        events = json.loads(events_path.read_text())
+        events = [e for n in names for e in json.loads((run_dir / f"{n}-events.json").read_text())]
         opened, closed = round_log(run_dir)
     finally:
         procs.stop_all()
@@ -380,17 +401,24 @@ def run_flower(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
         )
         # Flower's clients retry until the server listens, so both start at once, as an
         # operator would start them.
-        procs.start(
-            "flower-clients",
-            [sys.executable, str(BENCH / "flower_clients.py"), *common]
-            + ["--clients", str(w.clients)],
-        )
+        groups = w.client_groups()
+        names = [
+            f"flower-clients-{k}" if len(groups) > 1 else "flower-clients"
+            for k in range(len(groups))
+        ]
+        for name, (first, count) in zip(names, groups, strict=True):
+            procs.start(
+                name,
+                [sys.executable, str(BENCH / "flower_clients.py"), *common]
+                + ["--clients", str(count), "--first-index", str(first)],
+            )
         # The server writes its report (peak RSS, final model) and exits after the last round
         # and after telling the clients to disconnect.
         if procs.wait("flower-server") != 0:
             raise Aborted(f"Flower server failed; see {run_dir / 'flower-server.log'}")
-        if procs.wait("flower-clients") != 0:
-            raise Aborted(f"Flower clients failed; see {run_dir / 'flower-clients.log'}")
+        for name in names:
+            if procs.wait(name) != 0:
+                raise Aborted(f"Flower clients failed; see {run_dir / name}.log")
         wall, end_unix = time.monotonic() - t0, time.time()
     finally:
         procs.stop_all()
@@ -465,6 +493,9 @@ def table(entry: dict[str, Any]) -> str:
         )
 
     if ok_rondo or ok_flower:
+        repeat = entry["workload"]["repeat"]
+        if repeat > 1:
+            lines.append(f"(the run of median wall time of {repeat} runs of each system)")
         lines.append(f"{'':<24}{'Rondo':>12}{'Flower':>12}{'Flower/Rondo':>16}")
         lines.append(row("wall time (s)", "wall_secs"))
         lines.append(row("round time, mean (s)", "round_mean_secs", digits=3))
@@ -484,6 +515,10 @@ def table(entry: dict[str, Any]) -> str:
             return "-" if r is None else ("yes" if r["check"]["ok"] else "NO")
 
         lines.append(f"{'final model correct':<24}{verdict(ok_rondo):>12}{verdict(ok_flower):>12}")
+    for label, result in (("Rondo", ok_rondo), ("Flower", ok_flower)):
+        if result and len(result.get("wall_secs_runs", [])) > 1:
+            walls = ", ".join(f"{secs:.2f}" for secs in result["wall_secs_runs"])
+            lines.append(f"{label} wall times of every run (s): {walls}")
     for label, result in (("Rondo", ok_rondo), ("Flower", ok_flower)):
         if result:
             cpu = ", ".join(f"{name} {secs:.1f}" for name, secs in result["cpu_secs"].items())
@@ -582,6 +617,23 @@ def run_one(
     return result
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median wall time stands for all (the lower one of an even count), with every
+    run's wall time beside it; peak memory is the highest of any run, and the final model
+    counts as correct only when it was in every run. A failed run makes the whole a failure."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return {**failed[0], "runs": len(runs), "failed_runs": len(failed)}
+    by_wall = sorted(runs, key=lambda r: r["wall_secs"])
+    chosen = dict(by_wall[(len(by_wall) - 1) // 2])
+    chosen["wall_secs_runs"] = [r["wall_secs"] for r in runs]
+    for key in ("server_peak_bytes", "aggregator_peak_bytes", "coordinator_peak_bytes"):
+        if key in chosen:
+            chosen[key] = max(r[key] for r in runs)
+    chosen["check"] = {**chosen["check"], "ok": all(r["check"]["ok"] for r in runs)}
+    return chosen
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -592,12 +644,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--rondo-only", action="store_true", help="do not run Flower")
     parser.add_argument(
+        "--client-processes", type=int, default=1, metavar="P",
+        help="spread each system's clients over P processes, as threads within each "
+        "(default: 1; P = N gives every client a process of its own)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repeat", type=int, default=3, metavar="N",
+        help="run each system N times per workload, alternating, and report the run of median "
+        "wall time (default: 3; this machine's timings vary by tens of percent)",
+    )  # fmt: skip
+    parser.add_argument(
         "--skip-flower-above", type=parse_size, default=parse_size("200MB"), metavar="SIZE",
         help="run Flower only for models up to this size (default: 200MB)",
     )  # fmt: skip
     parser.add_argument(
         "--timeout", type=float, default=900.0, metavar="SECS",
-        help="abort a workload (both systems together) after this long (default: 900)",
+        help="abort one run of one system after this long (default: 900)",
     )  # fmt: skip
     parser.add_argument("--json-out", type=Path, metavar="PATH")
     parser.add_argument("--markdown-out", type=Path, metavar="PATH")
@@ -606,6 +668,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep the logs directory even when every run succeeded",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.client_processes < 1:
+        parser.error("--client-processes must be at least 1")
     if not args.workload:
         args.workload = [parse_workload(text) for text in DEFAULT_WORKLOADS]
     return args
@@ -620,21 +686,33 @@ def main(argv: list[str] | None = None) -> int:
     entries: list[dict[str, Any]] = []
     failed = False
     for number, w in enumerate(args.workload):
-        deadline = time.monotonic() + args.timeout
+        w = dataclasses.replace(w, client_processes=args.client_processes)
         entry: dict[str, Any] = {
             "workload": {"clients": w.clients, "size_bytes": w.size, "rounds": w.rounds}
-            | {"name": w.name}
+            | {"name": w.name, "repeat": args.repeat, "client_processes": len(w.client_groups())}
         }
-        base = logs / f"{number}-{w.clients}x{w.label}x{w.rounds}"
-        entry["rondo"] = run_one("Rondo", run_rondo, w, base / "rondo", deadline)
+        with_flower = not args.rondo_only and w.size <= args.skip_flower_above
+        runs: dict[str, list[dict[str, Any]]] = {"rondo": [], "flower": []}
+        # Alternating, so that a slow spell of the machine falls on both systems alike.
+        systems = [("Rondo", run_rondo, "rondo")]
+        if with_flower:
+            systems.append(("Flower", run_flower, "flower"))
+        for attempt in range(args.repeat):
+            base = logs / f"{number}-{w.clients}x{w.label}x{w.rounds}" / f"run{attempt + 1}"
+            for label, runner, key in systems:
+                deadline = time.monotonic() + args.timeout
+                runs[key].append(run_one(label, runner, w, base / key, deadline))
+        entry["rondo"] = median_run(runs["rondo"])
+        entry["rondo_runs"] = runs["rondo"]
         if "error" not in entry["rondo"]:
             entry["memory_check"] = memory_check(w, entry["rondo"])
         if args.rondo_only:
             entry["flower"] = None
-        elif w.size > args.skip_flower_above:
+        elif not with_flower:
             entry["flower"] = {"skipped": FLOWER_TOO_LARGE}
         else:
-            entry["flower"] = run_one("Flower", run_flower, w, base / "flower", deadline)
+            entry["flower"] = median_run(runs["flower"])
+            entry["flower_runs"] = runs["flower"]
         for result in (entry["rondo"], entry["flower"]):
             if result and ("error" in result or ("check" in result and not result["check"]["ok"])):
                 failed = True

@@ -39,6 +39,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", required=True)
     parser.add_argument("--clients", type=int, required=True)
+    parser.add_argument(
+        "--first-index", type=int, default=0, help="index of this process's first client"
+    )
     parser.add_argument("--n-elements", type=int, required=True)
     parser.add_argument("--max-message", type=int, required=True)
     args = parser.parse_args()
@@ -59,7 +62,7 @@ def main() -> int:
 
     threads = [
         threading.Thread(target=client, args=(i,), name=f"flower-client-{i}")
-        for i in range(args.clients)
+        for i in range(args.first_index, args.first_index + args.clients)
     ]
     for thread in threads:
         thread.start()

@@ -69,6 +69,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coordinator-url", required=True)
     parser.add_argument("--clients", type=int, required=True)
+    parser.add_argument(
+        "--first-index", type=int, default=0, help="index of this process's first participant"
+    )
     parser.add_argument("--n-elements", type=int, required=True)
     parser.add_argument("--heartbeat-period", type=float, required=True)
     parser.add_argument("--events", type=Path, required=True)
@@ -98,7 +101,7 @@ def main() -> int:
 
     threads = [
         threading.Thread(target=participate, args=(i,), name=f"dummy-{i}")
-        for i in range(args.clients)
+        for i in range(args.first_index, args.first_index + args.clients)
     ]
     for thread in threads:
         thread.start()

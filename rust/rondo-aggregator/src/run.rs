@@ -33,6 +33,7 @@ fn initial_model(path: &str) -> anyhow::Result<Option<GlobalModel>> {
 pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
     config.validate()?;
     let model = initial_model(&config.model.initial_model)?;
+    let upload_bytes = model.as_ref().map(|m| m.spec.byte_len());
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
     let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
     let api_addr = api_listener.local_addr()?;
@@ -50,6 +51,11 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
         config.api.max_body_bytes,
         Duration::from_secs_f64(config.api.upload_idle_timeout_secs),
     );
+    if let Some(bytes) = upload_bytes {
+        // While participants are still starting up, rather than during the first round.
+        let aggregator = aggregator.clone();
+        std::thread::spawn(move || aggregator.staging.prefill(bytes));
+    }
     let rpc_addr =
         rondo_net::serve_rpc!(rpc_listener, AggregatorRpcServer::new(&aggregator).serve()).await?;
     tracing::info!(%api_addr, %rpc_addr, %public_url, "aggregator listening");

@@ -151,6 +151,23 @@ impl StagingPool {
         }
     }
 
+    /// Fills the pool with buffers for uploads of `bytes`, as many as the budget holds, their
+    /// pages already mapped: the first round's uploads then find them ready instead of paying
+    /// the page faults while participants wait. Blocking (it writes every page); run it on a
+    /// thread of its own. Does nothing without reuse, or for uploads larger than the budget.
+    pub fn prefill(&self, bytes: usize) {
+        let inner = &self.inner;
+        let units = units_for(bytes as u64, inner.units);
+        if !inner.reuse || bytes == 0 || bytes as u64 > u64::from(units) * STAGING_UNIT {
+            return;
+        }
+        while let Ok(permit) = Arc::clone(&inner.semaphore).try_acquire_many_owned(units) {
+            let mut buffer = model_sized(bytes);
+            buffer.resize(bytes, 0); // the write maps the pages in
+            inner.give_back(buffer, permit);
+        }
+    }
+
     /// Bytes held by idle buffers.
     pub fn idle_bytes(&self) -> u64 {
         self.inner
@@ -400,6 +417,39 @@ mod tests {
         drop((small, large));
         assert_eq!(pool.take(Some(MIB)).await.as_ptr(), small_ptr);
         assert_eq!(pool.take(Some(3 * MIB)).await.as_ptr(), large_ptr);
+    }
+
+    #[tokio::test]
+    async fn prefill_fills_the_budget_with_buffers_the_uploads_then_take() {
+        let staging = pool(5, true);
+        staging.prefill(2 * MIB);
+        assert_eq!(
+            staging.idle_bytes(),
+            4 * MIB as u64,
+            "two 2 MiB buffers fit in 5 MiB"
+        );
+        assert_eq!(staging.available_units(), 1);
+        let a = staging.take(Some(2 * MIB)).await;
+        let b = staging.take(Some(2 * MIB)).await;
+        assert_eq!(
+            staging.idle_bytes(),
+            0,
+            "both uploads got a prefilled buffer"
+        );
+        assert_eq!(staging.available_units(), 1, "no new memory was taken");
+        drop((a, b));
+
+        let oversized = pool(2, true);
+        oversized.prefill(3 * MIB);
+        assert_eq!(
+            oversized.idle_bytes(),
+            0,
+            "a buffer over the budget is never kept"
+        );
+        let no_reuse = pool(4, false);
+        no_reuse.prefill(MIB);
+        assert_eq!(no_reuse.idle_bytes(), 0);
+        assert_eq!(no_reuse.available_units(), 4);
     }
 
     #[tokio::test]
