@@ -1,7 +1,6 @@
 //! Starting the aggregator: read the initial model, bind both listeners, serve until a signal.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,30 +9,33 @@ use rondo_net::link::AggregatorRpc;
 
 use crate::config::AggregatorConfig;
 use crate::link::{AggregatorRpcServer, Outbox};
-use crate::rounds::{GlobalModel, RoundBook};
+use crate::rounds::RoundBook;
 use crate::service::Aggregator;
 use crate::wire;
 
-fn initial_model(path: &str) -> anyhow::Result<Option<GlobalModel>> {
+/// The round book, with the configured initial model when there is one.
+fn round_book(config: &AggregatorConfig) -> anyhow::Result<RoundBook> {
+    let options = config.aggregation.accumulator_options();
+    let path = config.model.initial_model.as_str();
     if path.is_empty() {
-        return Ok(None);
+        return Ok(RoundBook::new(None, options));
     }
     let file =
         std::fs::File::open(path).with_context(|| format!("opening initial model {path}"))?;
     let (spec, file) = wire::load_model_file(std::io::BufReader::new(file))
         .map_err(|e| anyhow::anyhow!("initial model {path}: {e}"))?;
-    tracing::info!(path, bytes = file.len(), "initial global model loaded");
-    Ok(Some(GlobalModel {
-        round: 0,
-        spec: Arc::new(spec),
-        file,
-    }))
+    tracing::info!(
+        path,
+        bytes = file.as_ref().len(),
+        "initial global model loaded"
+    );
+    Ok(RoundBook::with_initial_model(spec, file, options))
 }
 
 pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
     config.validate()?;
-    let model = initial_model(&config.model.initial_model)?;
-    let upload_bytes = model.as_ref().map(|m| m.spec.byte_len());
+    let book = round_book(&config)?;
+    let upload_bytes = book.model().map(|m| m.spec.byte_len());
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
     let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
     let api_addr = api_listener.local_addr()?;
@@ -44,7 +46,7 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
     };
     let outbox = Outbox::start(Duration::from_secs_f64(config.link.call_timeout_secs));
     let aggregator = Aggregator::new(
-        RoundBook::new(model, config.aggregation.accumulator_options()),
+        book,
         config.aggregation.staging_memory_bytes,
         outbox,
         public_url.clone(),
@@ -54,7 +56,13 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
     if let Some(bytes) = upload_bytes {
         // While participants are still starting up, rather than during the first round.
         let aggregator = aggregator.clone();
-        std::thread::spawn(move || aggregator.staging.prefill(bytes));
+        let prepare_sum = aggregator.book().spare_preparer();
+        std::thread::spawn(move || {
+            if let Some(prepare) = prepare_sum {
+                prepare();
+            }
+            aggregator.staging.prefill(bytes);
+        });
     }
     let rpc_addr =
         rondo_net::serve_rpc!(rpc_listener, AggregatorRpcServer::new(&aggregator).serve()).await?;

@@ -7,10 +7,10 @@
 //! and its buffer goes back to the pool.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
+use rondo_core::aggregate::ModelBuffer;
 use rondo_core::kernels::all_finite;
 use rondo_core::model::{DType, ModelSpec, TensorSpec};
 use safetensors::Dtype;
@@ -357,8 +357,11 @@ pub fn model_file(header: &[u8], data: &[u8]) -> Bytes {
 
 /// Reads a safetensors file (the configured initial model) into the global model file Rondo
 /// serves: its own header, then the tensor bytes read straight into place (one copy of the
-/// model in memory, one pass over it).
-pub fn load_model_file(mut reader: impl std::io::Read) -> Result<(ModelSpec, Bytes), UploadError> {
+/// model in memory, one pass over it). The file is a `ModelBuffer`, like every later model, so
+/// that its memory can become a round's sum once it is replaced.
+pub fn load_model_file(
+    mut reader: impl std::io::Read,
+) -> Result<(ModelSpec, ModelBuffer), UploadError> {
     let io = |e: std::io::Error| UploadError::Malformed(format!("reading the file failed: {e}"));
     let mut len = [0u8; 8];
     reader.read_exact(&mut len).map_err(io)?;
@@ -373,29 +376,35 @@ pub fn load_model_file(mut reader: impl std::io::Read) -> Result<(ModelSpec, Byt
     let (spec, _) = parse_header(&header)?;
     let ours = model_header(&spec, 0);
     let data_len = spec.byte_len();
-    let mut file = Vec::with_capacity(ours.len() + data_len);
-    rondo_core::memory::advise_huge_pages(&mut file);
-    file.extend_from_slice(&ours);
-    reader
-        .take(data_len as u64 + 1)
-        .read_to_end(&mut file)
-        .map_err(io)?;
-    if file.len() != ours.len() + data_len {
+    let mut file = ModelBuffer::new(ours.len(), data_len);
+    file.prefix_mut().copy_from_slice(&ours);
+    let data = file.data_mut();
+    let mut got = 0;
+    while got < data_len {
+        match reader.read(&mut data[got..]).map_err(io)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    if got < data_len || reader.read(&mut [0u8]).map_err(io)? > 0 {
+        let holds = if got < data_len {
+            format!("{got} bytes")
+        } else {
+            "more bytes".to_string()
+        };
         return Err(UploadError::Malformed(format!(
-            "the file holds {} bytes of tensor data; its header declares {data_len}",
-            file.len() - ours.len()
+            "the file holds {holds} of tensor data; its header declares {data_len}"
         )));
     }
-    FiniteCheck::new(&spec).advance(&file[ours.len()..])?;
-    Ok((spec, Bytes::from(file)))
+    FiniteCheck::new(&spec).advance(file.data())?;
+    Ok((spec, file))
 }
 
 /// Reads a whole safetensors file held in memory into its tensors and their bytes.
 #[cfg(test)]
 pub(crate) fn read_model_file(bytes: &[u8]) -> Result<(ModelSpec, Vec<u8>), UploadError> {
     let (spec, file) = load_model_file(bytes)?;
-    let header_len = model_header(&spec, 0).len();
-    Ok((spec, file[header_len..].to_vec()))
+    Ok((spec, file.data().to_vec()))
 }
 
 #[cfg(test)]
@@ -557,8 +566,15 @@ mod tests {
         let (spec2, data2) = read_model_file(&file).unwrap();
         let (spec3, loaded) = load_model_file(&file[..]).unwrap();
         assert_eq!(spec3, spec());
-        assert_eq!(&loaded[loaded.len() - data.len()..], &data[..]);
+        assert_eq!(loaded.data(), &data[..]);
+        assert_eq!(
+            &loaded.as_ref()[..model_header(&spec(), 0).len()],
+            &model_header(&spec(), 0)[..]
+        );
         assert!(load_model_file(&file[..file.len() - 1]).is_err());
+        let mut longer = file.to_vec();
+        longer.push(0);
+        assert!(load_model_file(&longer[..]).is_err());
         assert_eq!(spec2, spec());
         assert_eq!(data2, data);
     }

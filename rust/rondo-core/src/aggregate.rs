@@ -106,7 +106,17 @@ pub struct ModelBuffer {
 }
 
 impl ModelBuffer {
-    fn zeroed(prefix: usize, data_len: usize) -> Self {
+    /// A zeroed buffer whose pages are mapped in as they are first written: for one that is
+    /// about to be filled anyway (a model read from a file).
+    pub fn new(prefix: usize, data_len: usize) -> Self {
+        let len = prefix + data_len;
+        let mut words = vec![0u64; len.div_ceil(8)];
+        crate::memory::advise_huge_pages(&mut words);
+        Self { words, len, prefix }
+    }
+
+    /// A zeroed buffer whose pages are already mapped.
+    pub fn zeroed(prefix: usize, data_len: usize) -> Self {
         let len = prefix + data_len;
         Self {
             words: touched_zeros(len.div_ceil(8)),
@@ -121,12 +131,19 @@ impl ModelBuffer {
         &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[..prefix]
     }
 
+    /// The buffer's memory, for the sums of a later round
+    /// ([`FedAvgAccumulator::with_prefix_reusing`]).
+    pub fn into_words(self) -> Vec<u64> {
+        self.words
+    }
+
     /// The model's tensor bytes.
     pub fn data(&self) -> &[u8] {
         &self.as_ref()[self.prefix..]
     }
 
-    fn data_mut(&mut self) -> &mut [u8] {
+    /// The model's tensor bytes, to fill in.
+    pub fn data_mut(&mut self) -> &mut [u8] {
         let (prefix, len) = (self.prefix, self.len);
         &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[prefix..len]
     }
@@ -203,6 +220,20 @@ impl FedAvgAccumulator {
     /// An accumulator whose [`finalize`](Self::finalize) leaves `prefix` bytes (a multiple of
     /// 8) before the model's data, for the caller's file header.
     pub fn with_prefix(spec: ModelSpec, options: AccumulatorOptions, prefix: usize) -> Self {
+        Self::with_prefix_reusing(spec, options, prefix, None)
+    }
+
+    /// Like [`with_prefix`](Self::with_prefix), but the sums are built in `spare` (the memory of
+    /// a finished model, see [`ModelBuffer::into_words`]) when it has exactly the size they
+    /// need, which it then zeroes. Memory already mapped is zeroed several times faster than
+    /// fresh memory is mapped in, and that happens between two rounds, while participants
+    /// wait. Otherwise `spare` is simply dropped.
+    pub fn with_prefix_reusing(
+        spec: ModelSpec,
+        options: AccumulatorOptions,
+        prefix: usize,
+        spare: Option<Vec<u64>>,
+    ) -> Self {
         assert_eq!(prefix % 8, 0, "the prefix keeps the sums 8-byte aligned");
         let uniform = spec.tensors.first().map(|t| t.dtype).filter(|d| {
             matches!(d, DType::F32 | DType::F64) && spec.tensors.iter().all(|t| t.dtype == *d)
@@ -221,9 +252,17 @@ impl FedAvgAccumulator {
                         range
                     })
                     .collect();
-                let buffer = ModelBuffer::zeroed(prefix, spec.byte_len());
+                let words = match spare {
+                    Some(mut words) if words.len() == (prefix + spec.byte_len()).div_ceil(8) => {
+                        words
+                            .par_chunks_mut(kernels::PAR_CHUNK)
+                            .for_each(|chunk| chunk.fill(0));
+                        words
+                    }
+                    _ => ModelBuffer::zeroed(prefix, spec.byte_len()).words,
+                };
                 Sums::InPlace(Mutex::new(InPlaceSum {
-                    words: buffer.words,
+                    words,
                     prefix,
                     dtype,
                     ranges,
@@ -500,6 +539,45 @@ mod tests {
         let dtype = acc.spec().tensors[0].dtype;
         let buffer = acc.finalize().expect("updates were added");
         decode_values(dtype, buffer.data())
+    }
+
+    #[test]
+    fn a_finished_model_becomes_the_next_sum_zeroed() {
+        let spec = one_tensor(DType::F32, 3);
+        let first = FedAvgAccumulator::with_prefix(spec.clone(), AccumulatorOptions::default(), 8);
+        first
+            .add(update(&spec, DType::F32, &[1.0, 2.0, 3.0], 1.0))
+            .expect("fits");
+        let words = first.finalize().expect("updates were added").into_words();
+        let address = words.as_ptr();
+
+        let next = FedAvgAccumulator::with_prefix_reusing(
+            spec.clone(),
+            AccumulatorOptions::default(),
+            8,
+            Some(words),
+        );
+        next.add(update(&spec, DType::F32, &[4.0, 4.0, 4.0], 2.0))
+            .expect("fits");
+        let buffer = next.finalize().expect("updates were added");
+        assert_eq!(
+            decode_values(DType::F32, buffer.data()),
+            vec![4.0, 4.0, 4.0]
+        );
+        let words = buffer.into_words();
+        assert_eq!(words.as_ptr(), address, "the same memory, zeroed first");
+
+        // Memory of another size is not used.
+        let other = FedAvgAccumulator::with_prefix_reusing(
+            spec.clone(),
+            AccumulatorOptions::default(),
+            16,
+            Some(vec![7; 3]),
+        );
+        other
+            .add(update(&spec, DType::F32, &[1.0, 1.0, 1.0], 1.0))
+            .expect("fits");
+        assert_eq!(finalize(other), vec![1.0, 1.0, 1.0]);
     }
 
     #[test]
