@@ -1,6 +1,10 @@
 //! The aggregator's state: the global model, the round that accepts uploads, its tokens and its
 //! running sum. Plain data behind one mutex; the HTTP and RPC edges call in.
 //!
+//! Model-sized memory circulates rather than being mapped in afresh each round: a round's sum
+//! becomes the served model file in place, and a model file, once replaced and no longer being
+//! downloaded, becomes a later round's sum ([`SpareSum`]).
+//!
 //! Invariant: an update is folded into the sum and recorded as accepted exactly once, or not at
 //! all. Staging and validation happen before (see [`crate::wire`]), so a rejected or
 //! interrupted upload never touches the sum; [`RoundBook::begin_commit`] and
