@@ -12,7 +12,7 @@
 //! flight.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
 use rondo_core::aggregate::{AccumulatorOptions, FedAvgAccumulator, ModelBuffer};
@@ -34,16 +34,99 @@ pub struct GlobalModel {
 /// replaced, once its last download is done (or, at start-up, one prepared in advance).
 /// Mapping a fresh model-sized sum in took 8-13 ms for 10 MB here, between two rounds, while
 /// every participant waited; zeroing memory already mapped takes about one.
+///
+/// It never adds to the memory bound (model file + sum + staging): memory arriving while a
+/// round has its sum is let go at once, and a round about to build its sum waits for one being
+/// prepared rather than allocating a second.
 #[derive(Debug, Default)]
-pub struct SpareSum(Mutex<Option<Vec<u64>>>);
+pub struct SpareSum {
+    state: Mutex<SpareState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SpareState {
+    spare: Spare,
+    /// The open round has its sum: no spare is needed until it closes.
+    sum_in_use: bool,
+}
+
+#[derive(Debug, Default)]
+enum Spare {
+    #[default]
+    Empty,
+    Preparing,
+    Ready(Vec<u64>),
+}
 
 impl SpareSum {
-    fn put(&self, words: Vec<u64>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(words);
+    fn lock(&self) -> MutexGuard<'_, SpareState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Keeps `words` for the next sum; what is let go instead is returned, for the caller to
+    /// drop outside the lock (unmapping a large buffer takes a while).
+    fn put(&self, words: Vec<u64>) -> Option<Vec<u64>> {
+        let mut state = self.lock();
+        let released = if state.sum_in_use {
+            if matches!(state.spare, Spare::Preparing) {
+                state.spare = Spare::Empty;
+            }
+            Some(words)
+        } else {
+            match std::mem::replace(&mut state.spare, Spare::Ready(words)) {
+                Spare::Ready(older) => Some(older),
+                Spare::Empty | Spare::Preparing => None,
+            }
+        };
+        self.changed.notify_all();
+        released
+    }
+
+    /// Claims the right to prepare the spare; `false` when there is one, or one is being
+    /// prepared, or a round has its sum.
+    fn begin_preparing(&self) -> bool {
+        let mut state = self.lock();
+        if state.sum_in_use || !matches!(state.spare, Spare::Empty) {
+            return false;
+        }
+        state.spare = Spare::Preparing;
+        true
+    }
+
+    /// The spare, waiting for one being prepared.
     fn take(&self) -> Option<Vec<u64>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        let mut state = self.lock();
+        while matches!(state.spare, Spare::Preparing) {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        match std::mem::take(&mut state.spare) {
+            Spare::Ready(words) => Some(words),
+            Spare::Empty | Spare::Preparing => None,
+        }
+    }
+
+    /// Whether the open round has its sum; a spare kept meanwhile is let go (returned).
+    fn set_sum_in_use(&self, in_use: bool) -> Option<Vec<u64>> {
+        let mut state = self.lock();
+        state.sum_in_use = in_use;
+        if in_use && let Spare::Ready(_) = state.spare {
+            let Spare::Ready(words) = std::mem::take(&mut state.spare) else {
+                unreachable!("matched above")
+            };
+            return Some(words);
+        }
+        None
+    }
+}
+
+/// Lets spare memory go, on a thread of its own when it is large: unmapping takes a while, and
+/// the callers hold the book's lock.
+fn release(words: Option<Vec<u64>>) {
+    const LARGE: usize = 8 << 20; // words: 64 MB
+    match words {
+        Some(words) if words.len() >= LARGE => drop(std::thread::spawn(move || drop(words))),
+        other => drop(other),
     }
 }
 
@@ -63,7 +146,7 @@ impl AsRef<[u8]> for Recycled {
 impl Drop for Recycled {
     fn drop(&mut self) {
         if let (Some(buffer), Some(spare)) = (self.buffer.take(), self.spare.upgrade()) {
-            spare.put(buffer.into_words());
+            drop(spare.put(buffer.into_words()));
         }
     }
 }
@@ -188,10 +271,10 @@ impl RoundBook {
     pub fn sum_builder(&self, round: u32) -> Option<impl FnOnce() -> FedAvgAccumulator + use<>> {
         let spec = self.model.as_ref().filter(|_| round > 0)?.spec.clone();
         let options = self.options;
-        let spare = self.spare.take();
+        let spare = self.spare.clone();
         Some(move || {
             let prefix = wire::model_header(&spec, round).len();
-            FedAvgAccumulator::with_prefix_reusing((*spec).clone(), options, prefix, spare)
+            FedAvgAccumulator::with_prefix_reusing((*spec).clone(), options, prefix, spare.take())
         })
     }
 
@@ -203,7 +286,11 @@ impl RoundBook {
         let prefix = wire::model_header(&model.spec, model.round + 1).len();
         let data_len = model.spec.byte_len();
         let spare = self.spare.clone();
-        Some(move || spare.put(ModelBuffer::zeroed(prefix, data_len).into_words()))
+        Some(move || {
+            if spare.begin_preparing() {
+                drop(spare.put(ModelBuffer::zeroed(prefix, data_len).into_words()));
+            }
+        })
     }
 
     /// Opens a round, with a sum prepared by [`RoundBook::sum_builder`] when there is one (else
@@ -262,6 +349,8 @@ impl RoundBook {
                 .filter(|s| Some(s.spec()) == self.model.as_ref().map(|m| &*m.spec))
                 .map(Arc::new),
         });
+        let has_sum = self.open.as_ref().is_some_and(|o| o.sum.is_some());
+        release(self.spare.set_sum_in_use(has_sum));
         Ok(())
     }
 
@@ -358,6 +447,9 @@ impl RoundBook {
             return Err(CommitError::Duplicate);
         }
         let round = open.round;
+        if open.sum.is_none() {
+            release(self.spare.set_sum_in_use(true));
+        }
         let sum = open.sum.get_or_insert_with(|| {
             let spec = match (&global_spec, round) {
                 (Some(global), r) if r > 0 => (**global).clone(),
@@ -408,6 +500,8 @@ impl RoundBook {
             _ => return Ok(Err(format!("round {round} attempt {attempt} is not open"))),
         }
         let open = self.open.take().expect("checked above");
+        // From here on the old model's memory may become the next round's sum.
+        release(self.spare.set_sum_in_use(false));
         let total_samples: u64 = open.accepted.values().sum();
         let result = match open.sum {
             Some(sum) if sum.updates() > 0 => {
@@ -456,6 +550,7 @@ impl RoundBook {
     fn retire_open_tokens(&mut self) {
         if let Some(open) = self.open.take() {
             self.retired_tokens.extend(open.tokens.into_keys());
+            release(self.spare.set_sum_in_use(false));
         }
     }
 }
@@ -564,7 +659,7 @@ mod tests {
     /// Waits for the old model's memory to reach the spare (it is dropped on a thread).
     fn wait_for_spare(book: &RoundBook) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while book.spare.0.lock().unwrap().is_none() {
+        while !matches!(book.spare.lock().spare, Spare::Ready(_)) {
             assert!(std::time::Instant::now() < deadline, "no spare sum arrived");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
@@ -598,6 +693,51 @@ mod tests {
             vec![5.0, 7.0],
             "left as it was"
         );
+    }
+
+    #[test]
+    fn a_spare_never_sits_beside_a_sum() {
+        let spare = SpareSum::default();
+        assert_eq!(
+            spare.put(vec![1; 4]),
+            None,
+            "kept while no round has its sum"
+        );
+        assert_eq!(
+            spare.set_sum_in_use(true),
+            Some(vec![1; 4]),
+            "let go once one has"
+        );
+        assert_eq!(
+            spare.put(vec![2; 4]),
+            Some(vec![2; 4]),
+            "refused while it has"
+        );
+        assert!(!spare.begin_preparing(), "nothing is prepared while it has");
+        assert_eq!(spare.take(), None);
+        assert_eq!(spare.set_sum_in_use(false), None);
+        assert_eq!(spare.put(vec![3; 4]), None);
+        assert_eq!(spare.take(), Some(vec![3; 4]));
+    }
+
+    #[test]
+    fn a_round_waits_for_the_spare_being_prepared() {
+        let spare = Arc::new(SpareSum::default());
+        assert!(spare.begin_preparing());
+        assert!(!spare.begin_preparing(), "one preparation at a time");
+        let preparer = std::thread::spawn({
+            let spare = spare.clone();
+            move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                spare.put(vec![7; 4])
+            }
+        });
+        assert_eq!(
+            spare.take(),
+            Some(vec![7; 4]),
+            "waited rather than allocating anew"
+        );
+        assert_eq!(preparer.join().unwrap(), None);
     }
 
     #[test]
