@@ -275,7 +275,8 @@ class HttpClient:
             connection.connect()
         assert connection.sock is not None
         connection.sock.settimeout(timeout)
-        connection.putrequest(method, target, skip_accept_encoding=True)
+        # http.client adds `Accept-Encoding: identity`: downloads are read as sent, in place.
+        connection.putrequest(method, target)
         for name, value in headers.items():
             connection.putheader(name, value)
         if isinstance(body, bytes):

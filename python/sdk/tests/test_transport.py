@@ -228,3 +228,18 @@ def test_bad_urls_are_network_errors() -> None:
         for url in ["ftp://example.org/", "http:///nohost", "http://127.0.0.1:notaport/"]:
             with pytest.raises(NetworkError):
                 http.call("GET", url, timeout=1)
+
+
+def test_requests_ask_for_bodies_as_they_are(server) -> None:
+    """Without `Accept-Encoding: identity` a server or proxy may compress a download."""
+    seen: list[str | None] = []
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        seen.append(h.headers["Accept-Encoding"])
+        reply(h, 200, b"{}")
+
+    url = server(handle)
+    with HttpClient() as http:
+        http.call("GET", url, timeout=5)
+        http.download(url, timeout=5)
+    assert seen == ["identity", "identity"]
