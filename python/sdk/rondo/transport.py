@@ -272,6 +272,7 @@ class HttpClient:
         timeout: float,
     ) -> http.client.HTTPResponse:
         if connection.sock is None:
+            connection.timeout = min(self.connect_timeout, timeout)
             connection.connect()
         assert connection.sock is not None
         connection.sock.settimeout(timeout)
