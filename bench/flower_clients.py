@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import traceback
 
 import flwr as fl
@@ -38,11 +37,7 @@ class AddConstant(fl.client.NumPyClient):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", required=True)
-    parser.add_argument("--clients", type=int, required=True)
-    parser.add_argument(
-        "--first-index", type=int, default=0, help="index of this process's first client"
-    )
-    parser.add_argument("--n-elements", type=int, required=True)
+    workload.add_client_arguments(parser)
     parser.add_argument("--max-message", type=int, required=True)
     args = parser.parse_args()
     workload.dummy()  # import once, before the threads race to do it
@@ -60,14 +55,7 @@ def main() -> int:
             traceback.print_exc()
             failures.append(index)
 
-    threads = [
-        threading.Thread(target=client, args=(i,), name=f"flower-client-{i}")
-        for i in range(args.first_index, args.first_index + args.clients)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    workload.run_clients(client, args, "flower-client")
     if failures:
         print(f"clients failed: {sorted(failures)}", file=sys.stderr)
         return 1

@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -68,11 +67,7 @@ def timed(participant: Any, events: list[dict[str, Any]]) -> Any:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coordinator-url", required=True)
-    parser.add_argument("--clients", type=int, required=True)
-    parser.add_argument(
-        "--first-index", type=int, default=0, help="index of this process's first participant"
-    )
-    parser.add_argument("--n-elements", type=int, required=True)
+    workload.add_client_arguments(parser)
     parser.add_argument("--heartbeat-period", type=float, required=True)
     parser.add_argument("--events", type=Path, required=True)
     args = parser.parse_args()
@@ -99,14 +94,7 @@ def main() -> int:
         except BaseException as exc:
             failures[index] = exc
 
-    threads = [
-        threading.Thread(target=participate, args=(i,), name=f"dummy-{i}")
-        for i in range(args.first_index, args.first_index + args.clients)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    workload.run_clients(participate, args, "dummy")
     args.events.write_text(json.dumps(events))
 
     for index, exc in sorted(failures.items()):

@@ -9,9 +9,12 @@ R * sum(n_i * (i + 1)) / sum(n_i).
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import sys
+import threading
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -68,6 +71,27 @@ def value_range(arrays: dict[str, np.ndarray]) -> tuple[float, float]:
         min(float(a.min()) for a in arrays.values()),
         max(float(a.max()) for a in arrays.values()),
     )
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every client harness takes: which clients it runs, on what model."""
+    parser.add_argument("--clients", type=int, required=True, help="how many, in threads")
+    parser.add_argument(
+        "--first-index", type=int, default=0, help="index of this process's first client"
+    )
+    parser.add_argument("--n-elements", type=int, required=True)
+
+
+def run_clients(client: Callable[[int], None], args: argparse.Namespace, name: str) -> None:
+    """Run ``client(index)`` for each of this process's clients, each in a thread, until all end."""
+    threads = [
+        threading.Thread(target=client, args=(i,), name=f"{name}-{i}")
+        for i in range(args.first_index, args.first_index + args.clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def exit_now(code: int) -> NoReturn:

@@ -120,13 +120,11 @@ impl SpareSum {
     }
 }
 
-/// Lets spare memory go, on a thread of its own when it is large: unmapping takes a while, and
-/// the callers hold the book's lock.
+/// Lets spare memory go (the callers hold the book's lock: a large spare goes on a thread).
 fn release(words: Option<Vec<u64>>) {
-    const LARGE: usize = 8 << 20; // words: 64 MB
-    match words {
-        Some(words) if words.len() >= LARGE => drop(std::thread::spawn(move || drop(words))),
-        other => drop(other),
+    if let Some(words) = words {
+        let bytes = words.len() * 8;
+        rondo_core::memory::drop_large(words, bytes);
     }
 }
 
@@ -510,9 +508,9 @@ impl RoundBook {
                 let header = wire::model_header(&spec, round);
                 // Participants have downloaded the old model by now: let it go (its memory
                 // becomes the next round's sum, see `SpareSum`, or goes back to the system).
-                // Unmapping a large buffer takes milliseconds, so that happens off this path.
                 if let Some(old) = self.model.take() {
-                    std::thread::spawn(move || drop(old));
+                    let bytes = old.file.len();
+                    rondo_core::memory::drop_large(old, bytes);
                 }
                 let Ok(sum) = Arc::try_unwrap(sum) else {
                     unreachable!("checked above: the round holds the only reference")

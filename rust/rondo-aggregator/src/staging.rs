@@ -169,7 +169,8 @@ impl StagingPool {
     }
 
     /// Bytes held by idle buffers.
-    pub fn idle_bytes(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn idle_bytes(&self) -> u64 {
         self.inner
             .lock_idle()
             .iter()
@@ -178,12 +179,14 @@ impl StagingPool {
     }
 
     /// The budget in units of [`STAGING_UNIT`].
-    pub fn budget_units(&self) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn budget_units(&self) -> u32 {
         self.inner.units
     }
 
     /// Units not held by any buffer, in flight or idle.
-    pub fn available_units(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn available_units(&self) -> usize {
         self.inner.semaphore.available_permits()
     }
 }

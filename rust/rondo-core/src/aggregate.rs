@@ -202,10 +202,8 @@ fn touched_zeros<T: Default + Clone + Copy + Send + Sync>(len: usize) -> Vec<T> 
 /// caller's buffer pool, dropping them only hands the buffer back; for a large batch the
 /// thread start is then wasted, but it is small next to folding 64 MB.)
 fn release_in_background(updates: Vec<Update>) {
-    const LARGE: usize = 64 << 20;
-    if updates.iter().map(|u| u.data.len()).sum::<usize>() >= LARGE {
-        std::thread::spawn(move || drop(updates));
-    }
+    let bytes = updates.iter().map(|u| u.data.len()).sum();
+    crate::memory::drop_large(updates, bytes);
 }
 
 fn sum_is_f64(dtype: DType) -> bool {

@@ -31,6 +31,17 @@ pub fn advise_huge_pages<T>(vec: &mut Vec<T>) {
     }
 }
 
+/// Drops `value`, which holds `bytes` of memory, on a short-lived thread of its own when that is
+/// 64 MiB or more: unmapping that much takes milliseconds that a caller holding a lock, or on
+/// the path that answers an upload or closes a round, need not wait for. Less is dropped at
+/// once, so that its memory is back before it is next needed.
+pub fn drop_large<T: Send + 'static>(value: T, bytes: usize) {
+    const LARGE: usize = 64 << 20;
+    if bytes >= LARGE {
+        std::thread::spawn(move || drop(value));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
