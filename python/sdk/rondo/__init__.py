@@ -7,7 +7,7 @@ calls your training code and uploads the result, round after round::
     report = rondo.run_participant(MyParticipant(), "http://127.0.0.1:8081")
 
 Modules: :mod:`rondo.participant` (the interface and the report), :mod:`rondo.runner` (the
-protocol: joining, heartbeats, rounds), :mod:`rondo.transport` (HTTP on the standard library,
+protocol: joining, heartbeats, rounds), :mod:`rondo.transport` (HTTP/1.1 on sockets,
 downloads read in place, uploads sent from the arrays), :mod:`rondo.safetensors_io` (the wire
 encoding of weights), :mod:`rondo.errors`, :mod:`rondo.util`.
 """

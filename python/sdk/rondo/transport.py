@@ -1,12 +1,20 @@
-"""HTTP/1.1 for the SDK, on the standard library's :mod:`http.client`.
+"""HTTP/1.1 for the SDK, on plain sockets.
 
 A participant moves the whole model twice a round, and many participants may share one
-process. ``requests`` (through urllib3) copies every downloaded chunk once more and spends about
-a millisecond of Python per call on proxy, ``.netrc`` and hook handling; with ten participants
-of a 10 MB model in one process that was half of a round. Here a download is read straight into
-its final buffer (``readinto``), an upload goes to the socket piece by piece from the arrays'
-own memory, and each origin keeps one persistent connection with ``TCP_NODELAY`` (so a small
-request is never held back waiting for an acknowledgement).
+process. Here a download is read straight off the socket into its final buffer, an upload goes
+to the socket piece by piece from the arrays' own memory, and each origin keeps one persistent
+connection with ``TCP_NODELAY`` (so a small request is never held back waiting for an
+acknowledgement).
+
+Why not a library: ``requests`` (through urllib3) copied every downloaded chunk once more and
+spent about a millisecond of Python per call; with ten participants of a 10 MB model in one
+process that was half of a round. The standard library's :mod:`http.client` avoids that, but
+importing it (it brings :mod:`email` for header parsing, and :mod:`ssl`) took 33 ms on these
+machines, a fifth of a participant's whole start-up, before the first request. What the SDK
+needs of HTTP is small: requests with a ``Content-Length``, and answers framed by
+``Content-Length``, ``Transfer-Encoding: chunked`` or the end of the connection. That is
+written out below (:class:`_Response`) and tested against the standard library's server;
+:mod:`ssl` is imported only for an ``https`` URL.
 
 One :class:`HttpClient` serves one thread at a time: the runner gives the heartbeat thread a
 client of its own. Every answer of 400 or more becomes an :class:`~rondo.errors.ApiError`; every
@@ -15,11 +23,12 @@ failure to reach a service or to finish an exchange with it, a :class:`~rondo.er
 
 from __future__ import annotations
 
-import http.client
 import json
+import mmap
 import select
 import socket
 from collections.abc import Iterable, Mapping
+from io import BufferedReader
 from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
@@ -30,14 +39,24 @@ from .errors import ApiError, NetworkError
 DOWNLOAD_CHUNK_BYTES = 1 << 22
 """Bytes read at a time from a download of unknown length."""
 
+MAX_LINE_BYTES = 65536
+"""Longest status line, header line or chunk-size line accepted in an answer."""
+
+MAX_HEADERS = 100
+"""Most header lines accepted in one answer."""
+
+
+class _ProtocolError(Exception):
+    """The service's answer is not HTTP/1.x as this client reads it."""
+
+
+class _Stale(Exception):
+    """A kept-alive connection turned out to be closed before any answer arrived."""
+
+
 # Failures of a kept-alive connection that the server closed while it sat idle: the request
 # never reached it, so one that can be sent again is, once, on a fresh connection.
-_STALE_CONNECTION = (
-    http.client.RemoteDisconnected,
-    ConnectionResetError,
-    ConnectionAbortedError,
-    BrokenPipeError,
-)
+_STALE_CONNECTION = (_Stale, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
 
 
 class SizedPieces(Protocol):
@@ -46,25 +65,6 @@ class SizedPieces(Protocol):
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Any: ...
-
-
-class _NoDelay:
-    """Mixed into the connection classes: disable Nagle's algorithm on every new socket."""
-
-    sock: socket.socket | None
-
-    def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
-        assert self.sock is not None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _HTTPConnection(_NoDelay, http.client.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_NoDelay, http.client.HTTPSConnection):
-    pass
 
 
 def _error_from(status: int, body: bytes) -> ApiError:
@@ -79,6 +79,193 @@ def _error_from(status: int, body: bytes) -> ApiError:
     return ApiError(status, code, message)
 
 
+def _new_buffer(size: int) -> np.ndarray:
+    """A writable ``uint8`` array of ``size`` bytes for a download to be read into.
+
+    Anonymous memory in 4 KiB pages, zeroed lazily by the kernel as the socket fills it. Not
+    numpy's allocation: numpy asks for huge pages for large arrays, and on these machines ten
+    participants faulting in 2 MiB pages while their sockets fill made a federation's first
+    round 20-40 ms slower than 4 KiB pages did (the kernel zeroes each huge page in one go,
+    inside the receive call).
+    """
+    if size == 0:
+        return np.empty(0, np.uint8)
+    return np.frombuffer(mmap.mmap(-1, size), np.uint8)
+
+
+class _Response:
+    """An answer's status and headers, and its body, read on demand from the connection."""
+
+    def __init__(self, reader: BufferedReader, method: str) -> None:
+        self._reader = reader
+        self.status, version = self._read_status()
+        self.headers = self._read_headers()
+        connection = self.headers.get("connection", "").lower()
+        # HTTP/1.1 keeps a connection unless told to close it; HTTP/1.0 only when asked to.
+        self.will_close = "close" in connection or (
+            version == "HTTP/1.0" and "keep-alive" not in connection
+        )
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        self.length: int | None = None  # None: chunked, or until the connection closes
+        self._left_in_chunk = 0
+        self.done = False
+        if method == "HEAD" or self.status in (204, 304):
+            self.length = 0
+        elif not self.chunked and "content-length" in self.headers:
+            try:
+                self.length = int(self.headers["content-length"])
+            except ValueError as exc:
+                raise _ProtocolError(
+                    f"bad Content-Length {self.headers['content-length']!r}"
+                ) from exc
+            if self.length < 0:
+                raise _ProtocolError(f"bad Content-Length {self.length}")
+        elif not self.chunked:
+            self.will_close = True  # the body ends when the connection does
+        self._left = self.length
+        if self.length == 0:
+            self.done = True
+
+    def _line(self) -> bytes:
+        line = self._reader.readline(MAX_LINE_BYTES + 1)
+        if len(line) > MAX_LINE_BYTES:
+            raise _ProtocolError("a line of the answer is too long")
+        return line
+
+    def _read_status(self) -> tuple[int, str]:
+        while True:
+            line = self._line()
+            if not line:
+                raise _Stale("the connection closed before an answer")
+            parts = line.decode("latin-1").rstrip("\r\n").split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+                raise _ProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
+            status = int(parts[1])
+            if not 100 <= status < 200:
+                return status, parts[0]
+            self._read_headers()  # an interim answer (100 Continue): the real one follows
+
+    def _read_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = self._line()
+            if line in (b"\r\n", b"\n", b""):
+                return headers
+            name, colon, value = line.decode("latin-1").partition(":")
+            if not colon:
+                raise _ProtocolError(f"not a header line: {line[:80]!r}")
+            name, value = name.strip().lower(), value.strip()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        raise _ProtocolError(f"more than {MAX_HEADERS} header lines")
+
+    def readinto(self, view: memoryview) -> int:
+        """Reads body bytes into ``view``; 0 once the body is complete."""
+        if self.done or not len(view):
+            return 0
+        if self.chunked:
+            if self._left_in_chunk == 0:
+                self._left_in_chunk = self._next_chunk_size()
+                if self._left_in_chunk == 0:
+                    self._finish_chunked()
+                    return 0
+            view = view[: self._left_in_chunk]
+        elif self._left is not None:
+            view = view[: self._left]
+        n = self._reader.readinto(view)
+        if not n:
+            if self._left is None and not self.chunked:
+                self.done = True  # delimited by the end of the connection: that was it
+                return 0
+            raise ConnectionError("the connection closed in the middle of the answer")
+        if self.chunked:
+            self._left_in_chunk -= n
+            if self._left_in_chunk == 0 and self._reader.read(2) not in (b"\r\n", b"\n"):
+                raise _ProtocolError("a chunk does not end with CRLF")
+        elif self._left is not None:
+            self._left -= n
+            self.done = self._left == 0
+        return n
+
+    def _next_chunk_size(self) -> int:
+        line = self._line()
+        if not line:
+            raise ConnectionError("the connection closed in the middle of the answer")
+        size = line.split(b";", 1)[0].strip()
+        try:
+            return int(size, 16)
+        except ValueError as exc:
+            raise _ProtocolError(f"bad chunk size {size[:20]!r}") from exc
+
+    def _finish_chunked(self) -> None:
+        while self._line() not in (b"\r\n", b"\n", b""):
+            pass  # trailers: none are used
+        self.done = True
+
+    def read(self) -> bytes:
+        """The whole (rest of the) body."""
+        if self.length is not None:
+            buffer = bytearray(self._left or 0)
+            with memoryview(buffer) as view:
+                got = 0
+                while got < len(buffer):
+                    n = self.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+            return bytes(buffer)
+        parts = []
+        chunk = bytearray(DOWNLOAD_CHUNK_BYTES)
+        with memoryview(chunk) as view:
+            while n := self.readinto(view):
+                parts.append(bytes(view[:n]))
+        return b"".join(parts)
+
+
+class _Connection:
+    """One persistent connection to an origin; ``sock`` is None while it is closed."""
+
+    def __init__(self, scheme: str, host: str, port: int) -> None:
+        self.scheme, self.host, self.port = scheme, host, port
+        self.sock: socket.socket | None = None
+        self.reader: BufferedReader | None = None
+        self.response: _Response | None = None  # the answer being read, if any
+        default_port = 443 if scheme == "https" else 80
+        name = f"[{host}]" if ":" in host else host
+        self.host_header = name if port == default_port else f"{name}:{port}"
+
+    def open(self, timeout: float) -> None:
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.scheme == "https":
+                import ssl  # only when asked for: it costs ~15 ms to import
+
+                context = ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = self.reader = self.response = None
+
+    def reusable(self) -> bool:
+        """Whether the connection can carry the next request: open, its last answer read to
+        the end, and not closed by the server meanwhile."""
+        response = self.response
+        if self.sock is None or (
+            response is not None and (not response.done or response.will_close)
+        ):
+            return False
+        return not _closed_by_peer(self.sock)
+
+
 class HttpClient:
     """Persistent HTTP connections to the Rondo services, for one thread.
 
@@ -88,7 +275,7 @@ class HttpClient:
 
     def __init__(self, connect_timeout: float = 10.0) -> None:
         self.connect_timeout = connect_timeout
-        self._connections: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
+        self._connections: dict[tuple[str, str, int], _Connection] = {}
 
     def close(self) -> None:
         for connection in self._connections.values():
@@ -145,11 +332,8 @@ class HttpClient:
 
         With a ``Content-Length``, the body is read in place into ``into`` when it has exactly
         that size (its old contents are overwritten), else into one new buffer of that size:
-        no chunk list, no join, no second copy of a possibly-gigabyte model. The new buffer is
-        numpy's, left uninitialised: numpy asks the kernel for huge pages for large arrays, so
-        the first write into it costs a few page faults rather than one per 4 KiB, and nothing
-        is zeroed only to be overwritten. Bodies of unknown length (chunked, or ended by
-        closing the connection) are appended to a growing buffer.
+        no chunk list, no join, no second copy of a possibly-gigabyte model. Bodies of unknown
+        length (chunked, or ended by closing the connection) are gathered and then copied once.
 
         Raises:
             ApiError: the service answered 400 or more.
@@ -158,37 +342,28 @@ class HttpClient:
         response = self._exchange("GET", url, dict(headers or {}), None, timeout)
         if response.status >= 400:
             raise _error_from(response.status, self._read_all(response, "GET", url))
-        encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             self._forget(url)
             raise NetworkError(f"download of {url} came with Content-Encoding {encoding!r}")
-        total = response.length  # None when chunked or delimited by closing the connection
+        total = response.length
+        if total is None:
+            return np.frombuffer(bytearray(self._read_all(response, "GET", url)), np.uint8)
+        fits = into is not None and into.shape == (total,) and into.dtype == np.uint8
+        buffer = into if fits else _new_buffer(total)
         received = 0
         try:
-            if total is None:
-                grown = bytearray()
-                while chunk := response.read(DOWNLOAD_CHUNK_BYTES):
-                    grown += chunk
-                return np.frombuffer(grown, np.uint8)
-            fits = into is not None and into.shape == (total,) and into.dtype == np.uint8
-            buffer = into if fits else np.empty(total, np.uint8)
             with memoryview(buffer) as view:
                 while received < total:
                     n = response.readinto(view[received:])
                     if not n:
                         break
                     received += n
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, _ProtocolError) as exc:
             self._forget(url)
             raise NetworkError(
                 f"download of {url} failed after {received} of {total} bytes: {exc}"
             ) from exc
-        if received < total:
-            self._forget(url)
-            raise NetworkError(
-                f"download of {url} ended early: the connection closed after {received} of "
-                f"{total} bytes (Content-Length)"
-            )
         return buffer
 
     def upload(
@@ -218,19 +393,16 @@ class HttpClient:
 
     # --- connections ------------------------------------------------------------------------
 
-    def _connection(self, url: str) -> tuple[http.client.HTTPConnection, str, bool]:
+    def _connection(self, url: str) -> tuple[_Connection, str, bool]:
         """The origin's connection, the request target, and whether it was used before."""
         key, target = _origin(url)
         connection = self._connections.get(key)
-        reused = connection is not None and connection.sock is not None
-        if connection is not None and reused and _closed_by_peer(connection.sock):
+        if connection is None:
+            connection = self._connections[key] = _Connection(*key)
+        reused = connection.sock is not None
+        if reused and not connection.reusable():
             connection.close()
             reused = False
-        if connection is None:
-            scheme, host, port = key
-            kind = _HTTPSConnection if scheme == "https" else _HTTPConnection
-            connection = kind(host, port, timeout=self.connect_timeout)
-            self._connections[key] = connection
         return connection, target, reused
 
     def _forget(self, url: str) -> None:
@@ -246,7 +418,7 @@ class HttpClient:
         headers: dict[str, str],
         body: bytes | SizedPieces | None,
         timeout: float,
-    ) -> http.client.HTTPResponse:
+    ) -> _Response:
         """Send a request and read the answer's status and headers (not its body)."""
         connection, target, reused = self._connection(url)
         try:
@@ -257,51 +429,54 @@ class HttpClient:
                     raise
                 connection.close()  # the server let it go while idle: once more, afresh
                 return self._send(connection, target, method, headers, body, timeout)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, _ProtocolError, _Stale) as exc:
             self._forget(url)
             what = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
             raise NetworkError(f"{method} {url} {what}") from exc
 
     def _send(
         self,
-        connection: http.client.HTTPConnection,
+        connection: _Connection,
         target: str,
         method: str,
         headers: dict[str, str],
         body: bytes | SizedPieces | None,
         timeout: float,
-    ) -> http.client.HTTPResponse:
+    ) -> _Response:
         if connection.sock is None:
-            connection.timeout = min(self.connect_timeout, timeout)
-            connection.connect()
-        assert connection.sock is not None
-        connection.sock.settimeout(timeout)
-        # http.client adds `Accept-Encoding: identity`: downloads are read as sent, in place.
-        connection.putrequest(method, target)
-        for name, value in headers.items():
-            connection.putheader(name, value)
+            connection.open(min(self.connect_timeout, timeout))
+        sock, reader = connection.sock, connection.reader
+        assert sock is not None and reader is not None
+        sock.settimeout(timeout)
+        # `Accept-Encoding: identity`: downloads are read as sent, in place.
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {connection.host_header}"]
+        lines.append("Accept-Encoding: identity")
+        lines.extend(f"{name}: {value}" for name, value in headers.items())
+        if isinstance(body, bytes) or (body is None and method in ("POST", "PUT", "PATCH")):
+            lines.append(f"Content-Length: {len(body or b'')}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        connection.response = None
         if isinstance(body, bytes):
-            connection.putheader("Content-Length", str(len(body)))
-            connection.endheaders(body)
-        elif body is None:
-            if method in ("POST", "PUT", "PATCH"):
-                connection.putheader("Content-Length", "0")
-            connection.endheaders()
+            sock.sendall(head + body)
         else:
-            connection.endheaders()
-            try:
-                for piece in _pieces(body):
-                    connection.send(piece)
-            except (BrokenPipeError, ConnectionResetError):
-                # The server may have answered (a refusal) and closed without reading the rest.
-                pass
-        return connection.getresponse()
+            sock.sendall(head)
+            if body is not None:
+                try:
+                    for piece in _pieces(body):
+                        sock.sendall(piece)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The server may have answered (a refusal) and closed without reading the
+                    # rest: its answer is read below.
+                    pass
+        response = _Response(reader, method)
+        connection.response = response
+        return response
 
-    @staticmethod
-    def _read_all(response: http.client.HTTPResponse, method: str, url: str) -> bytes:
+    def _read_all(self, response: _Response, method: str, url: str) -> bytes:
         try:
             return response.read()
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, _ProtocolError) as exc:
+            self._forget(url)
             raise NetworkError(f"{method} {url}: reading the answer failed: {exc!r}") from exc
 
 
@@ -324,11 +499,9 @@ def _pieces(body: SizedPieces) -> Iterable[bytes | memoryview]:
             yield piece
 
 
-def _closed_by_peer(sock: socket.socket | None) -> bool:
+def _closed_by_peer(sock: socket.socket) -> bool:
     """Whether an idle kept-alive socket became readable: the server closed it (or broke the
     protocol by talking unasked); either way it cannot carry the next request."""
-    if sock is None:
-        return True
     try:
         readable, _, _ = select.select([sock], [], [], 0)
     except (OSError, ValueError):

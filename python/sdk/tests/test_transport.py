@@ -243,3 +243,93 @@ def test_requests_ask_for_bodies_as_they_are(server) -> None:
         http.call("GET", url, timeout=5)
         http.download(url, timeout=5)
     assert seen == ["identity", "identity"]
+
+
+def raw(handler: BaseHTTPRequestHandler, answer: bytes, close: bool = False) -> None:
+    """Writes ``answer`` as it is: for the framings the standard server does not produce."""
+    handler.wfile.write(answer)
+    handler.wfile.flush()
+    handler.close_connection = close
+
+
+def test_chunked_answers_are_read_whole(server) -> None:
+    peers: list[tuple[str, int]] = []
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5;ext=1\r\n{"a":\r\n3\r\n 1}\r\n0\r\nX-Trailer: t\r\n\r\n'
+    )
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        peers.append(h.client_address)
+        raw(h, chunked)
+
+    url = server(handle)
+    with HttpClient() as http:
+        assert http.call("GET", url, timeout=5) == {"a": 1}
+        data = http.download(url, timeout=5)
+        assert data.flags.writeable and bytes(data) == b'{"a": 1}'
+        assert http.call("GET", url, timeout=5) == {"a": 1}
+    assert len(set(peers)) == 1  # a chunked answer read to its end leaves the connection usable
+
+
+def test_answers_ended_by_closing_the_connection(server) -> None:
+    peers: list[tuple[str, int]] = []
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        peers.append(h.client_address)
+        if h.path == "/old":  # HTTP/1.0 with a length: the connection still ends after it
+            raw(h, b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}", close=True)
+        else:  # no length at all: the body is whatever comes until the close
+            raw(h, b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"n": 2}', close=True)
+
+    url = server(handle)
+    with HttpClient() as http:
+        assert http.call("GET", f"{url}/old", timeout=5) == {}
+        assert http.call("GET", f"{url}/new", timeout=5) == {"n": 2}
+        assert bytes(http.download(f"{url}/new", timeout=5)) == b'{"n": 2}'
+    assert len(set(peers)) == 3
+
+
+def test_an_interim_answer_is_skipped(server) -> None:
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        read_request_body(h)
+        raw(h, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}")
+
+    url = server(handle)
+    with HttpClient() as http:
+        assert http.call("POST", url, body={"x": 1}, timeout=5) == {}
+
+
+def test_answers_that_are_not_http_are_network_errors(server) -> None:
+    answers = iter(
+        [
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -4\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * 70000 + b"\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        ]
+    )
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        raw(h, next(answers), close=True)
+
+    url = server(handle)
+    with HttpClient() as http:
+        for _ in range(4):
+            with pytest.raises(NetworkError):
+                http.call("GET", url, timeout=5)
+        assert http.call("GET", url, timeout=5) == {}  # and the client recovers
+
+
+def test_requests_name_their_host(server) -> None:
+    seen: list[str | None] = []
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        seen.append(h.headers["Host"])
+        reply(h, 200, b"{}")
+
+    url = server(handle)
+    with HttpClient() as http:
+        http.call("GET", url, timeout=5)
+    assert seen == [url.removeprefix("http://")]
