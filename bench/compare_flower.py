@@ -4,8 +4,10 @@
 Every workload N,SIZE,R runs N clients on one float32 model of SIZE bytes for R rounds of
 FedAvg from an all-zero model, where client i adds i + 1 to every weight and reports
 10 * (i + 1) samples (dummy.py's arithmetic), first through Rondo (release coordinator and
-aggregator, one process of N ``run_participant`` threads), then through Flower 1.41 (legacy
-``start_server`` with FedAvg in one process, N ``start_client`` threads in another). Measured:
+aggregator, and each client a process running ``run_participant``), then through Flower 1.41
+(legacy ``start_server`` with FedAvg, and each client a process running ``start_client``), as
+a federation runs: every participant its own program. ``--client-processes 1`` runs all
+clients as threads of one process instead (for both systems). Measured:
 total wall time from starting the server process(es) until every client has finished and the
 final model is in place, the mean round time, the server processes' peak RSS (VmHWM), and
 whether the final model equals the expected weighted average.
@@ -25,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import resource
 import select
 import shutil
@@ -65,11 +68,11 @@ class Workload:
     size: int  # bytes
     rounds: int
     label: str  # as given, e.g. "10MB"
-    client_processes: int = 1  # the clients are spread over this many processes
+    client_processes: int = 0  # the clients are spread over this many processes; 0: one each
 
     def client_groups(self) -> list[tuple[int, int]]:
         """(first index, count) of the clients of each client process."""
-        processes = min(self.client_processes, self.clients)
+        processes = min(self.client_processes or self.clients, self.clients)
         bounds = [self.clients * k // processes for k in range(processes + 1)]
         return [(bounds[k], bounds[k + 1] - bounds[k]) for k in range(processes)]
 
@@ -197,6 +200,20 @@ def check_range(low: float, high: float, expected: float, rounds: int) -> dict[s
         "max": high,
         "max_abs_error": error,
         "ok": error <= workload.tolerance(expected, rounds),
+    }
+
+
+def cpu_by_role(result: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds per kind of process: the client processes ("participants-3", ...) summed."""
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for name, secs in result["cpu_secs"].items():
+        role = re.sub(r"-\d+$", "", name)
+        totals[role] = totals.get(role, 0.0) + secs
+        counts[role] = counts.get(role, 0) + 1
+    return {
+        (f"{role} ({counts[role]} processes)" if counts[role] > 1 else role): secs
+        for role, secs in totals.items()
     }
 
 
@@ -521,7 +538,7 @@ def table(entry: dict[str, Any]) -> str:
             lines.append(f"{label} wall times of every run (s): {walls}")
     for label, result in (("Rondo", ok_rondo), ("Flower", ok_flower)):
         if result:
-            cpu = ", ".join(f"{name} {secs:.1f}" for name, secs in result["cpu_secs"].items())
+            cpu = ", ".join(f"{name} {secs:.1f}" for name, secs in cpu_by_role(result).items())
             lines.append(f"{label} CPU s: {cpu}")
     if ok_rondo:
         mem = entry["memory_check"]
@@ -644,9 +661,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--rondo-only", action="store_true", help="do not run Flower")
     parser.add_argument(
-        "--client-processes", type=int, default=1, metavar="P",
+        "--client-processes", type=int, default=0, metavar="P",
         help="spread each system's clients over P processes, as threads within each "
-        "(default: 1; P = N gives every client a process of its own)",
+        "(default: 0, a process of its own for every client, as in a federation; 1 runs "
+        "all clients as threads of one process)",
     )  # fmt: skip
     parser.add_argument(
         "--repeat", type=int, default=3, metavar="N",
@@ -670,8 +688,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    if args.client_processes < 1:
-        parser.error("--client-processes must be at least 1")
+    if args.client_processes < 0:
+        parser.error("--client-processes must be 0 (one per client) or more")
     if not args.workload:
         args.workload = [parse_workload(text) for text in DEFAULT_WORKLOADS]
     return args
