@@ -82,15 +82,17 @@ def _error_from(status: int, body: bytes) -> ApiError:
 def _new_buffer(size: int) -> np.ndarray:
     """A writable ``uint8`` array of ``size`` bytes for a download to be read into.
 
-    Anonymous memory in 4 KiB pages, zeroed lazily by the kernel as the socket fills it. Not
-    numpy's allocation: numpy asks for huge pages for large arrays, and on these machines ten
-    participants faulting in 2 MiB pages while their sockets fill made a federation's first
-    round 20-40 ms slower than 4 KiB pages did (the kernel zeroes each huge page in one go,
-    inside the receive call).
+    Private anonymous memory in 4 KiB pages, zeroed lazily by the kernel as the socket fills
+    it. Not numpy's allocation: numpy asks for huge pages for large arrays, and on these
+    machines ten participants of one process faulting in 2 MiB pages while their sockets fill
+    made a federation's first round 20-40 ms slower than 4 KiB pages did (the kernel zeroes
+    each huge page in one go, inside the receive call); with a process per participant the two
+    are even. Private, because :class:`mmap.mmap` maps shared memory by default, which is
+    slower to fault in and to free.
     """
     if size == 0:
         return np.empty(0, np.uint8)
-    return np.frombuffer(mmap.mmap(-1, size), np.uint8)
+    return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), np.uint8)
 
 
 class _Response:
