@@ -36,8 +36,8 @@ import numpy as np
 
 from .errors import ApiError, NetworkError
 
-DOWNLOAD_CHUNK_BYTES = 1 << 22
-"""Bytes read at a time from a download of unknown length."""
+READ_CHUNK_BYTES = 1 << 16
+"""Bytes read at a time from an answer of unknown length (chunked, or ended by closing)."""
 
 MAX_LINE_BYTES = 65536
 """Longest status line, header line or chunk-size line accepted in an answer."""
@@ -67,7 +67,7 @@ class SizedPieces(Protocol):
     def __iter__(self) -> Any: ...
 
 
-def _error_from(status: int, body: bytes) -> ApiError:
+def _error_from(status: int, body: bytes | bytearray) -> ApiError:
     """The documented ``{"error": {"code", "message"}}`` body as an ApiError; any other body
     gets the code ``http_<status>``."""
     code, message = f"http_{status}", body[:500].decode("utf-8", "replace")
@@ -203,7 +203,7 @@ class _Response:
             pass  # trailers: none are used
         self.done = True
 
-    def read(self) -> bytes:
+    def read(self) -> bytearray:
         """The whole (rest of the) body."""
         if self.length is not None:
             buffer = bytearray(self._left or 0)
@@ -214,13 +214,13 @@ class _Response:
                     if not n:
                         break
                     got += n
-            return bytes(buffer)
+            return buffer
         parts = []
-        chunk = bytearray(DOWNLOAD_CHUNK_BYTES)
+        chunk = bytearray(READ_CHUNK_BYTES)
         with memoryview(chunk) as view:
             while n := self.readinto(view):
                 parts.append(bytes(view[:n]))
-        return b"".join(parts)
+        return bytearray().join(parts)
 
 
 class _Connection:
@@ -350,7 +350,7 @@ class HttpClient:
             raise NetworkError(f"download of {url} came with Content-Encoding {encoding!r}")
         total = response.length
         if total is None:
-            return np.frombuffer(bytearray(self._read_all(response, "GET", url)), np.uint8)
+            return np.frombuffer(self._read_all(response, "GET", url), np.uint8)
         fits = into is not None and into.shape == (total,) and into.dtype == np.uint8
         buffer = into if fits else _new_buffer(total)
         received = 0
@@ -474,7 +474,7 @@ class HttpClient:
         connection.response = response
         return response
 
-    def _read_all(self, response: _Response, method: str, url: str) -> bytes:
+    def _read_all(self, response: _Response, method: str, url: str) -> bytearray:
         try:
             return response.read()
         except (OSError, _ProtocolError) as exc:

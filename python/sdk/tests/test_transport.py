@@ -230,19 +230,20 @@ def test_bad_urls_are_network_errors() -> None:
                 http.call("GET", url, timeout=1)
 
 
-def test_requests_ask_for_bodies_as_they_are(server) -> None:
+def test_requests_name_their_host_and_ask_for_bodies_as_they_are(server) -> None:
     """Without `Accept-Encoding: identity` a server or proxy may compress a download."""
-    seen: list[str | None] = []
+    seen: list[tuple[str | None, str | None]] = []
 
     def handle(h: BaseHTTPRequestHandler) -> None:
-        seen.append(h.headers["Accept-Encoding"])
+        seen.append((h.headers["Host"], h.headers["Accept-Encoding"]))
         reply(h, 200, b"{}")
 
     url = server(handle)
     with HttpClient() as http:
         http.call("GET", url, timeout=5)
         http.download(url, timeout=5)
-    assert seen == ["identity", "identity"]
+    host = url.removeprefix("http://")
+    assert seen == [(host, "identity"), (host, "identity")]
 
 
 def raw(handler: BaseHTTPRequestHandler, answer: bytes, close: bool = False) -> None:
@@ -320,16 +321,3 @@ def test_answers_that_are_not_http_are_network_errors(server) -> None:
             with pytest.raises(NetworkError):
                 http.call("GET", url, timeout=5)
         assert http.call("GET", url, timeout=5) == {}  # and the client recovers
-
-
-def test_requests_name_their_host(server) -> None:
-    seen: list[str | None] = []
-
-    def handle(h: BaseHTTPRequestHandler) -> None:
-        seen.append(h.headers["Host"])
-        reply(h, 200, b"{}")
-
-    url = server(handle)
-    with HttpClient() as http:
-        http.call("GET", url, timeout=5)
-    assert seen == [url.removeprefix("http://")]
