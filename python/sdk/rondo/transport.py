@@ -109,6 +109,7 @@ class _Response:
         )
         self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
         self.length: int | None = None  # None: chunked, or until the connection closes
+        self.received = 0  # body bytes read so far
         self._left_in_chunk = 0
         self.done = False
         if method == "HEAD" or self.status in (204, 304):
@@ -124,7 +125,6 @@ class _Response:
                 raise _ProtocolError(f"bad Content-Length {self.length}")
         elif not self.chunked:
             self.will_close = True  # the body ends when the connection does
-        self._left = self.length
         if self.length == 0:
             self.done = True
 
@@ -171,22 +171,29 @@ class _Response:
                     self._finish_chunked()
                     return 0
             view = view[: self._left_in_chunk]
-        elif self._left is not None:
-            view = view[: self._left]
+        elif self.length is not None:
+            view = view[: self.length - self.received]
         n = self._reader.readinto(view)
         if not n:
-            if self._left is None and not self.chunked:
+            if self.length is None and not self.chunked:
                 self.done = True  # delimited by the end of the connection: that was it
                 return 0
             raise ConnectionError("the connection closed in the middle of the answer")
+        self.received += n
         if self.chunked:
             self._left_in_chunk -= n
             if self._left_in_chunk == 0 and self._reader.read(2) not in (b"\r\n", b"\n"):
                 raise _ProtocolError("a chunk does not end with CRLF")
-        elif self._left is not None:
-            self._left -= n
-            self.done = self._left == 0
+        elif self.length is not None:
+            self.done = self.received == self.length
         return n
+
+    def fill(self, view: memoryview) -> int:
+        """Reads body bytes into ``view`` until it is full or the body is complete."""
+        got = 0
+        while got < len(view) and (n := self.readinto(view[got:])):
+            got += n
+        return got
 
     def _next_chunk_size(self) -> int:
         line = self._line()
@@ -206,14 +213,9 @@ class _Response:
     def read(self) -> bytearray:
         """The whole (rest of the) body."""
         if self.length is not None:
-            buffer = bytearray(self._left or 0)
+            buffer = bytearray(self.length - self.received)
             with memoryview(buffer) as view:
-                got = 0
-                while got < len(buffer):
-                    n = self.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
+                self.fill(view)
             return buffer
         parts = []
         chunk = bytearray(READ_CHUNK_BYTES)
@@ -316,11 +318,9 @@ class HttpClient:
         if body is not None:
             data = json.dumps(body).encode()
             all_headers["Content-Type"] = "application/json"
-        response = self._exchange(method, url, all_headers, data, timeout)
-        payload = self._read_all(response, method, url)
-        if response.status >= 400:
-            raise _error_from(response.status, payload)
-        return json.loads(payload) if payload else None
+        return self._json_answer(
+            self._exchange(method, url, all_headers, data, timeout), method, url
+        )
 
     def download(
         self,
@@ -353,18 +353,13 @@ class HttpClient:
             return np.frombuffer(self._read_all(response, "GET", url), np.uint8)
         fits = into is not None and into.shape == (total,) and into.dtype == np.uint8
         buffer = into if fits else _new_buffer(total)
-        received = 0
         try:
             with memoryview(buffer) as view:
-                while received < total:
-                    n = response.readinto(view[received:])
-                    if not n:
-                        break
-                    received += n
+                response.fill(view)
         except (OSError, _ProtocolError) as exc:
             self._forget(url)
             raise NetworkError(
-                f"download of {url} failed after {received} of {total} bytes: {exc}"
+                f"download of {url} failed after {response.received} of {total} bytes: {exc}"
             ) from exc
         return buffer
 
@@ -387,11 +382,9 @@ class HttpClient:
             NetworkError: the service could not be reached or the exchange broke off.
         """
         all_headers = {**(headers or {}), "Content-Length": str(len(pieces))}
-        response = self._exchange("POST", url, all_headers, pieces, timeout)
-        payload = self._read_all(response, "POST", url)
-        if response.status >= 400:
-            raise _error_from(response.status, payload)
-        return json.loads(payload) if payload else None
+        return self._json_answer(
+            self._exchange("POST", url, all_headers, pieces, timeout), "POST", url
+        )
 
     # --- connections ------------------------------------------------------------------------
 
@@ -473,6 +466,13 @@ class HttpClient:
         response = _Response(reader, method)
         connection.response = response
         return response
+
+    def _json_answer(self, response: _Response, method: str, url: str) -> Any:
+        """The answer's JSON body; an ApiError for a status of 400 or more."""
+        payload = self._read_all(response, method, url)
+        if response.status >= 400:
+            raise _error_from(response.status, payload)
+        return json.loads(payload) if payload else None
 
     def _read_all(self, response: _Response, method: str, url: str) -> bytearray:
         try:
