@@ -10,7 +10,11 @@ a federation runs: every participant its own program. ``--client-processes 1`` r
 clients as threads of one process instead (for both systems). Measured:
 total wall time from starting the server process(es) until every client has finished and the
 final model is in place, the mean round time, the server processes' peak RSS (VmHWM), and
-whether the final model equals the expected weighted average.
+whether the final model equals the expected weighted average. After each run, the same client
+processes are started once more, each exiting as soon as its script's imports are done
+(``--import-only``): the wall time of the clients' importing alone, which the federation's
+wall time includes. (Flower's ``start_client`` imports more on first use, fastapi and pydantic
+among it; that falls in Flower's wall time beyond importing.)
 
 Each system runs ``--repeat`` times per workload (3 by default), the two alternating; the
 tables show the run of median wall time of each (with the highest peak memory of any run).
@@ -36,17 +40,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import requests
-import safetensors.numpy
-import workload
+# Neither system uses BLAS here, but numpy's OpenBLAS starts a worker thread per core at import
+# that spins for a while: in every client process while it starts, and in this one while the
+# first run starts. Set before numpy is imported (by the modules below); every child inherits it.
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
-from rondo.safetensors_io import decode
-from rondo.util import parse_size
+import requests  # noqa: E402 - after the environment above
+import safetensors.numpy  # noqa: E402
+import workload  # noqa: E402
+
+from rondo.safetensors_io import decode  # noqa: E402
+from rondo.util import parse_size  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -121,9 +131,7 @@ class Processes:
         self.running[name] = subprocess.Popen(
             argv,
             cwd=BENCH,  # the child scripts import workload.py from here
-            # Neither system uses BLAS here, but numpy's OpenBLAS starts a spinning worker
-            # thread per core at import, which costs every Python process CPU while it starts.
-            env={**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})},
+            env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -190,6 +198,43 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+# The command line of the client process named ``name`` that runs clients ``first`` to
+# ``first + count - 1``: (name, first, count) -> argv.
+ClientArgv = Callable[[str, int, int], list[str]]
+
+
+def start_clients(procs: Processes, w: Workload, prefix: str, argv: ClientArgv) -> list[str]:
+    """Start the workload's client processes; their names."""
+    groups = w.client_groups()
+    names = [f"{prefix}-{k}" if len(groups) > 1 else prefix for k in range(len(groups))]
+    for name, (first, count) in zip(names, groups, strict=True):
+        procs.start(name, argv(name, first, count))
+    return names
+
+
+def wait_clients(procs: Processes, names: list[str], what: str) -> None:
+    for name in names:
+        if procs.wait(name) != 0:
+            raise Aborted(f"{what} failed; see {procs.log_dir / name}.log")
+
+
+def clients_importing(
+    w: Workload, run_dir: Path, deadline: float, prefix: str, argv: ClientArgv
+) -> dict[str, Any]:
+    """The same client processes started the same way, each exiting as soon as its script's
+    imports are done (``--import-only``): what importing alone takes them, wall and CPU."""
+    run_dir.mkdir()
+    procs = Processes(run_dir, deadline)
+    try:
+        t0 = time.monotonic()
+        names = start_clients(procs, w, prefix, lambda *a: [*argv(*a), "--import-only"])
+        wait_clients(procs, names, "importing clients")
+        wall = time.monotonic() - t0
+    finally:
+        procs.stop_all()
+    return {"wall_secs": wall, "cpu_secs": sum(procs.cpu_secs.values())}
 
 
 def check_range(low: float, high: float, expected: float, rounds: int) -> dict[str, Any]:
@@ -300,6 +345,18 @@ def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
     aggregator_rpc = f"127.0.0.1:{free_port()}"
     coordinator_url = f"http://127.0.0.1:{free_port()}"
 
+    def participant_argv(name: str, first: int, count: int) -> list[str]:
+        return [
+            sys.executable,
+            str(BENCH / "rondo_participants.py"),
+            "--coordinator-url", coordinator_url,
+            "--clients", str(count),
+            "--first-index", str(first),
+            "--n-elements", str(w.n_elements),
+            "--heartbeat-period", str(heartbeat_period),
+            "--events", str(run_dir / f"{name}-events.json"),
+        ]  # fmt: skip
+
     procs = Processes(run_dir, deadline)
     try:
         t0, t0_unix = time.monotonic(), time.time()
@@ -327,27 +384,8 @@ def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
                 "RONDO__FEDERATION__ROUND_TIMEOUT_SECS": str(max(1.0, procs.remaining())),
             },
         )
-        groups = w.client_groups()
-        names = [
-            f"participants-{k}" if len(groups) > 1 else "participants" for k in range(len(groups))
-        ]
-        for name, (first, count) in zip(names, groups, strict=True):
-            procs.start(
-                name,
-                [
-                    sys.executable,
-                    str(BENCH / "rondo_participants.py"),
-                    "--coordinator-url", coordinator_url,
-                    "--clients", str(count),
-                    "--first-index", str(first),
-                    "--n-elements", str(w.n_elements),
-                    "--heartbeat-period", str(heartbeat_period),
-                    "--events", str(run_dir / f"{name}-events.json"),
-                ],
-            )  # fmt: skip
-        for name in names:
-            if procs.wait(name) != 0:
-                raise Aborted(f"participants failed; see {run_dir / name}.log")
+        names = start_clients(procs, w, "participants", participant_argv)
+        wait_clients(procs, names, "participants")
         wall, end_unix = time.monotonic() - t0, time.time()
         # The final model was aggregated before the last participant was told "finish".
 
@@ -379,8 +417,12 @@ def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
         opened, closed = round_log(run_dir)
     finally:
         procs.stop_all()
+    importing = clients_importing(
+        w, run_dir / "imports", deadline, "participants", participant_argv
+    )
     return {
         "wall_secs": wall,
+        "clients_importing": importing,
         "round_secs": [e["duration_secs"] for e in aggregated],
         "rounds_aggregated": len(aggregated),
         "rounds_missing_clients": incomplete,
@@ -408,6 +450,12 @@ def run_flower(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
     common = ["--address", address, "--n-elements", str(w.n_elements)]
     common += ["--max-message", str(GRPC_MAX_MESSAGE)]
     report_path = run_dir / "flower-server.json"
+
+    def client_argv(name: str, first: int, count: int) -> list[str]:
+        return [sys.executable, str(BENCH / "flower_clients.py"), *common] + [
+            "--clients", str(count), "--first-index", str(first)
+        ]  # fmt: skip
+
     procs = Processes(run_dir, deadline)
     try:
         t0, t0_unix = time.monotonic(), time.time()
@@ -418,27 +466,16 @@ def run_flower(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
         )
         # Flower's clients retry until the server listens, so both start at once, as an
         # operator would start them.
-        groups = w.client_groups()
-        names = [
-            f"flower-clients-{k}" if len(groups) > 1 else "flower-clients"
-            for k in range(len(groups))
-        ]
-        for name, (first, count) in zip(names, groups, strict=True):
-            procs.start(
-                name,
-                [sys.executable, str(BENCH / "flower_clients.py"), *common]
-                + ["--clients", str(count), "--first-index", str(first)],
-            )
+        names = start_clients(procs, w, "flower-clients", client_argv)
         # The server writes its report (peak RSS, final model) and exits after the last round
         # and after telling the clients to disconnect.
         if procs.wait("flower-server") != 0:
             raise Aborted(f"Flower server failed; see {run_dir / 'flower-server.log'}")
-        for name in names:
-            if procs.wait(name) != 0:
-                raise Aborted(f"Flower clients failed; see {run_dir / name}.log")
+        wait_clients(procs, names, "Flower clients")
         wall, end_unix = time.monotonic() - t0, time.time()
     finally:
         procs.stop_all()
+    importing = clients_importing(w, run_dir / "imports", deadline, "flower-clients", client_argv)
     report = json.loads(report_path.read_text())
     expected = workload.expected_value(w.clients, w.rounds)
     if "final_range" in report:
@@ -454,6 +491,7 @@ def run_flower(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
     last_close = rounds[-1]["ended_unix"] if rounds else None
     return {
         "wall_secs": wall,
+        "clients_importing": importing,
         **edges(t0_unix, first_open, last_close, end_unix),
         "round_secs": [r["duration_secs"] for r in rounds],
         "rounds_aggregated": len(rounds),
@@ -471,6 +509,9 @@ def summarize(result: dict[str, Any]) -> None:
     result["round_mean_secs"] = mean(result["round_secs"])
     # Start-up (processes, imports, joining), gaps between rounds and shutdown.
     result["outside_rounds_secs"] = result["wall_secs"] - sum(result["round_secs"])
+    # What the federation adds to its client processes merely starting (and exiting).
+    result["importing_alone_secs"] = result["clients_importing"]["wall_secs"]
+    result["beyond_importing_secs"] = result["wall_secs"] - result["importing_alone_secs"]
 
 
 def ratio(flower: float | None, rondo: float | None) -> float | None:
@@ -519,6 +560,8 @@ def table(entry: dict[str, Any]) -> str:
         lines.append(row("wall outside rounds (s)", "outside_rounds_secs"))
         lines.append(row("  before round 1 (s)", "before_first_round_secs"))
         lines.append(row("  after last round (s)", "after_last_round_secs"))
+        lines.append(row("clients importing alone", "importing_alone_secs"))
+        lines.append(row("wall beyond that (s)", "beyond_importing_secs"))
         lines.append(row("server peak RSS (MB)", "server_peak_bytes", MB, 0))
         if ok_rondo:
             lines.append(
@@ -539,7 +582,8 @@ def table(entry: dict[str, Any]) -> str:
     for label, result in (("Rondo", ok_rondo), ("Flower", ok_flower)):
         if result:
             cpu = ", ".join(f"{name} {secs:.1f}" for name, secs in cpu_by_role(result).items())
-            lines.append(f"{label} CPU s: {cpu}")
+            alone = result["clients_importing"]["cpu_secs"]
+            lines.append(f"{label} CPU s: {cpu} (clients importing alone: {alone:.1f})")
     if ok_rondo:
         mem = entry["memory_check"]
         lines.append(

@@ -72,6 +72,10 @@ def main() -> int:
     parser.add_argument("--events", type=Path, required=True)
     args = parser.parse_args()
 
+    dummy = workload.dummy()
+    if args.import_only:
+        return 0
+
     events: list[dict[str, Any]] = []  # list.append is atomic under the GIL
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rondo_log = logging.getLogger("rondo")
@@ -79,7 +83,6 @@ def main() -> int:
     rondo_log.addHandler(EventLog(events))
     rondo_log.propagate = False  # INFO for the timings, not for the log file
 
-    dummy = workload.dummy()
     reports: dict[int, rondo.ParticipantReport] = {}
     failures: dict[int, BaseException] = {}
 

@@ -80,6 +80,11 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
         "--first-index", type=int, default=0, help="index of this process's first client"
     )
     parser.add_argument("--n-elements", type=int, required=True)
+    parser.add_argument(
+        "--import-only",
+        action="store_true",
+        help="exit once this script's imports are done: what importing alone takes",
+    )
 
 
 def run_clients(client: Callable[[int], None], args: argparse.Namespace, name: str) -> None:
