@@ -71,11 +71,12 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
         &config.runtime.addresses_file,
         &BTreeMap::from([("api", api_addr), ("rpc", rpc_addr)]),
     )?;
-    axum::serve(
-        boot::no_delay(api_listener),
+    boot::serve_http(
+        api_listener,
         crate::http::router(aggregator),
+        boot::READ_BUFFER_MAX,
+        boot::shutdown_signal(),
     )
-    .with_graceful_shutdown(boot::shutdown_signal())
-    .await?;
+    .await;
     Ok(())
 }

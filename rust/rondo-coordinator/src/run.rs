@@ -44,11 +44,12 @@ pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
         advertised,
         Duration::from_secs_f64(config.aggregator.call_timeout_secs),
     ));
-    axum::serve(
-        boot::no_delay(api_listener),
+    boot::serve_http(
+        api_listener,
         crate::http::router(coordinator),
+        boot::READ_BUFFER_MAX,
+        boot::shutdown_signal(),
     )
-    .with_graceful_shutdown(boot::shutdown_signal())
-    .await?;
+    .await;
     Ok(())
 }

@@ -45,15 +45,59 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// An HTTP listener whose connections have Nagle's algorithm off: answers are written as soon
-/// as they are ready rather than held for the peer's acknowledgement of the last segment.
-pub fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
-    use axum::serve::ListenerExt;
-    listener.tap_io(|stream| {
+/// Cap on an HTTP connection's read buffer, for [`serve_http`]. hyper's own default lets a
+/// buffer grow to ~400 KiB while a large body streams in; the aggregator pins glibc's mmap
+/// threshold at 128 KiB, so each such buffer was a fresh mapping, faulted in for every upload
+/// connection and unmapped after it. Under the threshold the buffers come from malloc's arenas
+/// and are reused, and a connection holds at most this much however many are open.
+/// (Measured, 100 participants × 1 MB: aggregator CPU −25 %, peak 57 → 53 MB.)
+pub const READ_BUFFER_MAX: usize = 64 << 10;
+
+/// Serves `router` over HTTP/1.1 on `listener` until `shutdown` completes; then stops
+/// accepting and lets the requests in flight finish.
+///
+/// `axum::serve` with two settings it does not expose: each connection's read buffer is capped
+/// at `read_buffer_max` (see [`READ_BUFFER_MAX`]), and hyper's timeout for reading a request's
+/// headers (30 s) is enforced. Nagle's algorithm is off on every connection: answers are written
+/// as soon as they are ready rather than held for the peer's acknowledgement of the last segment.
+pub async fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    read_buffer_max: usize,
+    shutdown: impl Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The timer enforces hyper's header read timeout (30 s by default).
+    http.max_buf_size(read_buffer_max).timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // e.g. out of file descriptors: pause rather than spin.
+                    tracing::warn!(%err, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(%err, "could not set TCP_NODELAY");
         }
-    })
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%err, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 pub async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {

@@ -9,8 +9,9 @@
 //!   for unknown paths and methods), bearer tokens, `/openapi.json`, `/healthz`, and the
 //!   Prometheus registry and `/metrics` rendering.
 //! - [`boot`] starts a service: the TOML config (embedded defaults, `-c FILE`, `RONDO__…`
-//!   environment overrides), logging, binding listeners (port 0 allowed) and writing the bound
-//!   addresses where scripts and tests can read them.
+//!   environment overrides), logging, binding listeners (port 0 allowed), writing the bound
+//!   addresses where scripts and tests can read them, and serving an axum router over HTTP/1.1
+//!   (`serve_http`: bounded read buffers, a header timeout, no Nagle delay).
 
 pub mod api;
 pub mod boot;
