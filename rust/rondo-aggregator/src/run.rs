@@ -74,7 +74,7 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
     boot::serve_http(
         api_listener,
         crate::http::router(aggregator),
-        boot::READ_BUFFER_MAX,
+        boot::HttpLimits::default(),
         boot::shutdown_signal(),
     )
     .await;

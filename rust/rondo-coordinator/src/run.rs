@@ -47,7 +47,7 @@ pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
     boot::serve_http(
         api_listener,
         crate::http::router(coordinator),
-        boot::READ_BUFFER_MAX,
+        boot::HttpLimits::default(),
         boot::shutdown_signal(),
     )
     .await;

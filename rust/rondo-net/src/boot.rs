@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::de::DeserializeOwned;
@@ -45,31 +46,49 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Cap on an HTTP connection's read buffer, for [`serve_http`]. hyper's own default lets a
-/// buffer grow to ~400 KiB while a large body streams in; the aggregator pins glibc's mmap
-/// threshold at 128 KiB, so each such buffer was a fresh mapping, faulted in for every upload
-/// connection and unmapped after it. Under the threshold the buffers come from malloc's arenas
-/// and are reused, and a connection holds at most this much however many are open.
-/// (Measured, 100 participants × 1 MB: aggregator CPU −25 %, peak 57 → 53 MB.)
-pub const READ_BUFFER_MAX: usize = 64 << 10;
+/// What [`serve_http`] allows an HTTP connection.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Cap on the connection's read buffer (hyper's own default lets it grow to ~400 KiB while a
+    /// large body streams in), and so also on the size of a request's head.
+    pub read_buffer_max: usize,
+    /// How long a client may take to send a request's head before the connection is closed.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    /// 64 KiB of read buffer, 30 s for a request's head. The aggregator pins glibc's mmap
+    /// threshold at 128 KiB, so hyper's ~400 KiB buffers were each a fresh mapping, faulted in
+    /// for every upload connection and unmapped after it; under the threshold they come from
+    /// malloc's arenas and are reused, and a connection holds at most this much however many
+    /// are open. (Measured, 100 participants × 1 MB: aggregator CPU −25 %, peak 57 → 53 MB.)
+    fn default() -> Self {
+        Self {
+            read_buffer_max: 64 << 10,
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Serves `router` over HTTP/1.1 on `listener` until `shutdown` completes; then stops
 /// accepting and lets the requests in flight finish.
 ///
-/// `axum::serve` with two settings it does not expose: each connection's read buffer is capped
-/// at `read_buffer_max` (see [`READ_BUFFER_MAX`]), and hyper's timeout for reading a request's
-/// headers (30 s) is enforced. Nagle's algorithm is off on every connection: answers are written
-/// as soon as they are ready rather than held for the peer's acknowledgement of the last segment.
+/// `axum::serve` with what it does not expose: each connection's read buffer is capped, and the
+/// time to read a request's head is limited (hyper enforces that only with a timer, which
+/// `axum::serve` does not set), both per `limits`. Nagle's algorithm is off on every connection:
+/// answers are written as soon as they are ready rather than held for the peer's
+/// acknowledgement of the last segment.
 pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
-    read_buffer_max: usize,
+    limits: HttpLimits,
     shutdown: impl Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let mut http = hyper::server::conn::http1::Builder::new();
-    // The timer enforces hyper's header read timeout (30 s by default).
-    http.max_buf_size(read_buffer_max).timer(TokioTimer::new());
+    http.max_buf_size(limits.read_buffer_max)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -79,7 +98,7 @@ pub async fn serve_http(
                 Err(err) => {
                     // e.g. out of file descriptors: pause rather than spin.
                     tracing::warn!(%err, "accepting a connection failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -185,5 +204,72 @@ where
             eprintln!("{name}: {err:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::oneshot;
+    use tokio::task::JoinHandle;
+
+    /// `serve_http` on a free port, answering `GET /` with "ok", until the sender is used.
+    async fn serving(limits: HttpLimits) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
+        let listener = bind("127.0.0.1", 0).await.expect("binding a free port");
+        let addr = listener.local_addr().expect("a bound address");
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        let server = tokio::spawn(serve_http(listener, router, limits, shutdown));
+        (addr, stop, server)
+    }
+
+    /// Sends `request` and reads until the server closes the connection (at most 5 s).
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connecting");
+        stream.write_all(request).await.expect("sending");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("the server closed the connection within 5 s")
+            .expect("reading the answer");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn answers_requests_and_returns_once_told_to_stop() {
+        let (addr, stop, server) = serving(HttpLimits::default()).await;
+        let answer = exchange(
+            addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+        stop.send(()).expect("the server is listening for the stop");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("serve_http returned within 5 s of the stop")
+            .expect("the server task did not panic");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_millis(200),
+            ..HttpLimits::default()
+        };
+        let (addr, _stop, _server) = serving(limits).await;
+        let started = std::time::Instant::now();
+        // The head's closing empty line never comes. Without the timeout, hyper would wait for
+        // it for ever and `exchange` would fail its own 5 s limit.
+        let answer = exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+        assert!(!answer.contains(" 200 "), "{answer}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
     }
 }
