@@ -110,13 +110,16 @@ impl SpareSum {
     fn set_sum_in_use(&self, in_use: bool) -> Option<Vec<u64>> {
         let mut state = self.lock();
         state.sum_in_use = in_use;
-        if in_use && let Spare::Ready(_) = state.spare {
-            let Spare::Ready(words) = std::mem::take(&mut state.spare) else {
-                unreachable!("matched above")
-            };
-            return Some(words);
+        if !in_use {
+            return None;
         }
-        None
+        match std::mem::take(&mut state.spare) {
+            Spare::Ready(words) => Some(words),
+            preparing_or_empty => {
+                state.spare = preparing_or_empty;
+                None
+            }
+        }
     }
 }
 
