@@ -13,11 +13,8 @@ use rondo_net::api::{self, ApiError, bearer_token};
 use serde_json::json;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use rondo_core::aggregate::Update;
-
-use crate::link::Notice;
 use crate::rounds::{CommitError, Grant, GrantError};
-use crate::service::Aggregator;
+use crate::service::{Aggregator, Commit};
 use crate::wire::{self, BodyError, UploadError};
 
 const OPENAPI: &str = include_str!("../../../docs/openapi/aggregator.json");
@@ -69,13 +66,11 @@ fn grant_error(err: GrantError) -> ApiError {
 }
 
 fn commit_error(err: CommitError) -> ApiError {
+    let message = err.to_string();
     match err {
-        CommitError::RoundClosed => ApiError::unauthorized(
-            "token_expired",
-            "the round closed before the upload completed",
-        ),
-        CommitError::Duplicate => grant_error(GrantError::Duplicate),
-        CommitError::Mismatch(message) => ApiError::bad_request("model_mismatch", message),
+        CommitError::RoundClosed => ApiError::unauthorized(err.code(), message),
+        CommitError::Duplicate => ApiError::conflict(err.code(), message),
+        CommitError::Mismatch(_) => ApiError::bad_request(err.code(), message),
     }
 }
 
@@ -157,6 +152,8 @@ async fn upload_update(
         let mut book = aggregator.book();
         let grant = book.begin_upload(token, round).map_err(|e| {
             let err = grant_error(e);
+            // No notice: the token may not be anyone's, and the coordinator has nothing to
+            // record for an upload that never started.
             aggregator
                 .metrics
                 .updates_rejected
@@ -171,17 +168,7 @@ async fn upload_update(
         grant: grant.clone(),
     };
     let reject = |err: ApiError| {
-        aggregator
-            .metrics
-            .updates_rejected
-            .with_label_values(&[err.code])
-            .inc();
-        aggregator.outbox.send(Notice::Rejected {
-            round: grant.round,
-            attempt: grant.attempt,
-            participant_id: grant.participant_id.clone(),
-            reason: format!("{}: {}", err.code, err.message),
-        });
+        aggregator.reject(&grant, err.code, &err.message);
         err
     };
 
@@ -211,61 +198,45 @@ async fn upload_update(
     .map_err(|e| reject(upload_error(&e)))?;
 
     let n_samples = update.n_samples;
-    let metrics = update.metrics.clone();
     let bytes = update.data.len() as u64;
     let sum = aggregator
         .book()
         .begin_commit(&grant, &update.spec)
         .map_err(|e| reject(commit_error(e)))?;
-    let key = grant.participant_id.clone();
     // A pooled buffer returns to the pool, permits and all, wherever the fold drops the update.
-    // Without reuse (deterministic mode holds every update until the round closes) the bytes
-    // leave the budget and `_staging` holds their permits only until this handler ends, so
-    // that held updates cannot use up the budget and stall the uploads still to come.
+    // Without reuse (a rule that holds every update until the round closes) the bytes leave
+    // the budget and `_staging` holds their permits only until this handler ends, so that held
+    // updates cannot use up the budget and stall the uploads still to come.
     let (data, _staging) = update.data.into_bytes();
-    let fold_started = std::time::Instant::now();
-    let folded = tokio::task::spawn_blocking(move || {
-        sum.add(Update {
-            key,
-            spec: update.spec,
-            data,
-            weight: n_samples as f64,
-        })
-    })
-    .await;
-    let fold_time = fold_started.elapsed();
-    aggregator
-        .metrics
-        .fold_seconds
-        .observe(fold_time.as_secs_f64());
-    let folded = match folded {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(mismatch)) => Err(CommitError::Mismatch(mismatch.to_string())),
-        Err(join) => Err(CommitError::Mismatch(format!(
-            "folding the update failed: {join}"
-        ))),
+    let commit = Commit {
+        grant: grant.clone(),
+        sum,
+        spec: update.spec,
+        data,
+        n_samples,
+        metrics: update.metrics,
     };
-    aggregator
-        .book()
-        .finish_commit(&grant, folded.is_ok().then_some(n_samples));
-    folded.map_err(|e| reject(commit_error(e)))?;
+    // From `begin_commit` on, the fold and its bookkeeping run to their end on a thread of
+    // their own, whatever happens to this request: a participant that hangs up now is
+    // counted once (and both services hear of it), never left half-committed.
+    let committer = aggregator.clone();
+    let committed = aggregator
+        .shutdown
+        .spawn_blocking(move || committer.commit(commit))
+        .await;
     drop(slot);
-    aggregator.metrics.updates_accepted.inc();
+    match committed {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(commit_error(err)),
+        Err(join) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "fold_failed",
+                format!("folding the update failed: {join}"),
+            ));
+        }
+    }
     aggregator.metrics.bytes_received.inc_by(bytes);
-    tracing::debug!(
-        round = grant.round,
-        participant = %grant.participant_id,
-        n_samples,
-        fold_ms = fold_time.as_secs_f64() * 1e3,
-        "update accepted"
-    );
-    aggregator.outbox.send(Notice::Accepted {
-        round: grant.round,
-        attempt: grant.attempt,
-        participant_id: grant.participant_id.clone(),
-        n_samples,
-        metrics,
-    });
     Ok(Json(json!({
         "accepted": true,
         "round": grant.round,

@@ -8,8 +8,10 @@ use std::time::Duration;
 use rondo_core::federation::AggregationResult;
 use rondo_net::link::{
     AggregatorInfo, AggregatorRpc, AggregatorStatus, CoordinatorRpcClient, RoundOpening,
-    connect_coordinator, deadline,
+    connect_coordinator, deadline, link_is_broken,
 };
+use rondo_net::retry::Backoff;
+use rondo_net::shutdown::Shutdown;
 use tarpc::context::Context;
 use tokio::sync::{mpsc, watch};
 
@@ -38,7 +40,73 @@ pub enum Notice {
     },
 }
 
-/// Queue of notices for the coordinator. Sending never blocks; a background task delivers.
+/// The most bytes of metrics one notice carries. Uploads' metrics are bounded far below this
+/// at parse time; this is the link's own guard, so that no notice can outgrow the RPC frame
+/// limit and be retried for ever in front of the ones queued after it.
+const NOTICE_METRICS_MAX_BYTES: usize = 256 << 10;
+/// The longest rejection reason a notice carries.
+const NOTICE_REASON_MAX_BYTES: usize = 1024;
+
+impl Notice {
+    /// The notice as it is sent: anything participant-supplied cut to a size the link always
+    /// carries.
+    fn bounded(self) -> Self {
+        match self {
+            Notice::Accepted {
+                round,
+                attempt,
+                participant_id,
+                n_samples,
+                metrics,
+            } => {
+                let size: usize = metrics.keys().map(|k| k.len() + 24).sum();
+                let metrics = if size > NOTICE_METRICS_MAX_BYTES {
+                    tracing::warn!(
+                        round,
+                        %participant_id,
+                        keys = metrics.len(),
+                        "metrics too large for a notice; sent without them"
+                    );
+                    BTreeMap::new()
+                } else {
+                    metrics
+                };
+                Notice::Accepted {
+                    round,
+                    attempt,
+                    participant_id,
+                    n_samples,
+                    metrics,
+                }
+            }
+            Notice::Rejected {
+                round,
+                attempt,
+                participant_id,
+                mut reason,
+            } => {
+                if reason.len() > NOTICE_REASON_MAX_BYTES {
+                    let mut end = NOTICE_REASON_MAX_BYTES;
+                    while !reason.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    reason.truncate(end);
+                    reason.push('…');
+                }
+                Notice::Rejected {
+                    round,
+                    attempt,
+                    participant_id,
+                    reason,
+                }
+            }
+            aggregated @ Notice::RoundAggregated { .. } => aggregated,
+        }
+    }
+}
+
+/// Queue of notices for the coordinator. Sending never blocks; a background task delivers,
+/// and on shutdown delivers what is queued before it ends (within the drain bound).
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::UnboundedSender<Notice>,
@@ -46,16 +114,17 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Starts the delivery task.
-    pub fn start(call_timeout: Duration) -> Self {
+    /// Starts the delivery task, tracked by `shutdown`.
+    pub fn start(call_timeout: Duration, shutdown: &Shutdown) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (coordinator, address) = watch::channel(None);
-        tokio::spawn(deliver(rx, address, call_timeout));
+        shutdown.spawn(deliver(rx, address, call_timeout, shutdown.signalled()));
         Self { tx, coordinator }
     }
 
     pub fn send(&self, notice: Notice) {
-        // The receiver lives as long as the runtime; a failed send means we are shutting down.
+        // The receiver lives until shutdown has drained the queue; a failed send means the
+        // process is exiting.
         let _ = self.tx.send(notice);
     }
 
@@ -73,13 +142,36 @@ async fn deliver(
     mut rx: mpsc::UnboundedReceiver<Notice>,
     mut address: watch::Receiver<Option<String>>,
     call_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut client: Option<(String, CoordinatorRpcClient)> = None;
-    while let Some(notice) = rx.recv().await {
-        let mut backoff = Duration::from_millis(50);
+    tokio::pin!(shutdown);
+    let mut draining = false;
+    loop {
+        let notice = if draining {
+            match rx.try_recv() {
+                Ok(notice) => notice,
+                Err(_) => return,
+            }
+        } else {
+            tokio::select! {
+                notice = rx.recv() => match notice {
+                    Some(notice) => notice,
+                    None => return,
+                },
+                () = &mut shutdown => {
+                    draining = true;
+                    continue;
+                }
+            }
+        };
+        let notice = notice.bounded();
+        let mut backoff = Backoff::link();
         loop {
             let Some(addr) = address.borrow_and_update().clone() else {
-                let _ = address.changed().await;
+                if address.changed().await.is_err() {
+                    return;
+                }
                 continue;
             };
             if client.as_ref().is_none_or(|(a, _)| *a != addr) {
@@ -87,8 +179,7 @@ async fn deliver(
                     Ok(c) => client = Some((addr.clone(), c)),
                     Err(err) => {
                         tracing::warn!(%addr, %err, "coordinator unreachable; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        backoff.wait().await;
                         continue;
                     }
                 }
@@ -126,10 +217,13 @@ async fn deliver(
             match sent {
                 Ok(()) => break,
                 Err(err) => {
-                    tracing::warn!(%err, "notice to the coordinator failed; reconnecting");
-                    client = None;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    if link_is_broken(&err) {
+                        tracing::warn!(%err, "notice to the coordinator failed; reconnecting");
+                        client = None;
+                    } else {
+                        tracing::warn!(%err, "notice to the coordinator not answered; resending");
+                    }
+                    backoff.wait().await;
                 }
             }
         }
@@ -208,9 +302,19 @@ impl AggregatorRpc for AggregatorRpcServer {
 
     async fn close_round(self, _: Context, round: u32, attempt: u32) -> Result<(), String> {
         let aggregator = self.get()?;
-        tokio::task::spawn_blocking(move || aggregator.close_round_blocking(round, attempt))
-            .await
-            .map_err(|e| format!("closing the round failed: {e}"))?
+        if !aggregator.book().knows_round(round, attempt) {
+            return Err(format!("round {round} attempt {attempt} is not open"));
+        }
+        // The close runs on its own, tracked by shutdown, and reports through the outbox: the
+        // call returns at once, so the coordinator's deadline never cuts a close short, and a
+        // repeated call while one is closing the round is a no-op.
+        let closer = aggregator.clone();
+        aggregator.shutdown.spawn_blocking(move || {
+            if let Err(err) = closer.close_round_blocking(round, attempt) {
+                tracing::warn!(round, attempt, %err, "closing the round failed");
+            }
+        });
+        Ok(())
     }
 
     async fn status(self, _: Context) -> AggregatorStatus {

@@ -15,9 +15,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
-use rondo_core::aggregate::{AccumulatorOptions, FedAvgAccumulator, ModelBuffer};
+use rondo_core::aggregate::ModelBuffer;
 use rondo_core::federation::{AggregationResult, constant_time_eq};
 use rondo_core::model::ModelSpec;
+use rondo_core::strategy::{RoundAggregation, Strategy, model_is_finite};
 use rondo_net::link::RoundOpening;
 
 use crate::wire;
@@ -164,10 +165,16 @@ struct OpenRound {
     uploading: HashSet<String>,
     /// Participants whose validated update is being folded into `sum` right now.
     committing: HashSet<String>,
-    /// Set by `close_round`: no new commit may start.
+    /// Set by `begin_close`: no new commit may start.
     closing: bool,
-    sum: Option<Arc<FedAvgAccumulator>>,
+    sum: Option<RoundSum>,
+    /// Why the round can no longer produce a model (a fold that never finished), if so.
+    broken: Option<String>,
 }
+
+/// A round's aggregation, shared by the folds in flight (boxed so that the last owner can
+/// consume it in [`RoundAggregation::finalize`]).
+pub type RoundSum = Arc<Box<dyn RoundAggregation>>;
 
 /// A token resolved to what it grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,22 +195,116 @@ pub enum GrantError {
 }
 
 /// Why an update that was read and validated still cannot be folded in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommitError {
+    #[error("the round closed before the upload completed")]
     RoundClosed,
+    #[error("this participant's update was already accepted in this round")]
     Duplicate,
+    #[error("{0}")]
     Mismatch(String),
 }
 
-/// `close_round` found commits still folding; try again in a moment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommitsInFlight;
+impl CommitError {
+    /// The error code the participant sees.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::RoundClosed => "token_expired",
+            Self::Duplicate => "duplicate_update",
+            Self::Mismatch(_) => "model_mismatch",
+        }
+    }
+}
 
-#[derive(Debug, Default)]
+/// What [`RoundBook::begin_close`] found.
+#[derive(Debug)]
+pub enum Closing {
+    /// The round closed before: its recorded result, to send again.
+    Closed(AggregationResult),
+    /// Another caller is finalizing it right now and will report the result.
+    InProgress,
+    /// Updates are still being folded: wait for [`RoundBook::finish_commit`] and try again.
+    CommitsInFlight { folding: usize },
+    /// The round is out of the book: finalize it off the lock, then hand the result to
+    /// [`RoundBook::finish_close`].
+    Ready(ClosingRound),
+}
+
+/// A round taken out of the book to be finalized, with everything its result needs.
+#[derive(Debug)]
+pub struct ClosingRound {
+    round: u32,
+    attempt: u32,
+    grants: BTreeMap<String, String>,
+    accepted: BTreeMap<String, u64>,
+    sum: Option<RoundSum>,
+    /// Set when the round cannot produce a model whatever its sum holds.
+    failure: Option<String>,
+    /// The global model the round started from.
+    previous: Option<GlobalModel>,
+}
+
+/// A [`ClosingRound`] after its finalize pass.
+#[derive(Debug)]
+pub struct FinalizedRound {
+    closing: ClosingRound,
+    /// The next model file (header written) and its spec, or why there is none.
+    model: Result<(ModelBuffer, ModelSpec, usize), String>,
+}
+
+impl ClosingRound {
+    /// The finalize pass: reads the whole sum, so it runs off the book's lock. A model with a
+    /// NaN or infinite value is never published (finite updates can still sum past f32's
+    /// range): the round fails with that reason instead.
+    pub fn finalize(mut self) -> FinalizedRound {
+        let model = match (self.failure.take(), self.sum.take()) {
+            (Some(reason), _) => Err(reason),
+            (None, None) => Err("no update was accepted".to_string()),
+            (None, Some(sum)) => match Arc::try_unwrap(sum) {
+                Err(_) => Err("the round's sum is still in use by a fold".to_string()),
+                Ok(sum) if sum.updates() == 0 => Err("no update was accepted".to_string()),
+                Ok(sum) => {
+                    let updates = sum.updates();
+                    let spec = sum.spec().clone();
+                    let previous = self.previous.as_ref().map(|m| model_data(&m.file));
+                    sum.finalize(previous).and_then(|mut buffer| {
+                        if !model_is_finite(&spec, buffer.data()) {
+                            return Err("the aggregated model is not finite (the weighted sum \
+                                        overflowed); the previous global model stays"
+                                .to_string());
+                        }
+                        buffer
+                            .prefix_mut()
+                            .copy_from_slice(&wire::model_header(&spec, self.round));
+                        Ok((buffer, spec, updates))
+                    })
+                }
+            },
+        };
+        FinalizedRound {
+            closing: self,
+            model,
+        }
+    }
+}
+
+/// The data section of a model file laid out by [`wire::model_header`] (8-byte length, JSON
+/// header, tensors).
+fn model_data(file: &[u8]) -> &[u8] {
+    let header_len = file
+        .get(..8)
+        .and_then(|n| <[u8; 8]>::try_from(n).ok())
+        .map_or(0, |n| u64::from_le_bytes(n) as usize);
+    file.get(8 + header_len..).unwrap_or(&[])
+}
+
+#[derive(Debug)]
 pub struct RoundBook {
-    options: AccumulatorOptions,
+    strategy: Arc<dyn Strategy>,
     model: Option<GlobalModel>,
     open: Option<OpenRound>,
+    /// `(round, attempt)` of a round being finalized off the lock.
+    closing: Option<(u32, u32)>,
     /// Tokens of closed rounds, so that late callers hear "expired" rather than "invalid".
     retired_tokens: HashSet<String>,
     /// Results (and grants) of closed rounds, for idempotent `close_round` and `open_round`
@@ -216,16 +317,20 @@ pub struct RoundBook {
 const REMEMBERED_ROUNDS: usize = 4;
 
 impl RoundBook {
-    pub fn new(model: Option<GlobalModel>, options: AccumulatorOptions) -> Self {
+    pub fn new(model: Option<GlobalModel>, strategy: Arc<dyn Strategy>) -> Self {
         Self {
-            options,
+            strategy,
             model,
-            ..Self::default()
+            open: None,
+            closing: None,
+            retired_tokens: HashSet::new(),
+            closed: BTreeMap::new(),
+            spare: Arc::default(),
         }
     }
 
-    pub fn options(&self) -> AccumulatorOptions {
-        self.options
+    pub fn strategy(&self) -> &Arc<dyn Strategy> {
+        &self.strategy
     }
 
     /// A book whose global model, for round 1 on, is `file` (its header written), the model of
@@ -233,9 +338,9 @@ impl RoundBook {
     pub fn with_initial_model(
         spec: ModelSpec,
         file: ModelBuffer,
-        options: AccumulatorOptions,
+        strategy: Arc<dyn Strategy>,
     ) -> Self {
-        let mut book = Self::new(None, options);
+        let mut book = Self::new(None, strategy);
         book.model = Some(GlobalModel {
             round: 0,
             spec: Arc::new(spec),
@@ -269,13 +374,16 @@ impl RoundBook {
 
     /// A fresh sum for a training round on the current model, to be built outside the lock
     /// (allocating a large sum takes a while) and handed to [`RoundBook::open_round`].
-    pub fn sum_builder(&self, round: u32) -> Option<impl FnOnce() -> FedAvgAccumulator + use<>> {
+    pub fn sum_builder(
+        &self,
+        round: u32,
+    ) -> Option<impl FnOnce() -> Box<dyn RoundAggregation> + use<>> {
         let spec = self.model.as_ref().filter(|_| round > 0)?.spec.clone();
-        let options = self.options;
+        let strategy = self.strategy.clone();
         let spare = self.spare.clone();
         Some(move || {
             let prefix = wire::model_header(&spec, round).len();
-            FedAvgAccumulator::with_prefix_reusing((*spec).clone(), options, prefix, spare.take())
+            strategy.begin_round((*spec).clone(), prefix, spare.take())
         })
     }
 
@@ -300,7 +408,7 @@ impl RoundBook {
     pub fn open_round(
         &mut self,
         opening: &RoundOpening,
-        sum: Option<FedAvgAccumulator>,
+        sum: Option<Box<dyn RoundAggregation>>,
     ) -> Result<(), String> {
         let id = (opening.round, opening.attempt);
         // The same opening again is a retry. A different one with the same number comes from a
@@ -349,6 +457,7 @@ impl RoundBook {
             sum: sum
                 .filter(|s| Some(s.spec()) == self.model.as_ref().map(|m| &*m.spec))
                 .map(Arc::new),
+            broken: None,
         });
         let has_sum = self.open.as_ref().is_some_and(|o| o.sum.is_some());
         release(self.spare.set_sum_in_use(has_sum));
@@ -426,14 +535,15 @@ impl RoundBook {
 
     /// Starts folding a validated update: checks the round is still open and the participant
     /// has no accepted update, and hands out the round's sum (created by the first update of
-    /// round 0, whose shape becomes the model's). Follow with [`RoundBook::finish_commit`].
+    /// round 0, whose shape becomes the model's). Follow with [`RoundBook::finish_commit`], or
+    /// [`RoundBook::abort_commit`] if the fold cannot finish.
     pub fn begin_commit(
         &mut self,
         grant: &Grant,
         spec: &ModelSpec,
-    ) -> Result<Arc<FedAvgAccumulator>, CommitError> {
+    ) -> Result<RoundSum, CommitError> {
         let global_spec = self.model.as_ref().map(|m| m.spec.clone());
-        let options = self.options;
+        let strategy = self.strategy.clone();
         let open = match self.open.as_mut() {
             Some(open)
                 if (open.round, open.attempt) == (grant.round, grant.attempt) && !open.closing =>
@@ -458,7 +568,7 @@ impl RoundBook {
             };
             // Room for the next model file's header, so the sum can become that file in place.
             let prefix = wire::model_header(&spec, round).len();
-            Arc::new(FedAvgAccumulator::with_prefix(spec, options, prefix))
+            Arc::new(strategy.begin_round(spec, prefix, None))
         });
         sum.spec()
             .check_update(spec)
@@ -467,61 +577,123 @@ impl RoundBook {
         Ok(sum.clone())
     }
 
-    /// Records the outcome of a fold started by [`RoundBook::begin_commit`].
-    pub fn finish_commit(&mut self, grant: &Grant, n_samples: Option<u64>) {
-        if let Some(open) = self.open.as_mut()
-            && (open.round, open.attempt) == (grant.round, grant.attempt)
-        {
-            open.committing.remove(&grant.participant_id);
-            if let Some(n) = n_samples {
-                open.accepted.insert(grant.participant_id.clone(), n);
+    /// Records the outcome of a fold started by [`RoundBook::begin_commit`] (`Some(n_samples)`
+    /// when the update is now part of the sum). Returns whether it was recorded as accepted:
+    /// `false` when the fold failed, or when the round was given up meanwhile.
+    pub fn finish_commit(&mut self, grant: &Grant, n_samples: Option<u64>) -> bool {
+        match self.open.as_mut() {
+            Some(open) if (open.round, open.attempt) == (grant.round, grant.attempt) => {
+                open.committing.remove(&grant.participant_id);
+                if let Some(n) = n_samples {
+                    open.accepted.insert(grant.participant_id.clone(), n);
+                }
+                n_samples.is_some()
             }
+            _ => false,
         }
     }
 
-    /// Closes the open round `(round, attempt)`: finalizes the sum into the next global model.
-    /// Closing a round that was already closed returns its recorded result.
-    pub fn close_round(
+    /// A fold started by [`RoundBook::begin_commit`] ended without saying whether the update
+    /// is in the sum (it panicked): the sum can no longer be trusted, so the round will fail.
+    pub fn abort_commit(&mut self, grant: &Grant, reason: &str) {
+        if let Some(open) = self.open.as_mut()
+            && (open.round, open.attempt) == (grant.round, grant.attempt)
+            && open.committing.remove(&grant.participant_id)
+        {
+            open.broken.get_or_insert_with(|| {
+                format!(
+                    "the update of {} could not be folded in: {reason}",
+                    grant.participant_id
+                )
+            });
+        }
+    }
+
+    /// Folds in flight in the open round.
+    pub fn commits_in_flight(&self) -> usize {
+        self.open.as_ref().map_or(0, |o| o.committing.len())
+    }
+
+    /// Whether `(round, attempt)` is open, closing or closed here (so that a close request for
+    /// it makes sense).
+    pub fn knows_round(&self, round: u32, attempt: u32) -> bool {
+        let id = (round, attempt);
+        self.open_round_id() == Some(id)
+            || self.closing == Some(id)
+            || self.closed.contains_key(&id)
+    }
+
+    /// Starts closing the open round `(round, attempt)`: no new commit may begin. Once no fold
+    /// is in flight (or when `give_up` says the caller stopped waiting for them: the round then
+    /// fails) the round leaves the book as a [`ClosingRound`] to finalize. Closing a round that
+    /// was already closed returns its recorded result.
+    pub fn begin_close(
         &mut self,
         round: u32,
         attempt: u32,
-    ) -> Result<Result<AggregationResult, String>, CommitsInFlight> {
+        give_up: bool,
+    ) -> Result<Closing, String> {
         if let Some((result, _)) = self.closed.get(&(round, attempt)) {
-            return Ok(Ok(result.clone()));
+            return Ok(Closing::Closed(result.clone()));
         }
+        if self.closing == Some((round, attempt)) {
+            return Ok(Closing::InProgress);
+        }
+        let mut failure = None;
         match self.open.as_mut() {
             Some(open) if (open.round, open.attempt) == (round, attempt) => {
                 open.closing = true;
-                // A fold holds a reference to the sum until just before it reports back.
-                let sum_shared = open.sum.as_ref().is_some_and(|s| Arc::strong_count(s) > 1);
-                if !open.committing.is_empty() || sum_shared {
-                    return Err(CommitsInFlight);
+                let folding = open.committing.len();
+                if folding > 0 {
+                    if !give_up {
+                        return Ok(Closing::CommitsInFlight { folding });
+                    }
+                    failure = Some(format!(
+                        "{folding} update(s) were still being folded when the close stopped \
+                         waiting for them"
+                    ));
                 }
             }
-            _ => return Ok(Err(format!("round {round} attempt {attempt} is not open"))),
+            _ => return Err(format!("round {round} attempt {attempt} is not open")),
         }
-        let open = self.open.take().expect("checked above");
+        let Some(open) = self.open.take() else {
+            unreachable!("matched above")
+        };
         // From here on the old model's memory may become the next round's sum.
         release(self.spare.set_sum_in_use(false));
-        let total_samples: u64 = open.accepted.values().sum();
-        let result = match open.sum {
-            Some(sum) if sum.updates() > 0 => {
-                let updates = sum.updates();
-                let spec = sum.spec().clone();
-                let header = wire::model_header(&spec, round);
+        self.closing = Some((round, attempt));
+        // Late callers hear "expired" from now on, not "invalid".
+        self.retired_tokens.extend(open.tokens.into_keys());
+        Ok(Closing::Ready(ClosingRound {
+            round,
+            attempt,
+            grants: open.grants,
+            accepted: open.accepted,
+            sum: open.sum,
+            failure: failure.or(open.broken),
+            previous: self.model.clone(),
+        }))
+    }
+
+    /// Records a finalized round: its model becomes the global model, or the round failed and
+    /// the previous model stays. Returns the result to report.
+    pub fn finish_close(&mut self, finalized: FinalizedRound) -> AggregationResult {
+        let FinalizedRound { closing, model } = finalized;
+        let (round, attempt) = (closing.round, closing.attempt);
+        if self.closing == Some((round, attempt)) {
+            self.closing = None;
+        }
+        // Our reference to the old model goes first, so that replacing it below frees it.
+        drop(closing.previous);
+        let total_samples: u64 = closing.accepted.values().sum();
+        let result = match model {
+            Ok((buffer, spec, updates)) => {
                 // Participants have downloaded the old model by now: let it go (its memory
                 // becomes the next round's sum, see `SpareSum`, or goes back to the system).
                 if let Some(old) = self.model.take() {
                     let bytes = old.file.len();
                     rondo_core::memory::drop_large(old, bytes);
                 }
-                let Ok(sum) = Arc::try_unwrap(sum) else {
-                    unreachable!("checked above: the round holds the only reference")
-                };
-                let Some(mut buffer) = sum.finalize() else {
-                    unreachable!("updates were added")
-                };
-                buffer.prefix_mut().copy_from_slice(&header);
                 self.model = Some(GlobalModel {
                     round,
                     spec: Arc::new(spec),
@@ -532,20 +704,30 @@ impl RoundBook {
                     total_samples,
                 }
             }
-            _ => AggregationResult::Failed {
-                reason: "no update was accepted".into(),
-            },
+            Err(reason) => AggregationResult::Failed { reason },
         };
-        self.retired_tokens.extend(open.tokens.into_keys());
         self.closed
-            .insert((round, attempt), (result.clone(), open.grants));
+            .insert((round, attempt), (result.clone(), closing.grants));
         while self.closed.len() > REMEMBERED_ROUNDS {
             self.closed.pop_first();
         }
         if self.retired_tokens.len() > 100_000 {
             self.retired_tokens.clear();
         }
-        Ok(Ok(result))
+        result
+    }
+
+    /// Closes `(round, attempt)` in one go, finalizing under the caller's lock; for tests
+    /// (the service finalizes off the lock, see [`crate::service::Aggregator`]).
+    #[cfg(test)]
+    pub fn close_round(&mut self, round: u32, attempt: u32) -> Result<Closing, String> {
+        match self.begin_close(round, attempt, false)? {
+            Closing::Ready(closing) => {
+                let finalized = closing.finalize();
+                Ok(Closing::Closed(self.finish_close(finalized)))
+            }
+            other => Ok(other),
+        }
     }
 
     fn retire_open_tokens(&mut self) {
@@ -564,6 +746,18 @@ mod tests {
     use rondo_core::aggregate::Update;
     use rondo_core::kernels::{decode_values, encode_values};
     use rondo_core::model::{DType, TensorSpec};
+    use rondo_core::strategy::FedAvg;
+
+    fn fedavg() -> Arc<dyn Strategy> {
+        Arc::new(FedAvg::default())
+    }
+
+    fn closed(result: Result<Closing, String>) -> AggregationResult {
+        match result {
+            Ok(Closing::Closed(result)) => result,
+            other => panic!("expected a closed round, got {other:?}"),
+        }
+    }
 
     fn spec() -> ModelSpec {
         ModelSpec {
@@ -609,7 +803,8 @@ mod tests {
             weight: update.n_samples as f64,
         });
         drop(sum);
-        book.finish_commit(grant, folded.is_ok().then_some(update.n_samples));
+        let recorded = book.finish_commit(grant, folded.is_ok().then_some(update.n_samples));
+        assert_eq!(recorded, folded.is_ok());
         folded.map_err(|e| CommitError::Mismatch(e.to_string()))
     }
 
@@ -621,15 +816,15 @@ mod tests {
 
     #[test]
     fn round_zero_sets_the_model_and_round_one_averages() {
-        let mut book = RoundBook::new(None, AccumulatorOptions::default());
+        let mut book = RoundBook::new(None, fedavg());
         book.open_round(&opening(0, 0, &[("p", "t0")]), None)
             .unwrap();
         let g = book.begin_upload("t0", 0).unwrap();
         commit(&mut book, &g, &update(&[1.0, 2.0], 1)).unwrap();
         book.end_upload(&g);
         assert!(matches!(
-            book.close_round(0, 0),
-            Ok(Ok(AggregationResult::Aggregated { updates: 1, .. }))
+            closed(book.close_round(0, 0)),
+            AggregationResult::Aggregated { updates: 1, .. }
         ));
         assert_eq!(model_values(&book), vec![1.0, 2.0]);
 
@@ -640,7 +835,7 @@ mod tests {
             commit(&mut book, &g, &update(&values, n)).unwrap();
             book.end_upload(&g);
         }
-        book.close_round(1, 0).unwrap().unwrap();
+        closed(book.close_round(1, 0));
         assert_eq!(model_values(&book), vec![3.5, 5.0]);
         assert_eq!(book.model().unwrap().round, 1);
     }
@@ -654,7 +849,7 @@ mod tests {
         let g = book.begin_upload(&token, round).unwrap();
         commit(book, &g, &update(values, 1)).unwrap();
         book.end_upload(&g);
-        book.close_round(round, 0).unwrap().unwrap();
+        closed(book.close_round(round, 0));
     }
 
     /// Waits for the old model's memory to reach the spare (it is dropped on a thread).
@@ -668,7 +863,7 @@ mod tests {
 
     #[test]
     fn a_replaced_model_becomes_a_later_sum_once_no_download_holds_it() {
-        let mut book = RoundBook::new(None, AccumulatorOptions::default());
+        let mut book = RoundBook::new(None, fedavg());
         run_round(&mut book, 0, &[1.0, 2.0]);
         let first = book.model().unwrap().file.as_ptr();
         run_round(&mut book, 1, &[3.0, 3.0]);
@@ -743,7 +938,7 @@ mod tests {
 
     #[test]
     fn tokens_are_checked_and_nothing_counts_twice() {
-        let mut book = RoundBook::new(None, AccumulatorOptions::default());
+        let mut book = RoundBook::new(None, fedavg());
         book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]), None)
             .unwrap();
         assert_eq!(book.begin_upload("nope", 0), Err(GrantError::InvalidToken));
@@ -761,12 +956,8 @@ mod tests {
         book.end_upload(&g);
         assert_eq!(book.begin_upload("t0", 0), Err(GrantError::Duplicate));
         let late = book.begin_upload("u0", 0).unwrap();
-        let first = book.close_round(0, 0).unwrap();
-        assert_eq!(
-            book.close_round(0, 0).unwrap(),
-            first,
-            "close is idempotent"
-        );
+        let first = closed(book.close_round(0, 0));
+        assert_eq!(closed(book.close_round(0, 0)), first, "close is idempotent");
         assert_eq!(
             commit(&mut book, &late, &update(&[5.0, 5.0], 1)),
             Err(CommitError::RoundClosed)
@@ -777,14 +968,17 @@ mod tests {
 
     #[test]
     fn close_waits_for_commits_in_flight_and_then_refuses_new_ones() {
-        let mut book = RoundBook::new(None, AccumulatorOptions::default());
+        let mut book = RoundBook::new(None, fedavg());
         book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]), None)
             .unwrap();
         let p = book.begin_upload("t0", 0).unwrap();
         let q = book.begin_upload("u0", 0).unwrap();
         let staged = update(&[2.0, 4.0], 1);
         let sum = book.begin_commit(&p, &staged.spec).unwrap();
-        assert_eq!(book.close_round(0, 0), Err(CommitsInFlight));
+        assert!(matches!(
+            book.close_round(0, 0),
+            Ok(Closing::CommitsInFlight { folding: 1 })
+        ));
         assert_eq!(
             book.begin_commit(&q, &staged.spec).err(),
             Some(CommitError::RoundClosed),
@@ -797,29 +991,24 @@ mod tests {
             weight: 1.0,
         })
         .unwrap();
-        assert_eq!(
-            book.close_round(0, 0),
-            Err(CommitsInFlight),
-            "the fold still holds the sum"
-        );
         drop(sum);
-        book.finish_commit(&p, Some(1));
+        assert!(book.finish_commit(&p, Some(1)));
         assert!(matches!(
-            book.close_round(0, 0),
-            Ok(Ok(AggregationResult::Aggregated { updates: 1, .. }))
+            closed(book.close_round(0, 0)),
+            AggregationResult::Aggregated { updates: 1, .. }
         ));
         assert_eq!(model_values(&book), vec![2.0, 4.0]);
     }
 
     #[test]
     fn reopening_is_idempotent_and_empty_rounds_fail() {
-        let mut book = RoundBook::new(None, AccumulatorOptions::default());
+        let mut book = RoundBook::new(None, fedavg());
         let o = opening(0, 0, &[("p", "t0")]);
         book.open_round(&o, None).unwrap();
         book.open_round(&o, None).unwrap();
         assert!(matches!(
-            book.close_round(0, 0),
-            Ok(Ok(AggregationResult::Failed { .. }))
+            closed(book.close_round(0, 0)),
+            AggregationResult::Failed { .. }
         ));
         assert!(book.model().is_none());
         book.open_round(&o, None).unwrap();
@@ -832,5 +1021,91 @@ mod tests {
             book.open_round(&opening(1, 0, &[("p", "t1")]), None)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_model_that_is_not_finite_is_never_published() {
+        let mut book = RoundBook::new(None, fedavg());
+        run_round(&mut book, 0, &[1.0, 2.0]);
+        // Finite values and sample counts whose weighted sum overflows f32.
+        let sum = book.sum_builder(1).map(|build| build());
+        book.open_round(&opening(1, 0, &[("p", "t1"), ("q", "u1")]), sum)
+            .unwrap();
+        for token in ["t1", "u1"] {
+            let g = book.begin_upload(token, 1).unwrap();
+            commit(&mut book, &g, &update(&[3e38, 1.0], 1_000_000_000)).unwrap();
+            book.end_upload(&g);
+        }
+        match closed(book.close_round(1, 0)) {
+            AggregationResult::Failed { reason } => {
+                assert!(reason.contains("not finite"), "{reason}")
+            }
+            other => panic!("the round must fail, got {other:?}"),
+        }
+        assert_eq!(book.model().unwrap().round, 0, "the previous model stays");
+        assert_eq!(model_values(&book), vec![1.0, 2.0]);
+        // The next attempt runs on it as usual.
+        let sum = book.sum_builder(1).map(|build| build());
+        book.open_round(&opening(1, 1, &[("p", "t2")]), sum)
+            .unwrap();
+        let g = book.begin_upload("t2", 1).unwrap();
+        commit(&mut book, &g, &update(&[5.0, 6.0], 2)).unwrap();
+        assert!(matches!(
+            closed(book.close_round(1, 1)),
+            AggregationResult::Aggregated { updates: 1, .. }
+        ));
+        assert_eq!(model_values(&book), vec![5.0, 6.0]);
+    }
+
+    #[test]
+    fn a_close_that_gives_up_on_a_stuck_fold_fails_the_round_and_the_fold_is_not_counted() {
+        let mut book = RoundBook::new(None, fedavg());
+        book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]), None)
+            .unwrap();
+        let p = book.begin_upload("t0", 0).unwrap();
+        commit(&mut book, &p, &update(&[1.0, 1.0], 1)).unwrap();
+        let q = book.begin_upload("u0", 0).unwrap();
+        let staged = update(&[9.0, 9.0], 1);
+        let stuck = book.begin_commit(&q, &staged.spec).unwrap();
+        assert!(matches!(
+            book.begin_close(0, 0, false),
+            Ok(Closing::CommitsInFlight { folding: 1 })
+        ));
+        let Ok(Closing::Ready(closing)) = book.begin_close(0, 0, true) else {
+            panic!("giving up takes the round out")
+        };
+        assert!(matches!(
+            book.begin_close(0, 0, false),
+            Ok(Closing::InProgress)
+        ));
+        let result = book.finish_close(closing.finalize());
+        assert!(
+            matches!(result, AggregationResult::Failed { ref reason } if reason.contains("still being folded"))
+        );
+        drop(stuck);
+        assert!(!book.finish_commit(&q, Some(1)), "too late to be recorded");
+        assert!(matches!(
+            closed(book.close_round(0, 0)),
+            AggregationResult::Failed { .. }
+        ));
+        assert!(book.model().is_none());
+    }
+
+    #[test]
+    fn an_aborted_fold_fails_the_round() {
+        let mut book = RoundBook::new(None, fedavg());
+        book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]), None)
+            .unwrap();
+        let p = book.begin_upload("t0", 0).unwrap();
+        commit(&mut book, &p, &update(&[1.0, 1.0], 1)).unwrap();
+        let q = book.begin_upload("u0", 0).unwrap();
+        let staged = update(&[9.0, 9.0], 1);
+        drop(book.begin_commit(&q, &staged.spec).unwrap());
+        book.abort_commit(&q, "it panicked");
+        assert_eq!(book.commits_in_flight(), 0);
+        match closed(book.close_round(0, 0)) {
+            AggregationResult::Failed { reason } => assert!(reason.contains("it panicked")),
+            other => panic!("the round must fail, got {other:?}"),
+        }
     }
 }

@@ -1,11 +1,14 @@
 //! Starting the aggregator: read the initial model, bind both listeners, serve until a signal.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use rondo_core::strategy::{FedAvg, Strategy};
 use rondo_net::boot;
 use rondo_net::link::AggregatorRpc;
+use rondo_net::shutdown::Shutdown;
 
 use crate::config::AggregatorConfig;
 use crate::link::{AggregatorRpcServer, Outbox};
@@ -15,10 +18,12 @@ use crate::wire;
 
 /// The round book, with the configured initial model when there is one.
 fn round_book(config: &AggregatorConfig) -> anyhow::Result<RoundBook> {
-    let options = config.aggregation.accumulator_options();
+    let strategy: Arc<dyn Strategy> = Arc::new(FedAvg {
+        options: config.aggregation.accumulator_options(),
+    });
     let path = config.model.initial_model.as_str();
     if path.is_empty() {
-        return Ok(RoundBook::new(None, options));
+        return Ok(RoundBook::new(None, strategy));
     }
     let file =
         std::fs::File::open(path).with_context(|| format!("opening initial model {path}"))?;
@@ -29,7 +34,7 @@ fn round_book(config: &AggregatorConfig) -> anyhow::Result<RoundBook> {
         bytes = file.as_ref().len(),
         "initial global model loaded"
     );
-    Ok(RoundBook::with_initial_model(spec, file, options))
+    Ok(RoundBook::with_initial_model(spec, file, strategy))
 }
 
 pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
@@ -44,7 +49,11 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
     } else {
         config.api.public_url.trim_end_matches('/').to_string()
     };
-    let outbox = Outbox::start(Duration::from_secs_f64(config.link.call_timeout_secs));
+    let shutdown = Shutdown::new();
+    let outbox = Outbox::start(
+        Duration::from_secs_f64(config.link.call_timeout_secs),
+        &shutdown,
+    );
     let aggregator = Aggregator::new(
         book,
         config.aggregation.staging_memory_bytes,
@@ -52,6 +61,8 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
         public_url.clone(),
         config.api.max_body_bytes,
         Duration::from_secs_f64(config.api.upload_idle_timeout_secs),
+        CLOSE_WAIT,
+        shutdown.clone(),
     );
     if let Some(bytes) = upload_bytes {
         // While participants are still starting up, rather than during the first round.
@@ -64,19 +75,37 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
             aggregator.staging.prefill(bytes);
         });
     }
-    let rpc_addr =
-        rondo_net::serve_rpc!(rpc_listener, AggregatorRpcServer::new(&aggregator).serve()).await?;
+    let rpc_addr = rondo_net::serve_rpc!(
+        rpc_listener,
+        AggregatorRpcServer::new(&aggregator).serve(),
+        shutdown.signalled()
+    )
+    .await?;
     tracing::info!(%api_addr, %rpc_addr, %public_url, "aggregator listening");
     boot::write_addresses(
         &config.runtime.addresses_file,
         &BTreeMap::from([("api", api_addr), ("rpc", rpc_addr)]),
     )?;
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        boot::shutdown_signal().await;
+        tracing::info!("shutting down: no new connections; finishing folds, closes and notices");
+        stop.trigger();
+    });
     boot::serve_http(
         api_listener,
-        crate::http::router(aggregator),
+        crate::http::router(aggregator.clone()),
         boot::HttpLimits::default(),
-        boot::shutdown_signal(),
+        shutdown.signalled(),
     )
     .await;
+    drop(aggregator);
+    shutdown.drain(DRAIN).await;
     Ok(())
 }
+
+/// How long a close waits for folds in flight (they take milliseconds) before it fails the
+/// round rather than wait for ever.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for folds, closes and queued notices to finish.
+const DRAIN: Duration = Duration::from_secs(10);

@@ -1,15 +1,26 @@
 //! The aggregator as one shared object: the round book behind its lock, the staging pool, the
 //! outbox to the coordinator and the metrics. Both edges ([`crate::http`], [`crate::link`]) hold
 //! an `Arc<Aggregator>`.
+//!
+//! The two state changes that must complete whatever happens to the request or call that
+//! started them run here, on blocking threads tracked by the process's [`Shutdown`]:
+//! [`Aggregator::commit`] (fold an update and record it, or roll back) and
+//! [`Aggregator::close_round_blocking`] (wait, boundedly, for folds in flight; finalize off the
+//! book's lock; record and report the result).
 
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use rondo_core::aggregate::Update;
 use rondo_core::federation::AggregationResult;
+use rondo_core::model::ModelSpec;
+use rondo_net::shutdown::Shutdown;
 
 use crate::link::{Notice, Outbox};
-use crate::rounds::{CommitsInFlight, RoundBook};
+use crate::rounds::{Closing, CommitError, Grant, RoundBook, RoundSum};
 use crate::staging::StagingPool;
 
 pub struct Metrics {
@@ -89,6 +100,8 @@ impl Metrics {
 
 pub struct Aggregator {
     book: Mutex<RoundBook>,
+    /// Signalled whenever a fold ends, for a close waiting on folds in flight.
+    commit_ended: Condvar,
     /// Bounds the bytes of uploads held in memory at once, whatever the number of
     /// participants, and keeps their buffers for the next uploads.
     pub staging: StagingPool,
@@ -96,26 +109,59 @@ pub struct Aggregator {
     pub metrics: Metrics,
     pub public_url: String,
     pub max_body_bytes: u64,
-    pub upload_idle_timeout: std::time::Duration,
+    pub upload_idle_timeout: Duration,
+    /// How long a close waits for folds in flight before failing the round.
+    pub close_wait: Duration,
+    pub shutdown: Shutdown,
+}
+
+/// An update read, validated and granted a commit, ready to fold.
+pub struct Commit {
+    pub grant: Grant,
+    pub sum: RoundSum,
+    pub spec: ModelSpec,
+    pub data: Bytes,
+    pub n_samples: u64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Rolls a commit back if its fold never reports (it panicked).
+struct CommitGuard<'a> {
+    aggregator: &'a Aggregator,
+    grant: &'a Grant,
+    ended: bool,
+}
+
+impl Drop for CommitGuard<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.aggregator
+                .book()
+                .abort_commit(self.grant, "the fold panicked");
+            self.aggregator.commit_ended.notify_all();
+        }
+    }
 }
 
 impl Aggregator {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         book: RoundBook,
         staging_memory_bytes: u64,
         outbox: Outbox,
         public_url: String,
         max_body_bytes: u64,
-        upload_idle_timeout: std::time::Duration,
+        upload_idle_timeout: Duration,
+        close_wait: Duration,
+        shutdown: Shutdown,
     ) -> Arc<Self> {
         let metrics = Metrics::new();
         if let Some(model) = book.model() {
             metrics.model_bytes.set(model.file.len() as i64);
         }
-        // Deterministic mode holds every update until the round closes: a pooled buffer would
-        // hold its share of the budget as long, and uploads would stall once the held updates
-        // filled it.
-        let reuse = !book.options().deterministic;
+        // A rule that holds every update until the round closes would hold a pooled buffer as
+        // long, and uploads would stall once the held updates filled the budget.
+        let reuse = !book.strategy().holds_updates();
         let staging = StagingPool::new(
             staging_memory_bytes,
             reuse,
@@ -123,12 +169,15 @@ impl Aggregator {
         );
         Arc::new(Self {
             book: Mutex::new(book),
+            commit_ended: Condvar::new(),
             staging,
             outbox,
             metrics,
             public_url,
             max_body_bytes,
             upload_idle_timeout,
+            close_wait,
+            shutdown,
         })
     }
 
@@ -140,48 +189,144 @@ impl Aggregator {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Closes a round and reports the result to the coordinator. Blocking: it waits for folds
-    /// in flight, and the finalize pass reads the whole sum, so callers run it on a blocking
-    /// thread.
+    /// Folds a granted update into the round's sum and records it, then tells the
+    /// coordinator. Blocking (the fold reads the whole update); run through
+    /// [`Shutdown::spawn_blocking`] so that it completes even when the upload's request is
+    /// dropped: the update is then counted exactly once, like any other, and both services
+    /// hear of it. Returns whether it was recorded as accepted.
+    pub fn commit(&self, commit: Commit) -> Result<(), CommitError> {
+        let Commit {
+            grant,
+            sum,
+            spec,
+            data,
+            n_samples,
+            metrics,
+        } = commit;
+        let mut guard = CommitGuard {
+            aggregator: self,
+            grant: &grant,
+            ended: false,
+        };
+        let started = Instant::now();
+        let folded = sum.add(Update {
+            key: grant.participant_id.clone(),
+            spec,
+            data,
+            weight: n_samples as f64,
+        });
+        // A close waits until no fold holds the sum.
+        drop(sum);
+        self.metrics
+            .fold_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let recorded = self
+            .book()
+            .finish_commit(&grant, folded.is_ok().then_some(n_samples));
+        guard.ended = true;
+        drop(guard);
+        self.commit_ended.notify_all();
+        let outcome = match folded {
+            Err(mismatch) => Err(CommitError::Mismatch(mismatch.to_string())),
+            Ok(()) if !recorded => Err(CommitError::RoundClosed),
+            Ok(()) => Ok(()),
+        };
+        match &outcome {
+            Ok(()) => {
+                self.metrics.updates_accepted.inc();
+                tracing::debug!(
+                    round = grant.round,
+                    participant = %grant.participant_id,
+                    n_samples,
+                    fold_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "update accepted"
+                );
+                self.outbox.send(Notice::Accepted {
+                    round: grant.round,
+                    attempt: grant.attempt,
+                    participant_id: grant.participant_id.clone(),
+                    n_samples,
+                    metrics,
+                });
+            }
+            Err(err) => self.reject(&grant, err.code(), &err.to_string()),
+        }
+        outcome
+    }
+
+    /// Counts a refused upload and tells the coordinator.
+    pub fn reject(&self, grant: &Grant, code: &'static str, message: &str) {
+        self.metrics
+            .updates_rejected
+            .with_label_values(&[code])
+            .inc();
+        self.outbox.send(Notice::Rejected {
+            round: grant.round,
+            attempt: grant.attempt,
+            participant_id: grant.participant_id.clone(),
+            reason: format!("{code}: {message}"),
+        });
+    }
+
+    /// Closes a round and reports the result to the coordinator. Blocking: it waits (at most
+    /// [`Aggregator::close_wait`]) for folds in flight, and the finalize pass reads the whole
+    /// sum, off the book's lock so that downloads and status are served meanwhile.
     pub fn close_round_blocking(&self, round: u32, attempt: u32) -> Result<(), String> {
         let started = Instant::now();
-        let (already_closed, result) = loop {
+        let give_up_at = started + self.close_wait;
+        let closing = {
             let mut book = self.book();
-            let already_closed = book.open_round_id() != Some((round, attempt));
-            match book.close_round(round, attempt) {
-                Ok(result) => break (already_closed, result?),
-                // Folds take milliseconds; new ones are refused meanwhile, so this ends.
-                Err(CommitsInFlight) => {
-                    drop(book);
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+            loop {
+                match book.begin_close(round, attempt, Instant::now() >= give_up_at)? {
+                    Closing::Closed(result) => {
+                        drop(book);
+                        self.outbox.send(Notice::RoundAggregated {
+                            round,
+                            attempt,
+                            result,
+                        });
+                        return Ok(());
+                    }
+                    Closing::InProgress => return Ok(()),
+                    Closing::CommitsInFlight { .. } => {
+                        let wait = give_up_at
+                            .saturating_duration_since(Instant::now())
+                            .min(Duration::from_millis(100));
+                        book = self
+                            .commit_ended
+                            .wait_timeout(book, wait)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    Closing::Ready(closing) => break closing,
                 }
             }
         };
-        let book = self.book();
-        if !already_closed {
-            self.metrics
-                .finalize_seconds
-                .observe(started.elapsed().as_secs_f64());
-            let outcome = match &result {
-                AggregationResult::Aggregated { .. } => "aggregated",
-                AggregationResult::Failed { .. } => "failed",
-            };
-            self.metrics
-                .rounds_closed
-                .with_label_values(&[outcome])
-                .inc();
-            if let Some(model) = book.model() {
-                self.metrics.model_bytes.set(model.file.len() as i64);
-            }
-            tracing::info!(
-                round,
-                attempt,
-                ?result,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "round closed"
-            );
+        let finalized = closing.finalize();
+        let mut book = self.book();
+        let result = book.finish_close(finalized);
+        self.metrics
+            .finalize_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            AggregationResult::Aggregated { .. } => "aggregated",
+            AggregationResult::Failed { .. } => "failed",
+        };
+        self.metrics
+            .rounds_closed
+            .with_label_values(&[outcome])
+            .inc();
+        if let Some(model) = book.model() {
+            self.metrics.model_bytes.set(model.file.len() as i64);
         }
         drop(book);
+        tracing::info!(
+            round,
+            attempt,
+            ?result,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "round closed"
+        );
         self.outbox.send(Notice::RoundAggregated {
             round,
             attempt,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use rondo_core::federation::Federation;
 use rondo_net::boot;
 use rondo_net::link::CoordinatorRpc;
+use rondo_net::shutdown::Shutdown;
 
 use crate::config::CoordinatorConfig;
 use crate::link::{CoordinatorRpcServer, drive};
@@ -21,12 +22,14 @@ pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
     let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
     let api_addr = api_listener.local_addr()?;
+    let shutdown = Shutdown::new();
     let rpc_addr = rondo_net::serve_rpc!(
         rpc_listener,
         CoordinatorRpcServer {
             coordinator: coordinator.clone()
         }
-        .serve()
+        .serve(),
+        shutdown.signalled()
     )
     .await?;
     tracing::info!(%api_addr, %rpc_addr, aggregator = %config.aggregator.rpc_address, "coordinator listening");
@@ -38,18 +41,34 @@ pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
         "" => rpc_addr.to_string(),
         address => address.to_string(),
     };
-    tokio::spawn(drive(
+    let driver = drive(
         coordinator.clone(),
         config.aggregator.rpc_address.clone(),
         advertised,
         Duration::from_secs_f64(config.aggregator.call_timeout_secs),
-    ));
+    );
+    // The driver keeps no work of its own (every command is resent from the state machine),
+    // so it simply stops at shutdown, between two of its steps.
+    let stopped = shutdown.signalled();
+    shutdown.spawn(async move {
+        tokio::select! {
+            () = driver => {},
+            () = stopped => {},
+        }
+    });
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        boot::shutdown_signal().await;
+        tracing::info!("shutting down");
+        stop.trigger();
+    });
     boot::serve_http(
         api_listener,
         crate::http::router(coordinator),
         boot::HttpLimits::default(),
-        boot::shutdown_signal(),
+        shutdown.signalled(),
     )
     .await;
+    shutdown.drain(Duration::from_secs(10)).await;
     Ok(())
 }

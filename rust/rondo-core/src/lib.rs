@@ -11,6 +11,10 @@
 //! - [`aggregate`] is FedAvg: a running weighted sum that updates are folded into as they are
 //!   accepted (blocked group commit, a plain lock, or lock-free Hogwild; optionally
 //!   deterministic), and the finalize pass that produces the next global model.
+//! - [`strategy`] is the aggregation seam: a [`strategy::Strategy`] makes each round's
+//!   [`strategy::RoundAggregation`] (add an update; finalize into the next model, with the
+//!   previous one at hand). FedAvg is its first implementation; `model_is_finite` is the check
+//!   every finalized model passes before it is published.
 //! - [`kernels`] are the loops underneath, over raw little-endian bytes, shaped for memory
 //!   bandwidth, with the read-only baseline they are measured against.
 //! - [`memory`] asks for huge pages for model-sized buffers, so that mapping them in costs a
@@ -24,3 +28,4 @@ pub mod federation;
 pub mod kernels;
 pub mod memory;
 pub mod model;
+pub mod strategy;

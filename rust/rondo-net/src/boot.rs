@@ -116,7 +116,13 @@ pub async fn serve_http(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Requests in flight get a while to finish; a stalled client does not hold the exit.
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP connections still open after 10 s of shutdown; closing them");
+    }
 }
 
 pub async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {

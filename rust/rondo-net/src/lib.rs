@@ -12,7 +12,13 @@
 //!   environment overrides), logging, binding listeners (port 0 allowed), writing the bound
 //!   addresses where scripts and tests can read them, and serving an axum router over HTTP/1.1
 //!   (`serve_http`: bounded read buffers, a header timeout, no Nagle delay).
+//! - [`shutdown`] is the one shutdown signal and completion guard of a process: accept loops
+//!   stop on it, and work that must finish (folds, queued notices, closes) is tracked by it
+//!   and drained, within a bound, before exit.
+//! - [`retry`] is the one backoff policy (exponential, jittered) of every retried call.
 
 pub mod api;
 pub mod boot;
 pub mod link;
+pub mod retry;
+pub mod shutdown;

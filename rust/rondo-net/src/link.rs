@@ -74,6 +74,15 @@ pub trait CoordinatorRpc {
     async fn round_aggregated(round: u32, attempt: u32, result: AggregationResult);
 }
 
+/// Whether a failed call means the connection is gone (reconnect) rather than a call that ran
+/// past its deadline or was refused by the server (the link itself is fine: resend on it).
+pub fn link_is_broken(err: &tarpc::client::RpcError) -> bool {
+    !matches!(
+        err,
+        tarpc::client::RpcError::DeadlineExceeded | tarpc::client::RpcError::Server(_)
+    )
+}
+
 /// A context whose deadline is `timeout` from now.
 pub fn deadline(timeout: Duration) -> context::Context {
     let mut ctx = context::current();
@@ -111,26 +120,38 @@ pub async fn connect_coordinator(addr: &str) -> io::Result<CoordinatorRpcClient>
 }
 
 /// Serves a tarpc service on a bound `tokio::net::TcpListener` in the background, one task per
-/// connection and per request; evaluates to `io::Result<SocketAddr>` (the bound address).
+/// connection and per request, until `shutdown` (a future) resolves; evaluates to
+/// `io::Result<SocketAddr>` (the bound address).
 ///
 /// A macro rather than a generic function: tarpc's service futures are only known to be `Send`
 /// for a concrete server type, which the caller has.
 ///
 /// ```ignore
-/// let addr = rondo_net::serve_rpc!(listener, MyServer { .. }.serve()).await?;
+/// let addr = rondo_net::serve_rpc!(listener, MyServer { .. }.serve(), shutdown.signalled()).await?;
 /// ```
 #[macro_export]
 macro_rules! serve_rpc {
-    ($listener:expr, $serve:expr) => {
+    ($listener:expr, $serve:expr, $shutdown:expr) => {
         async {
             use $crate::link::__private::*;
             let listener: tokio::net::TcpListener = $listener;
             let addr = listener.local_addr()?;
             let serve = $serve;
+            let shutdown = $shutdown;
             tokio::spawn(async move {
+                tokio::pin!(shutdown);
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
+                    let stream = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => stream,
+                            Err(err) => {
+                                // e.g. out of file descriptors: pause rather than spin.
+                                tracing::warn!(%err, "accepting an RPC connection failed");
+                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                                continue;
+                            }
+                        },
+                        () = &mut shutdown => break,
                     };
                     let Ok(transport) = $crate::link::transport(stream) else {
                         continue;

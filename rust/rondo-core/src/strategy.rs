@@ -1,0 +1,169 @@
+//! The aggregation seam: what the aggregator's round book asks of an aggregation rule.
+//!
+//! A [`Strategy`] is chosen once, at start-up, and lives across rounds (state such as a server
+//! optimizer's moments belongs to it). For each training round it makes a [`RoundAggregation`]:
+//! accepted updates are added to it one at a time, possibly from several threads at once, and
+//! when the round closes it is consumed into the next global model, with the previous model
+//! at hand for rules that step from it.
+//!
+//! The book never looks inside: FedAvg's streaming sum ([`crate::aggregate`]) is the first
+//! implementation, and rules that hold every update of a round, or a Python plug-in, fit the
+//! same two calls.
+
+use std::fmt::Debug;
+
+use crate::aggregate::{AccumulatorOptions, FedAvgAccumulator, ModelBuffer, Update};
+use crate::model::{ModelMismatch, ModelSpec};
+
+/// One round's aggregation in progress.
+pub trait RoundAggregation: Send + Sync + Debug {
+    /// The model every update must match.
+    fn spec(&self) -> &ModelSpec;
+
+    /// Adds one accepted update; nothing is added when it does not match [`Self::spec`].
+    /// Returns once the update is part of the round.
+    fn add(&self, update: Update) -> Result<(), ModelMismatch>;
+
+    /// Updates added so far.
+    fn updates(&self) -> usize;
+
+    /// Consumes the round into the next model's file buffer (the data after the reserved
+    /// header prefix). `previous` is the data of the global model the round started from
+    /// (`None` in round 0). An `Err` names why no model could be made; the round then fails.
+    fn finalize(self: Box<Self>, previous: Option<&[u8]>) -> Result<ModelBuffer, String>;
+}
+
+/// An aggregation rule: makes each round's [`RoundAggregation`].
+pub trait Strategy: Send + Sync + Debug {
+    /// The name the config selects it by.
+    fn name(&self) -> &'static str;
+
+    /// A round's aggregation for `spec`, whose finalized buffer leaves `prefix` bytes (a
+    /// multiple of 8) for the model file's header. `spare` is model-sized memory from an
+    /// earlier round that the rule may build its state in instead of mapping fresh memory.
+    fn begin_round(
+        &self,
+        spec: ModelSpec,
+        prefix: usize,
+        spare: Option<Vec<u64>>,
+    ) -> Box<dyn RoundAggregation>;
+
+    /// Whether updates are kept in memory until the round closes (so the staging buffers
+    /// they arrived in cannot be reused for the next upload).
+    fn holds_updates(&self) -> bool;
+}
+
+/// Weighted FedAvg (McMahan et al. 2017): `Σ nᵢ·wᵢ / Σ nᵢ`, folded as updates arrive.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FedAvg {
+    pub options: AccumulatorOptions,
+}
+
+impl Strategy for FedAvg {
+    fn name(&self) -> &'static str {
+        "fedavg"
+    }
+
+    fn begin_round(
+        &self,
+        spec: ModelSpec,
+        prefix: usize,
+        spare: Option<Vec<u64>>,
+    ) -> Box<dyn RoundAggregation> {
+        Box::new(FedAvgAccumulator::with_prefix_reusing(
+            spec,
+            self.options,
+            prefix,
+            spare,
+        ))
+    }
+
+    fn holds_updates(&self) -> bool {
+        self.options.deterministic
+    }
+}
+
+impl RoundAggregation for FedAvgAccumulator {
+    fn spec(&self) -> &ModelSpec {
+        FedAvgAccumulator::spec(self)
+    }
+
+    fn add(&self, update: Update) -> Result<(), ModelMismatch> {
+        FedAvgAccumulator::add(self, update)
+    }
+
+    fn updates(&self) -> usize {
+        FedAvgAccumulator::updates(self)
+    }
+
+    fn finalize(self: Box<Self>, _previous: Option<&[u8]>) -> Result<ModelBuffer, String> {
+        (*self)
+            .finalize()
+            .ok_or_else(|| "no update with a positive sample count was added".to_string())
+    }
+}
+
+/// Whether every value of a model's data section (tensors back to back, in `spec`'s order) is
+/// finite: a model that is not must never be published.
+pub fn model_is_finite(spec: &ModelSpec, data: &[u8]) -> bool {
+    let mut offset = 0;
+    spec.tensors.iter().all(|tensor| {
+        let bytes = &data[offset..offset + tensor.byte_len()];
+        offset += tensor.byte_len();
+        crate::kernels::all_finite(tensor.dtype, bytes)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::{decode_values, encode_values};
+    use crate::model::{DType, TensorSpec};
+
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            tensors: vec![TensorSpec {
+                name: "w".into(),
+                dtype: DType::F32,
+                shape: vec![2],
+            }],
+        }
+    }
+
+    fn update(values: &[f64], weight: f64) -> Update {
+        Update {
+            key: format!("{values:?}"),
+            spec: spec(),
+            data: encode_values(DType::F32, values).into(),
+            weight,
+        }
+    }
+
+    #[test]
+    fn fedavg_through_the_seam_is_the_weighted_average() {
+        let round = FedAvg::default().begin_round(spec(), 8, None);
+        round.add(update(&[1.0, 2.0], 1.0)).unwrap();
+        round.add(update(&[4.0, 8.0], 3.0)).unwrap();
+        assert_eq!(round.updates(), 2);
+        let model = round.finalize(None).unwrap();
+        assert_eq!(decode_values(DType::F32, model.data()), vec![3.25, 6.5]);
+    }
+
+    #[test]
+    fn an_empty_round_names_why_it_has_no_model() {
+        let round = FedAvg::default().begin_round(spec(), 0, None);
+        assert!(round.finalize(None).unwrap_err().contains("no update"));
+    }
+
+    #[test]
+    fn finite_weights_can_sum_to_inf_and_the_check_sees_it() {
+        // 3e38 is a finite f32, and so is the weight; their weighted sum is not.
+        let round = FedAvg::default().begin_round(spec(), 0, None);
+        round.add(update(&[3e38, 1.0], 1e9)).unwrap();
+        round.add(update(&[3e38, 1.0], 1e9)).unwrap();
+        let model = round.finalize(None).unwrap();
+        assert!(!model_is_finite(&spec(), model.data()));
+        let fine = encode_values(DType::F32, &[3e38, -3e38]);
+        assert!(model_is_finite(&spec(), &fine));
+    }
+}
