@@ -11,6 +11,7 @@ use rondo_core::federation::AggregationResult;
 use crate::link::{Notice, Outbox};
 use crate::rounds::{CommitsInFlight, RoundBook};
 use crate::staging::StagingPool;
+use crate::wire::UploadLimits;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -97,6 +98,7 @@ pub struct Aggregator {
     pub public_url: String,
     pub max_body_bytes: u64,
     pub upload_idle_timeout: std::time::Duration,
+    pub limits: UploadLimits,
 }
 
 impl Aggregator {
@@ -107,6 +109,7 @@ impl Aggregator {
         public_url: String,
         max_body_bytes: u64,
         upload_idle_timeout: std::time::Duration,
+        limits: UploadLimits,
     ) -> Arc<Self> {
         let metrics = Metrics::new();
         if let Some(model) = book.model() {
@@ -129,6 +132,7 @@ impl Aggregator {
             public_url,
             max_body_bytes,
             upload_idle_timeout,
+            limits,
         })
     }
 
