@@ -14,6 +14,7 @@ pub struct AggregatorConfig {
     pub aggregation: AggregationConfig,
     pub link: LinkConfig,
     pub runtime: RuntimeConfig,
+    pub limits: crate::wire::UploadLimits,
 }
 
 #[derive(Debug, Clone, Deserialize)]

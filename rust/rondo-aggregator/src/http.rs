@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, OriginalUri, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -74,10 +74,20 @@ fn commit_error(err: CommitError) -> ApiError {
     }
 }
 
-fn round_param(raw: &str) -> Result<u32, ApiError> {
-    raw.parse().map_err(|_| {
-        ApiError::bad_request("invalid_round", format!("`{raw}` is not a round number"))
-    })
+/// The `{round}` of `/v1/rounds/{round}/...`, read from the path as sent: `Path` would
+/// percent-decode it first, and `%31` would pass for `1`.
+fn round_param(uri: &axum::http::Uri) -> Result<u32, ApiError> {
+    let raw = uri.path().split('/').nth(3).unwrap_or_default();
+    let invalid = || {
+        ApiError::bad_request(
+            "invalid_round",
+            format!("`{raw}` is not a round number (0, or digits without a leading zero)"),
+        )
+    };
+    if !wire::is_canonical_decimal(raw) {
+        return Err(invalid());
+    }
+    raw.parse().map_err(|_| invalid())
 }
 
 fn model_response(file: bytes::Bytes, round: u32) -> Response {
@@ -96,10 +106,10 @@ fn model_response(file: bytes::Bytes, round: u32) -> Response {
 
 async fn download_round_model(
     State(aggregator): State<Arc<Aggregator>>,
-    Path(round): Path<String>,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let round = round_param(&round)?;
+    let round = round_param(&uri)?;
     let token = bearer_token(&headers, "missing_token")?;
     let book = aggregator.book();
     book.authorize_download(token, round).map_err(grant_error)?;
@@ -142,11 +152,11 @@ fn upload_error(err: &UploadError) -> ApiError {
 
 async fn upload_update(
     State(aggregator): State<Arc<Aggregator>>,
-    Path(round): Path<String>,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let round = round_param(&round)?;
+    let round = round_param(&uri)?;
     let token = bearer_token(&headers, "missing_token")?;
     let (grant, expected) = {
         let mut book = aggregator.book();
@@ -192,6 +202,7 @@ async fn upload_update(
         Box::pin(body),
         expected.as_deref(),
         aggregator.max_body_bytes,
+        &aggregator.limits,
         staging,
     )
     .await

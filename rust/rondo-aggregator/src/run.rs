@@ -39,6 +39,7 @@ fn round_book(config: &AggregatorConfig) -> anyhow::Result<RoundBook> {
 
 pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
     config.validate()?;
+    config.limits.validate().map_err(anyhow::Error::msg)?;
     let book = round_book(&config)?;
     let upload_bytes = book.model().map(|m| m.spec.byte_len());
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
@@ -63,6 +64,7 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
         Duration::from_secs_f64(config.api.upload_idle_timeout_secs),
         CLOSE_WAIT,
         shutdown.clone(),
+        config.limits,
     );
     if let Some(bytes) = upload_bytes {
         // While participants are still starting up, rather than during the first round.

@@ -22,6 +22,7 @@ use rondo_net::shutdown::Shutdown;
 use crate::link::{Notice, Outbox};
 use crate::rounds::{Closing, CommitError, Grant, RoundBook, RoundSum};
 use crate::staging::StagingPool;
+use crate::wire::UploadLimits;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -113,6 +114,7 @@ pub struct Aggregator {
     /// How long a close waits for folds in flight before failing the round.
     pub close_wait: Duration,
     pub shutdown: Shutdown,
+    pub limits: UploadLimits,
 }
 
 /// An update read, validated and granted a commit, ready to fold.
@@ -154,6 +156,7 @@ impl Aggregator {
         upload_idle_timeout: Duration,
         close_wait: Duration,
         shutdown: Shutdown,
+        limits: UploadLimits,
     ) -> Arc<Self> {
         let metrics = Metrics::new();
         if let Some(model) = book.model() {
@@ -178,6 +181,7 @@ impl Aggregator {
             upload_idle_timeout,
             close_wait,
             shutdown,
+            limits,
         })
     }
 

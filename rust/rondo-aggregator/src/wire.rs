@@ -6,7 +6,9 @@
 //! declared bytes. Nothing here touches the running sum; a rejected upload is simply dropped,
 //! and its buffer goes back to the pool.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
@@ -15,6 +17,8 @@ use rondo_core::kernels::all_finite;
 use rondo_core::model::{DType, ModelSpec, TensorSpec};
 use safetensors::Dtype;
 use safetensors::tensor::{Metadata, TensorInfo};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::staging::StagingBuffer;
 
@@ -27,6 +31,56 @@ pub const ROUND_KEY: &str = "rondo.round";
 
 /// safetensors' own cap on the header.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Bounds on what an upload's metadata may carry (`[limits]` of the aggregator's config; see
+/// `configs/dev-aggregator.toml` for why each default is what it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadLimits {
+    /// Largest `rondo.n_samples` accepted.
+    pub max_n_samples: u64,
+    /// Most keys `rondo.metrics` may hold.
+    pub max_metrics: usize,
+    /// Longest metric name, in UTF-8 bytes.
+    pub max_metric_key_bytes: usize,
+    /// Longest `rondo.metrics` value (its raw JSON text), in bytes.
+    pub max_metrics_bytes: usize,
+}
+
+/// Every total weight stays an exact integer in the `f64` the accumulator keeps it in.
+const MAX_N_SAMPLES_BOUND: u64 = 1 << 53;
+/// Metrics travel to the coordinator with every accepted update and stay in its round history:
+/// even a configured limit keeps them small.
+const MAX_METRICS_BYTES_BOUND: usize = 1 << 20;
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self {
+            max_n_samples: 1_000_000_000,
+            max_metrics: 64,
+            max_metric_key_bytes: 128,
+            max_metrics_bytes: 16 * 1024,
+        }
+    }
+}
+
+impl UploadLimits {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_N_SAMPLES_BOUND).contains(&self.max_n_samples) {
+            return Err(format!(
+                "limits.max_n_samples must be between 1 and 2^53, got {}",
+                self.max_n_samples
+            ));
+        }
+        if self.max_metrics_bytes > MAX_METRICS_BYTES_BOUND {
+            return Err(format!(
+                "limits.max_metrics_bytes must be at most {MAX_METRICS_BYTES_BOUND}, got {}",
+                self.max_metrics_bytes
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// An upload that was read whole and validated, ready to be folded into the sum.
 #[derive(Debug)]
@@ -49,6 +103,8 @@ pub enum UploadError {
     NonFinite(String),
     #[error("{0}")]
     InvalidMetadata(String),
+    #[error("{0}")]
+    InvalidMetrics(String),
     #[error("the upload is {size} bytes or more; the limit is {limit} bytes")]
     TooLarge { size: u64, limit: u64 },
     #[error("the upload ended after {got} of {expected} bytes")]
@@ -73,6 +129,7 @@ impl UploadError {
             UploadError::ModelMismatch(_) => "model_mismatch",
             UploadError::NonFinite(_) => "non_finite_values",
             UploadError::InvalidMetadata(_) => "invalid_metadata",
+            UploadError::InvalidMetrics(_) => "invalid_metrics",
             UploadError::TooLarge { .. } => "body_too_large",
             UploadError::Incomplete { .. } => "upload_incomplete",
             UploadError::Stalled(_) => "upload_stalled",
@@ -99,11 +156,106 @@ fn dtype_to_safetensors(dtype: DType) -> Dtype {
     }
 }
 
+/// At most this much of a key is quoted in an error message.
+const SHOWN_KEY_CHARS: usize = 64;
+
+fn shown(key: &str) -> String {
+    let mut shown: String = key.chars().take(SHOWN_KEY_CHARS).collect();
+    if shown.len() < key.len() {
+        shown.push('…');
+    }
+    format!("{shown:?}")
+}
+
+/// The entries of a JSON object, in order, refusing a key that appears twice: serde_json (and
+/// so safetensors) would keep the last one, letting one header say two things to two readers.
+struct UniqueEntries<V>(Vec<(String, V)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueEntries<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries<V>(PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Entries<V> {
+            type Value = UniqueEntries<V>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut seen = HashSet::new();
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(de::Error::custom(format!(
+                            "key {} appears more than once",
+                            shown(&key)
+                        )));
+                    }
+                    let value = map.next_value()?;
+                    entries.push((key, value));
+                }
+                Ok(UniqueEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries(PhantomData))
+    }
+}
+
+/// A safetensors header as written: `__metadata__` and the tensors, each key once.
+struct Header {
+    metadata: Option<HashMap<String, String>>,
+    tensors: Vec<(String, TensorInfo)>,
+}
+
+impl<'de> Deserialize<'de> for Header {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HeaderVisitor;
+        impl<'de> Visitor<'de> for HeaderVisitor {
+            type Value = Header;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object of tensors and `__metadata__`")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Header, A::Error> {
+                let mut seen = HashSet::new();
+                let mut header = Header {
+                    metadata: None,
+                    tensors: Vec::new(),
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(de::Error::custom(format!(
+                            "key {} appears more than once",
+                            shown(&key)
+                        )));
+                    }
+                    if key == "__metadata__" {
+                        let UniqueEntries(entries) = map.next_value()?;
+                        header.metadata = Some(entries.into_iter().collect());
+                    } else {
+                        header.tensors.push((key, map.next_value()?));
+                    }
+                }
+                Ok(header)
+            }
+        }
+        deserializer.deserialize_map(HeaderVisitor)
+    }
+}
+
 /// Parses a safetensors header (the JSON after the 8-byte length) into the model's tensors in
 /// byte order, and the `__metadata__` map.
 pub fn parse_header(header: &[u8]) -> Result<(ModelSpec, HashMap<String, String>), UploadError> {
-    let metadata: Metadata = serde_json::from_slice(header)
-        .map_err(|e| UploadError::Malformed(format!("invalid safetensors header: {e}")))?;
+    let invalid =
+        |e: &dyn fmt::Display| UploadError::Malformed(format!("invalid safetensors header: {e}"));
+    let Header {
+        metadata,
+        mut tensors,
+    } = serde_json::from_slice(header).map_err(|e| invalid(&e))?;
+    // safetensors' own order, which `Metadata::new` checks the offsets in.
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    let metadata = Metadata::new(metadata, tensors).map_err(|e| invalid(&e))?;
     let mut tensors = Vec::new();
     for name in metadata.offset_keys() {
         let Some(info) = metadata.info(&name) else {
@@ -130,29 +282,81 @@ pub fn parse_header(header: &[u8]) -> Result<(ModelSpec, HashMap<String, String>
     ))
 }
 
+/// `0` or a digit 1-9 followed by digits: the one spelling of a number, so that every reader
+/// of the same bytes (and every log line) sees the same value.
+pub fn is_canonical_decimal(raw: &str) -> bool {
+    match raw.as_bytes() {
+        [b'0'] => true,
+        [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    }
+}
+
+fn parse_n_samples(raw: &str, limits: &UploadLimits) -> Result<u64, UploadError> {
+    let max = limits.max_n_samples;
+    let invalid = || {
+        UploadError::InvalidMetadata(format!(
+            "`{N_SAMPLES_KEY}` must be a decimal integer from 1 to {max} (limits.max_n_samples) \
+             without sign, spaces or leading zeros, got {}",
+            shown(raw)
+        ))
+    };
+    if !is_canonical_decimal(raw) {
+        return Err(invalid());
+    }
+    match raw.parse::<u64>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(invalid()),
+    }
+}
+
+fn parse_metrics(raw: &str, limits: &UploadLimits) -> Result<BTreeMap<String, f64>, UploadError> {
+    let invalid = |why: String| UploadError::InvalidMetrics(format!("`{METRICS_KEY}` {why}"));
+    // Before parsing, so that an oversized value costs no more than its length.
+    if raw.len() > limits.max_metrics_bytes {
+        return Err(invalid(format!(
+            "is {} bytes; at most {} are allowed (limits.max_metrics_bytes)",
+            raw.len(),
+            limits.max_metrics_bytes
+        )));
+    }
+    let UniqueEntries(entries) = serde_json::from_str::<UniqueEntries<f64>>(raw)
+        .map_err(|e| invalid(format!("must be a JSON object of finite numbers: {e}")))?;
+    if entries.len() > limits.max_metrics {
+        return Err(invalid(format!(
+            "holds {} metrics; at most {} are allowed (limits.max_metrics)",
+            entries.len(),
+            limits.max_metrics
+        )));
+    }
+    for (key, value) in &entries {
+        if key.is_empty() || key.len() > limits.max_metric_key_bytes {
+            return Err(invalid(format!(
+                "has the name {} of {} bytes; names must be 1 to {} bytes \
+                 (limits.max_metric_key_bytes)",
+                shown(key),
+                key.len(),
+                limits.max_metric_key_bytes
+            )));
+        }
+        if !value.is_finite() {
+            return Err(invalid(format!("metric {} is not finite", shown(key))));
+        }
+    }
+    Ok(entries.into_iter().collect())
+}
+
 fn parse_upload_metadata(
     metadata: &HashMap<String, String>,
+    limits: &UploadLimits,
 ) -> Result<(u64, BTreeMap<String, f64>), UploadError> {
     let raw = metadata.get(N_SAMPLES_KEY).ok_or_else(|| {
         UploadError::InvalidMetadata(format!("`__metadata__` must carry `{N_SAMPLES_KEY}`"))
     })?;
-    let n_samples: u64 = raw.trim().parse().map_err(|_| {
-        UploadError::InvalidMetadata(format!(
-            "`{N_SAMPLES_KEY}` must be a positive integer, got {raw:?}"
-        ))
-    })?;
-    if n_samples == 0 {
-        return Err(UploadError::InvalidMetadata(format!(
-            "`{N_SAMPLES_KEY}` must be at least 1"
-        )));
-    }
+    let n_samples = parse_n_samples(raw, limits)?;
     let metrics = match metadata.get(METRICS_KEY) {
         None => BTreeMap::new(),
-        Some(raw) => serde_json::from_str(raw).map_err(|e| {
-            UploadError::InvalidMetadata(format!(
-                "`{METRICS_KEY}` must be a JSON object of numbers: {e}"
-            ))
-        })?,
+        Some(raw) => parse_metrics(raw, limits)?,
     };
     Ok((n_samples, metrics))
 }
@@ -160,11 +364,12 @@ fn parse_upload_metadata(
 /// Reads one upload from `body` into `data` (empty; taken for `expected`'s size, or holding the
 /// whole budget when `expected` is not known). When `expected` is given, the upload's tensors
 /// must match it (checked from the header, before the tensor bytes are read), so they fit the
-/// buffer.
+/// buffer. Its metadata must keep within `limits`.
 pub async fn read_update<S>(
     mut body: S,
     expected: Option<&ModelSpec>,
     max_body_bytes: u64,
+    limits: &UploadLimits,
     mut data: StagingBuffer,
 ) -> Result<StagedUpdate, UploadError>
 where
@@ -236,7 +441,7 @@ where
     if let Some(expected) = expected {
         expected.check_update(&spec)?;
     }
-    let (n_samples, metrics) = parse_upload_metadata(&metadata)?;
+    let (n_samples, metrics) = parse_upload_metadata(&metadata, limits)?;
 
     let too_long = || {
         UploadError::Malformed(format!(
@@ -424,6 +629,7 @@ mod tests {
             body,
             expected,
             max_body_bytes,
+            &UploadLimits::default(),
             StagingBuffer::unpooled(Vec::new()),
         )
         .await
@@ -540,15 +746,28 @@ mod tests {
         let buffer = pool.take(size).await;
         let ptr = buffer.as_ptr();
         let bad = upload(&[f64::INFINITY; 5], "1");
-        let err = super::read_update(chunks(&bad, 4), Some(&spec()), 1 << 20, buffer).await;
+        let err = super::read_update(
+            chunks(&bad, 4),
+            Some(&spec()),
+            1 << 20,
+            &UploadLimits::default(),
+            buffer,
+        )
+        .await;
         assert_eq!(err.unwrap_err().code(), "non_finite_values");
         assert_eq!(pool.idle_bytes(), spec().byte_len() as u64);
 
         let good = upload(&[1.0, 2.0, 3.0, 4.0, 5.0], "2");
         let buffer = pool.take(size).await;
-        let staged = super::read_update(chunks(&good, 4), Some(&spec()), 1 << 20, buffer)
-            .await
-            .unwrap();
+        let staged = super::read_update(
+            chunks(&good, 4),
+            Some(&spec()),
+            1 << 20,
+            &UploadLimits::default(),
+            buffer,
+        )
+        .await
+        .unwrap();
         assert_eq!(staged.data.as_ptr(), ptr, "the same buffer, reused");
         assert_eq!(
             &staged.data[..],
@@ -577,5 +796,276 @@ mod tests {
         assert!(load_model_file(&longer[..]).is_err());
         assert_eq!(spec2, spec());
         assert_eq!(data2, data);
+    }
+
+    /// A safetensors file with `header` (JSON text) and `data`.
+    fn raw_upload(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// An upload of `spec()` whose `__metadata__` is `metadata` (JSON object text).
+    fn upload_with_metadata(metadata: &str) -> Vec<u8> {
+        raw_upload(
+            &format!(
+                r#"{{"__metadata__":{metadata},"a":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}},"b":{{"dtype":"F32","shape":[1,3],"data_offsets":[8,20]}}}}"#
+            ),
+            &encode_values(DType::F32, &[1.0; 5]),
+        )
+    }
+
+    fn metrics_upload(metrics: &str) -> Vec<u8> {
+        let metrics = serde_json::to_string(metrics).unwrap();
+        upload_with_metadata(&format!(
+            r#"{{"{N_SAMPLES_KEY}":"2","{METRICS_KEY}":{metrics}}}"#
+        ))
+    }
+
+    async fn refusal(bytes: &[u8]) -> UploadError {
+        read_update(chunks(bytes, 7), Some(&spec()), 1 << 24)
+            .await
+            .expect_err("the upload is refused")
+    }
+
+    #[test]
+    fn canonical_decimals_are_the_only_spelling_of_a_number() {
+        for good in ["0", "1", "7", "10", "4294967295", "18446744073709551616"] {
+            assert!(is_canonical_decimal(good), "{good}");
+        }
+        for bad in [
+            "", "00", "01", "+1", "-1", " 1", "1 ", "1_0", "1e3", "0x1", "%31", "١", "1.0",
+        ] {
+            assert!(!is_canonical_decimal(bad), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn n_samples_must_be_canonical_and_within_the_limit() {
+        let max = UploadLimits::default().max_n_samples;
+        for n in ["1", "7", &max.to_string()] {
+            let staged = read_update(chunks(&upload(&[1.0; 5], n), 7), Some(&spec()), 1 << 20)
+                .await
+                .unwrap();
+            assert_eq!(staged.n_samples.to_string(), n);
+        }
+        let too_many = (max + 1).to_string();
+        let u64_max = u64::MAX.to_string();
+        for bad in [
+            "+5",
+            " 5",
+            "5 ",
+            "05",
+            "0",
+            "-1",
+            "5.0",
+            "1e3",
+            "0x5",
+            "",
+            &too_many,
+            &u64_max,
+            "18446744073709551616",
+        ] {
+            let err = refusal(&upload(&[1.0; 5], bad)).await;
+            assert_eq!(err.code(), "invalid_metadata", "{bad:?}: {err}");
+            assert!(err.to_string().contains("limits.max_n_samples"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn n_samples_bound_comes_from_the_limits() {
+        let limits = UploadLimits {
+            max_n_samples: 10,
+            ..UploadLimits::default()
+        };
+        let spec = spec();
+        for (n, accepted) in [("10", true), ("11", false)] {
+            let read = super::read_update(
+                chunks(&upload(&[1.0; 5], n), 7),
+                Some(&spec),
+                1 << 20,
+                &limits,
+                StagingBuffer::unpooled(Vec::new()),
+            )
+            .await;
+            assert_eq!(read.is_ok(), accepted, "{n}");
+        }
+    }
+
+    #[tokio::test]
+    async fn metrics_are_finite_numbers_within_the_limits() {
+        let limits = UploadLimits::default();
+        let staged = read_update(
+            chunks(&metrics_upload(r#"{"loss":0.25,"acc":1,"n":-3e5}"#), 7),
+            Some(&spec()),
+            1 << 20,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            staged.metrics,
+            BTreeMap::from([
+                ("acc".to_string(), 1.0),
+                ("loss".to_string(), 0.25),
+                ("n".to_string(), -3e5)
+            ])
+        );
+
+        let many: BTreeMap<String, f64> = (0..=limits.max_metrics)
+            .map(|i| (format!("m{i}"), 1.0))
+            .collect();
+        let many = serde_json::to_string(&many).unwrap();
+        let long_key = format!(r#"{{"{}":1}}"#, "k".repeat(limits.max_metric_key_bytes + 1));
+        let long_value = format!(r#"{{"loss":1{}}}"#, " ".repeat(limits.max_metrics_bytes));
+        let cases = [
+            (many.as_str(), "limits.max_metrics"),
+            (long_key.as_str(), "limits.max_metric_key_bytes"),
+            (r#"{"":1}"#, "limits.max_metric_key_bytes"),
+            (long_value.as_str(), "limits.max_metrics_bytes"),
+            (r#"{"loss":1e400}"#, "object of finite numbers"),
+            (r#"{"loss":NaN}"#, "object of finite numbers"),
+            (r#"{"loss":"0.3"}"#, "object of finite numbers"),
+            (r#"{"loss":null}"#, "object of finite numbers"),
+            (r#"{"loss":{"x":1}}"#, "object of finite numbers"),
+            (r#"[1,2]"#, "object of finite numbers"),
+            (r#"{"loss":1,"loss":2}"#, "\"loss\" appears more than once"),
+        ];
+        for (metrics, says) in cases {
+            let err = refusal(&metrics_upload(metrics)).await;
+            assert_eq!(err.code(), "invalid_metrics", "{metrics}: {err}");
+            assert!(err.to_string().contains(says), "{metrics}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn seven_hundred_thousand_metrics_are_refused_before_they_are_parsed() {
+        let mut metrics = String::from("{");
+        for i in 0..700_000 {
+            metrics.push_str(&format!(r#""metric_{i}":{i},"#));
+        }
+        metrics.push_str(r#""last":0}"#);
+        let bytes = metrics_upload(&metrics);
+        let started = std::time::Instant::now();
+        let err = read_update(chunks(&bytes, 1 << 16), Some(&spec()), 1 << 26)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_metrics");
+        assert!(
+            err.to_string().contains("limits.max_metrics_bytes"),
+            "{err}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn duplicate_header_keys_are_refused_naming_the_key() {
+        let data = encode_values(DType::F32, &[1.0; 5]);
+        let twice = raw_upload(
+            r#"{"__metadata__":{"rondo.n_samples":"1"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1,3],"data_offsets":[8,20]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            &data,
+        );
+        let metadata_twice = raw_upload(
+            r#"{"__metadata__":{"rondo.n_samples":"1"},"__metadata__":{"rondo.n_samples":"9"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1,3],"data_offsets":[8,20]}}"#,
+            &data,
+        );
+        let n_samples_twice = upload_with_metadata(&format!(
+            r#"{{"{N_SAMPLES_KEY}":"1","{N_SAMPLES_KEY}":"1000000"}}"#
+        ));
+        let field_twice = raw_upload(
+            r#"{"__metadata__":{"rondo.n_samples":"1"},"a":{"dtype":"F32","shape":[2],"shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1,3],"data_offsets":[8,20]}}"#,
+            &data,
+        );
+        for (bytes, key) in [
+            (twice, "\"a\""),
+            (metadata_twice, "\"__metadata__\""),
+            (n_samples_twice, "\"rondo.n_samples\""),
+            (field_twice, "`shape`"),
+        ] {
+            let err = refusal(&bytes).await;
+            assert_eq!(err.code(), "malformed_safetensors", "{err}");
+            assert!(err.to_string().contains(key), "{key}: {err}");
+            assert!(parse_header(&bytes[8..bytes.len() - data.len()]).is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scalar_tensor_keeps_its_empty_shape_from_upload_to_model_file() {
+        let scalar = ModelSpec {
+            tensors: vec![
+                TensorSpec {
+                    name: "s".into(),
+                    dtype: DType::F32,
+                    shape: vec![],
+                },
+                TensorSpec {
+                    name: "v".into(),
+                    dtype: DType::F32,
+                    shape: vec![2],
+                },
+            ],
+        };
+        let bytes = raw_upload(
+            r#"{"__metadata__":{"rondo.n_samples":"1"},"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"v":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            &encode_values(DType::F32, &[3.5, 1.0, 2.0]),
+        );
+        let staged = read_update(chunks(&bytes, 5), None, 1 << 20).await.unwrap();
+        assert_eq!(staged.spec, scalar);
+        let file = model_file(&model_header(&staged.spec, 1), &staged.data);
+        let parsed = safetensors::SafeTensors::deserialize(&file).unwrap();
+        assert_eq!(parsed.tensor("s").unwrap().shape(), &[] as &[usize]);
+        assert_eq!(parsed.tensor("s").unwrap().data(), 3.5f32.to_le_bytes());
+        let (spec, data) = read_model_file(&file).unwrap();
+        assert_eq!(spec, scalar);
+        assert_eq!(data, encode_values(DType::F32, &[3.5, 1.0, 2.0]));
+        let mut other = scalar.clone();
+        other.tensors[0].shape = vec![1];
+        assert_eq!(
+            read_update(chunks(&bytes, 5), Some(&other), 1 << 20)
+                .await
+                .unwrap_err()
+                .code(),
+            "model_mismatch",
+            "[] and [1] are different shapes"
+        );
+    }
+
+    #[test]
+    fn limits_default_to_the_dev_config_and_are_validated() {
+        let config: crate::config::AggregatorConfig =
+            rondo_net::boot::load_config(crate::config::DEFAULTS, None).unwrap();
+        assert_eq!(config.limits, UploadLimits::default());
+        assert_eq!(UploadLimits::default().validate(), Ok(()));
+        let with = |limits: UploadLimits| limits.validate().unwrap_err();
+        let base = UploadLimits::default();
+        for (limits, key) in [
+            (
+                UploadLimits {
+                    max_n_samples: 0,
+                    ..base
+                },
+                "limits.max_n_samples must be between 1 and 2^53",
+            ),
+            (
+                UploadLimits {
+                    max_n_samples: (1 << 53) + 1,
+                    ..base
+                },
+                "limits.max_n_samples must be between 1 and 2^53",
+            ),
+            (
+                UploadLimits {
+                    max_metrics_bytes: (1 << 20) + 1,
+                    ..base
+                },
+                "limits.max_metrics_bytes must be at most",
+            ),
+        ] {
+            assert!(with(limits).contains(key), "{}", with(limits));
+        }
+        let unknown: Result<UploadLimits, _> = serde_json::from_str(
+            r#"{"max_n_samples":1,"max_metrics":1,"max_metric_key_bytes":1,"max_metrics_bytes":2,"max_metric":3}"#,
+        );
+        assert!(unknown.unwrap_err().to_string().contains("max_metric"));
     }
 }
