@@ -61,4 +61,45 @@ mod tests {
         large.resize(3 << 20, 5);
         assert_eq!(large[(3 << 20) - 1], 5);
     }
+
+    /// The kilobytes of huge pages backing the mapping that holds `address`, from
+    /// `/proc/self/smaps`.
+    #[cfg(target_os = "linux")]
+    fn huge_kib_at(address: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((start, end)) = range.split_once('-')
+                && let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                )
+            {
+                inside = (start..end).contains(&address);
+            } else if inside && let Some(rest) = line.strip_prefix("AnonHugePages:") {
+                return rest.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+        None
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn advised_buffers_are_backed_by_huge_pages_where_the_kernel_offers_them() {
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !mode.contains("[madvise]") && !mode.contains("[always]") {
+            eprintln!("transparent huge pages are off here ({mode:?}): nothing to check");
+            return;
+        }
+        let mut advised: Vec<u8> = Vec::with_capacity(64 << 20);
+        advise_huge_pages(&mut advised);
+        advised.resize(64 << 20, 1);
+        let huge = huge_kib_at(advised.as_ptr() as usize + (32 << 20)).expect("mapping found");
+        assert!(
+            huge >= 2048,
+            "THP mode {mode:?}, yet no huge page backs the advised buffer"
+        );
+    }
 }
