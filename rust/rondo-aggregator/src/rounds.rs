@@ -16,9 +16,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
 use rondo_core::aggregate::{AccumulatorOptions, FedAvgAccumulator, ModelBuffer};
-use rondo_core::federation::{AggregationResult, constant_time_eq};
+use rondo_core::federation::{self, AggregationResult, constant_time_eq};
 use rondo_core::model::ModelSpec;
-use rondo_net::link::RoundOpening;
 
 use crate::wire;
 
@@ -299,7 +298,7 @@ impl RoundBook {
     /// of a round already closed.
     pub fn open_round(
         &mut self,
-        opening: &RoundOpening,
+        opening: &federation::OpenRound,
         sum: Option<FedAvgAccumulator>,
     ) -> Result<(), String> {
         let id = (opening.round, opening.attempt);
@@ -530,6 +529,7 @@ impl RoundBook {
                 AggregationResult::Aggregated {
                     updates,
                     total_samples,
+                    contributors: open.accepted.clone(),
                 }
             }
             _ => AggregationResult::Failed {
@@ -584,8 +584,8 @@ mod tests {
         }
     }
 
-    fn opening(round: u32, attempt: u32, who: &[(&str, &str)]) -> RoundOpening {
-        RoundOpening {
+    fn opening(round: u32, attempt: u32, who: &[(&str, &str)]) -> federation::OpenRound {
+        federation::OpenRound {
             round,
             attempt,
             grants: who
@@ -640,7 +640,14 @@ mod tests {
             commit(&mut book, &g, &update(&values, n)).unwrap();
             book.end_upload(&g);
         }
-        book.close_round(1, 0).unwrap().unwrap();
+        assert_eq!(
+            book.close_round(1, 0).unwrap().unwrap(),
+            AggregationResult::Aggregated {
+                updates: 2,
+                total_samples: 4,
+                contributors: BTreeMap::from([("p".into(), 1), ("q".into(), 3)]),
+            }
+        );
         assert_eq!(model_values(&book), vec![3.5, 5.0]);
         assert_eq!(book.model().unwrap().round, 1);
     }
