@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use rondo_core::federation::AggregationResult;
+use rondo_core::federation::{AggregationResult, OpenRound};
 use rondo_net::link::{
-    AggregatorInfo, AggregatorRpc, AggregatorStatus, CoordinatorRpcClient, RoundOpening,
-    connect_coordinator, deadline, link_is_broken,
+    AggregatorInfo, AggregatorRpc, AggregatorStatus, CoordinatorRpcClient, connect_coordinator,
+    deadline, link_is_broken,
 };
 use rondo_net::retry::Backoff;
 use rondo_net::shutdown::Shutdown;
@@ -268,7 +268,7 @@ impl AggregatorRpc for AggregatorRpcServer {
         }
     }
 
-    async fn open_round(self, _: Context, opening: RoundOpening) -> Result<(), String> {
+    async fn open_round(self, _: Context, opening: OpenRound) -> Result<(), String> {
         let aggregator = self.get()?;
         // Allocating a large sum takes a while: done outside the book's lock.
         let builder = {

@@ -16,10 +16,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
 use rondo_core::aggregate::ModelBuffer;
-use rondo_core::federation::{AggregationResult, constant_time_eq};
+use rondo_core::federation::{self, AggregationResult, constant_time_eq};
 use rondo_core::model::ModelSpec;
 use rondo_core::strategy::{RoundAggregation, Strategy, model_is_finite};
-use rondo_net::link::RoundOpening;
 
 use crate::wire;
 
@@ -407,7 +406,7 @@ impl RoundBook {
     /// of a round already closed.
     pub fn open_round(
         &mut self,
-        opening: &RoundOpening,
+        opening: &federation::OpenRound,
         sum: Option<Box<dyn RoundAggregation>>,
     ) -> Result<(), String> {
         let id = (opening.round, opening.attempt);
@@ -702,6 +701,7 @@ impl RoundBook {
                 AggregationResult::Aggregated {
                     updates,
                     total_samples,
+                    contributors: closing.accepted,
                 }
             }
             Err(reason) => AggregationResult::Failed { reason },
@@ -778,8 +778,8 @@ mod tests {
         }
     }
 
-    fn opening(round: u32, attempt: u32, who: &[(&str, &str)]) -> RoundOpening {
-        RoundOpening {
+    fn opening(round: u32, attempt: u32, who: &[(&str, &str)]) -> federation::OpenRound {
+        federation::OpenRound {
             round,
             attempt,
             grants: who
@@ -835,7 +835,14 @@ mod tests {
             commit(&mut book, &g, &update(&values, n)).unwrap();
             book.end_upload(&g);
         }
-        closed(book.close_round(1, 0));
+        assert_eq!(
+            closed(book.close_round(1, 0)),
+            AggregationResult::Aggregated {
+                updates: 2,
+                total_samples: 4,
+                contributors: BTreeMap::from([("p".into(), 1), ("q".into(), 3)]),
+            }
+        );
         assert_eq!(model_values(&book), vec![3.5, 5.0]);
         assert_eq!(book.model().unwrap().round, 1);
     }

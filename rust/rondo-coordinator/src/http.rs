@@ -1,7 +1,7 @@
 //! The coordinator's HTTP API for participants (see `docs/wire-format.md`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -42,6 +42,8 @@ fn federation_error(err: FederationError) -> ApiError {
         }
         FederationError::InvalidSecret(_) => ApiError::unauthorized("invalid_secret", message),
         FederationError::NotSelected(_) => ApiError::conflict("not_selected", message),
+        // `Coordinator::join` draws ids until one is free; no request can reach this.
+        FederationError::AlreadyJoined(_) => ApiError::conflict("already_joined", message),
     }
 }
 
@@ -74,9 +76,7 @@ async fn join(
             "`name` must be at most 256 bytes",
         ));
     }
-    let (participant_id, secret) = coordinator
-        .federation()
-        .join(request.name.clone(), Instant::now());
+    let (participant_id, secret) = coordinator.join(request.name.clone());
     coordinator.metrics.joins.inc();
     tracing::info!(%participant_id, name = ?request.name, "participant joined");
     coordinator.wake.notify_one();
@@ -135,7 +135,7 @@ async fn heartbeat(
     let action = loop {
         let action = coordinator
             .federation()
-            .heartbeat(&id, secret, Instant::now())
+            .heartbeat(&id, secret, coordinator.now())
             .map_err(federation_error)?;
         if query.since.as_deref() != Some(action_state(&action).as_str()) {
             break action;
@@ -171,7 +171,7 @@ async fn start_training(
     let secret = bearer_token(&headers, "missing_secret")?;
     let grant = coordinator
         .federation()
-        .start_training(&id, secret, Instant::now())
+        .start_training(&id, secret, coordinator.now())
         .map_err(federation_error)?;
     let base = coordinator.aggregator_url().ok_or_else(|| {
         ApiError::new(
@@ -193,7 +193,7 @@ async fn start_training(
 }
 
 async fn status(State(coordinator): State<Arc<Coordinator>>) -> Json<serde_json::Value> {
-    let status = coordinator.federation().status(Instant::now());
+    let status = coordinator.federation().status(coordinator.now());
     let mut value = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
     value["aggregator_url"] = json!(coordinator.aggregator_url());
     Json(value)
@@ -201,7 +201,7 @@ async fn status(State(coordinator): State<Arc<Coordinator>>) -> Json<serde_json:
 
 async fn metrics(State(coordinator): State<Arc<Coordinator>>) -> Response {
     // The gauges are read off the federation when scraped, not kept up to date on every tick.
-    let status = coordinator.federation().status(Instant::now());
+    let status = coordinator.federation().status(coordinator.now());
     coordinator.metrics.observe(&status);
     api::metrics_response(&coordinator.metrics.registry)
 }

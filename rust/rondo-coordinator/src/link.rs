@@ -9,13 +9,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rondo_core::federation::{AggregationResult, Command};
-use rondo_net::link::{
-    AggregatorRpcClient, CoordinatorRpc, RoundOpening, connect_aggregator, deadline,
-};
+use rondo_core::federation::{AggregationResult, Command, OpenRound};
+use rondo_net::link::{AggregatorRpcClient, CoordinatorRpc, connect_aggregator, deadline};
 use tarpc::context::Context;
 
-use crate::service::Coordinator;
+use crate::service::{Coordinator, os_rng};
 
 #[derive(Clone)]
 pub struct CoordinatorRpcServer {
@@ -63,12 +61,27 @@ impl CoordinatorRpc for CoordinatorRpcServer {
         attempt: u32,
         result: AggregationResult,
     ) {
-        let mut federation = self.coordinator.federation();
-        if federation.round_aggregated(round, attempt, result.clone(), Instant::now()) {
-            tracing::info!(round, attempt, ?result, "round closed");
+        // The contributors can be many: the log gets the counts.
+        let summary = match &result {
+            AggregationResult::Aggregated {
+                updates,
+                total_samples,
+                ..
+            } => format!("aggregated {updates} updates of {total_samples} samples"),
+            AggregationResult::Failed { reason } => format!("failed: {reason}"),
+        };
+        let now = self.coordinator.now();
+        let closed = self
+            .coordinator
+            .federation()
+            .round_aggregated(round, attempt, result, now);
+        if let Some(closed) = closed {
+            tracing::info!(round, attempt, %summary, "round closed");
+            for discrepancy in &closed.discrepancies {
+                tracing::warn!(round, attempt, %discrepancy, "the round's record follows the aggregator");
+            }
             self.coordinator.metrics.rounds_closed.inc();
         }
-        drop(federation);
         self.coordinator.changed();
         self.coordinator.wake.notify_one();
     }
@@ -108,7 +121,8 @@ pub async fn drive(
                 }
             }
         }
-        let commands = coordinator.federation().tick(Instant::now());
+        let now = coordinator.now();
+        let commands = coordinator.federation().tick(now, &mut os_rng());
         for command in commands {
             if acked
                 .as_ref()
@@ -119,11 +133,11 @@ pub async fn drive(
             let Some(c) = client.as_ref() else { break };
             match execute(c, &command, call_timeout).await {
                 Ok(Ok(())) => {
-                    if let Command::OpenRound {
+                    if let Command::OpenRound(OpenRound {
                         round,
                         attempt,
                         grants,
-                    } = &command
+                    }) = &command
                     {
                         tracing::info!(round, attempt, selected = grants.len(), "round open");
                         coordinator.federation().round_opened(*round, *attempt);
@@ -175,7 +189,7 @@ async fn attach(
     coordinator.set_aggregator_url(info.public_url);
     let resend = {
         let mut federation = coordinator.federation();
-        if let Some(round) = federation.aggregator_attached(info.model_round, Instant::now()) {
+        if let Some(round) = federation.aggregator_attached(info.model_round, coordinator.now()) {
             tracing::error!(
                 model_round = ?info.model_round,
                 resume_at = round,
@@ -202,22 +216,7 @@ async fn execute(
 ) -> Result<Result<(), String>, tarpc::client::RpcError> {
     let ctx = deadline(call_timeout);
     match command {
-        Command::OpenRound {
-            round,
-            attempt,
-            grants,
-        } => {
-            client
-                .open_round(
-                    ctx,
-                    RoundOpening {
-                        round: *round,
-                        attempt: *attempt,
-                        grants: grants.clone(),
-                    },
-                )
-                .await
-        }
+        Command::OpenRound(open) => client.open_round(ctx, open.clone()).await,
         Command::CloseRound { round, attempt } => client.close_round(ctx, *round, *attempt).await,
     }
 }

@@ -1,11 +1,52 @@
 //! The coordinator as one shared object: the federation state machine behind its lock, the
-//! aggregator's public URL once known, a wake-up for the driver, and the metrics.
+//! aggregator's public URL once known, a wake-up for the driver, and the metrics; and what the
+//! state machine takes from the edge: the clock, and randomness from the OS.
 
 use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::{Instant, SystemTime};
 
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
-use rondo_core::federation::{Federation, FederationStatus};
+use rand::TryRngCore;
+use rand::rngs::OsRng;
+use rondo_core::federation::{
+    Federation, FederationError, FederationStatus, ParticipantId, Timestamp, token_from,
+};
 use tokio::sync::{Notify, watch};
+
+/// The OS's random source, as the `Rng` the state machine takes. Secrets and tokens come from
+/// it directly, with no user-space generator in between.
+pub fn os_rng() -> impl rand::Rng {
+    OsRng.unwrap_err()
+}
+
+/// 256 random bits from the OS, hex-encoded.
+pub fn random_token() -> String {
+    token_from(&mut os_rng())
+}
+
+/// The wall clock when the coordinator started, advanced by the monotonic clock: timestamps
+/// that mean something outside this process and never run backwards within it.
+struct Clock {
+    epoch_millis: u64,
+    started: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let epoch_millis = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self {
+            epoch_millis,
+            started: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        let elapsed = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Timestamp::from_millis(self.epoch_millis.saturating_add(elapsed))
+    }
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -70,6 +111,7 @@ pub struct Coordinator {
     changes: watch::Sender<u64>,
     pub heartbeat_period_secs: f64,
     pub metrics: Metrics,
+    clock: Clock,
 }
 
 impl Coordinator {
@@ -81,6 +123,27 @@ impl Coordinator {
             changes: watch::Sender::new(0),
             heartbeat_period_secs,
             metrics: Metrics::new(),
+            clock: Clock::new(),
+        }
+    }
+
+    /// Now, as the state machine counts time.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// Registers a participant under a fresh random id and secret; returns them.
+    pub fn join(&self, name: Option<String>) -> (ParticipantId, String) {
+        let mut federation = self.federation();
+        loop {
+            let id = uuid::Uuid::new_v4().to_string();
+            let secret = random_token();
+            match federation.join(id.clone(), secret.clone(), name.clone(), self.now()) {
+                Ok(()) => return (id, secret),
+                // 122 random bits collided: draw again.
+                Err(FederationError::AlreadyJoined(_)) => continue,
+                Err(other) => unreachable!("join refuses only a taken id, got {other}"),
+            }
         }
     }
 

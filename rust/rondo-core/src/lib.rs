@@ -4,8 +4,11 @@
 //!
 //! - [`federation`] is the coordinator's round state machine. Participants join and heartbeat;
 //!   the machine selects them for rounds, opens and closes rounds, drops the silent ones and
-//!   keeps the per-round history. It answers with [`federation::Command`]s ("open round r with
-//!   these tokens", "close round r") that the coordinator's edge sends to the aggregator.
+//!   keeps a bounded per-round history that agrees with what the aggregator built. It answers
+//!   with [`federation::Command`]s ("open round r with these tokens" — the
+//!   [`federation::OpenRound`] message the RPC carries as is — and "close round r") that the
+//!   coordinator's edge sends to the aggregator. Its files split it by concern: the participant
+//!   registry, selection, the round phases, the status view.
 //! - [`model`] says what a model is: named tensors with a dtype and a shape, and whether an
 //!   update fits the global model.
 //! - [`aggregate`] is FedAvg: a running weighted sum that updates are folded into as they are
@@ -20,8 +23,10 @@
 //! - [`memory`] asks for huge pages for model-sized buffers, so that mapping them in costs a
 //!   few page faults rather than one per 4 KiB.
 //!
-//! Nothing here opens a socket, reads a clock or parses a wire format: the binaries
-//! (`rondo-coordinator`, `rondo-aggregator`) do that at the edge and call in.
+//! Nothing here opens a socket, reads a clock, draws from a hidden random source or parses a
+//! wire format: the binaries (`rondo-coordinator`, `rondo-aggregator`) do that at the edge and
+//! call in, passing times as [`federation::Timestamp`]s and ids, secrets and an RNG as
+//! arguments.
 
 pub mod aggregate;
 pub mod federation;

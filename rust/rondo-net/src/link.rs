@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::time::{Duration, Instant};
 
-use rondo_core::federation::AggregationResult;
+use rondo_core::federation::{AggregationResult, OpenRound};
 use serde::{Deserialize, Serialize};
 use tarpc::serde_transport::{self, Transport};
 use tarpc::tokio_serde::formats::Json;
@@ -30,15 +30,6 @@ pub struct AggregatorInfo {
     pub model_round: Option<u32>,
 }
 
-/// "Round `round` (attempt `attempt`) is open for these participants."
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RoundOpening {
-    pub round: u32,
-    pub attempt: u32,
-    /// participant id → the one-round token it must present.
-    pub grants: BTreeMap<String, String>,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AggregatorStatus {
     pub model_round: Option<u32>,
@@ -53,7 +44,7 @@ pub trait AggregatorRpc {
     /// Registers the coordinator's RPC address for call-backs.
     async fn attach(coordinator_rpc_addr: String) -> AggregatorInfo;
     /// Opens a round. Re-opening the same `(round, attempt)` with the same grants is a no-op.
-    async fn open_round(opening: RoundOpening) -> Result<(), String>;
+    async fn open_round(opening: OpenRound) -> Result<(), String>;
     /// Stops accepting uploads for the round and aggregates; the result comes back through
     /// [`CoordinatorRpc::round_aggregated`]. Repeating it re-sends that result.
     async fn close_round(round: u32, attempt: u32) -> Result<(), String>;

@@ -1,0 +1,238 @@
+//! The coordinator's round state machine: who participates, who is selected, when a round
+//! opens and closes, and the history that the status endpoint shows.
+//!
+//! It is driven by events (a join, a heartbeat, "update accepted", "round aggregated", the clock
+//! ticking) and answers with [`Command`]s for the edge to carry out over RPC. Time, ids, secrets
+//! and randomness are passed in, never made here, so every transition is testable without
+//! sleeping, sockets or luck.
+//!
+//! By concern:
+//!
+//! - `registry`: participants joining, authenticating and heartbeating.
+//! - `selection`: how many and which participants a round takes, and their tokens.
+//! - `machine`: the phases of a round — open, train, close — and the history they leave.
+//! - `status`: the view of it all that the status endpoint serializes.
+//!
+//! Life of a round `r`, attempt `a`:
+//!
+//! ```text
+//! WaitingForParticipants ──enough available──▶ Opening ──aggregator acked──▶ Training
+//!        ▲                   (Command::OpenRound)                              │
+//!        │                                      all selected delivered or dropped, or deadline
+//!        │                                                                     ▼
+//!        └──── next round (or same round, next attempt, if it failed) ◀── Closing
+//!                                        (Command::CloseRound … round_aggregated)
+//! ```
+//!
+//! When a round is aggregated, its record is made to agree with the model that was built: the
+//! aggregator's list of contributors, not the notices that happened to arrive, says who
+//! delivered.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+mod machine;
+mod registry;
+mod selection;
+mod status;
+#[cfg(test)]
+mod tests;
+
+pub use machine::RoundClosed;
+pub use selection::token_from;
+pub use status::{
+    Delivery, FederationStatus, ParticipantState, ParticipantStatus, PhaseName, Rejection,
+    RoundRecord,
+};
+
+use machine::{AwaitingNotices, Phase};
+use registry::Participant;
+
+pub type ParticipantId = String;
+
+/// How many closed round records the history keeps; older ones are forgotten (and counted in
+/// [`FederationStatus::history_forgotten`]), so that the status stays bounded however long the
+/// federation runs.
+pub const HISTORY_ROUNDS: usize = 100;
+/// At most this many metrics are kept per delivery; the rest are dropped and counted.
+pub const MAX_METRICS_PER_DELIVERY: usize = 32;
+/// A metric whose name is longer than this (in bytes) is dropped and counted.
+pub const MAX_METRIC_NAME_BYTES: usize = 64;
+/// At most this many distinct rejections are kept per participant and round (there are about
+/// a dozen kinds of refusal; a participant retrying one kind repeats a reason, kept once)...
+pub const MAX_REJECTIONS_PER_PARTICIPANT: usize = 16;
+/// ... and at most this many per round, from all participants together.
+pub const MAX_REJECTIONS_PER_ROUND: usize = 128;
+/// A rejection's reason is cut to this many bytes.
+pub const MAX_REJECTION_REASON_BYTES: usize = 256;
+
+/// A moment, in milliseconds since an epoch the edge chooses (the coordinator: the Unix epoch,
+/// advanced by a monotonic clock). Plain data rather than an `Instant`, so that the state it
+/// appears in (last heartbeats, when rounds opened) can be saved and read back.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    pub fn from_millis(millis: u64) -> Self {
+        Self(millis)
+    }
+
+    pub fn as_millis(self) -> u64 {
+        self.0
+    }
+
+    /// How long after `earlier` this is; zero if it is not after it (a clock never runs
+    /// backwards here, whatever the edge passes in).
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl std::ops::Add<Duration> for Timestamp {
+    type Output = Timestamp;
+
+    fn add(self, d: Duration) -> Timestamp {
+        let millis = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Timestamp(self.0.saturating_add(millis))
+    }
+}
+
+/// Knobs of a federation, read from the coordinator's config.
+#[derive(Debug, Clone)]
+pub struct FederationSettings {
+    /// Training rounds to run (round 0, which only establishes the initial model, not counted).
+    pub rounds: u32,
+    /// A round starts only when this many participants are available, and selects at least
+    /// this many.
+    pub min_clients: usize,
+    /// Fraction of the available participants selected for a round (rounded up).
+    pub participants_ratio: f64,
+    /// A participant silent for longer than this is dropped.
+    pub heartbeat_timeout: Duration,
+    /// A round closes with what it has after this long.
+    pub round_timeout: Duration,
+}
+
+/// What a heartbeat tells a participant to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    Standby,
+    Train { round: u32, attempt: u32 },
+    Finish,
+    Rejected { reason: String },
+}
+
+/// What a selected participant needs to take part in a round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainingGrant {
+    pub round: u32,
+    pub attempt: u32,
+    pub token: String,
+    /// `false` in round 0: the participant uploads its initial weights and downloads nothing.
+    pub has_global_model: bool,
+}
+
+/// "Round `round` (attempt `attempt`) is open for these participants": the one message that
+/// opens a round, from the state machine's command through the RPC to the aggregator's book.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenRound {
+    pub round: u32,
+    pub attempt: u32,
+    /// participant id → the one-round token it must present.
+    pub grants: BTreeMap<ParticipantId, String>,
+}
+
+/// Work for the edge: RPCs to send to the aggregator. Each is idempotent, so the edge resends
+/// until acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    OpenRound(OpenRound),
+    CloseRound { round: u32, attempt: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FederationError {
+    #[error("no participant with id `{0}`")]
+    UnknownParticipant(ParticipantId),
+    #[error("the secret does not match participant `{0}`")]
+    InvalidSecret(ParticipantId),
+    #[error("participant `{0}` is not selected for a round that is open now")]
+    NotSelected(ParticipantId),
+    #[error("a participant with id `{0}` has already joined")]
+    AlreadyJoined(ParticipantId),
+}
+
+/// How the aggregator finished a round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum AggregationResult {
+    Aggregated {
+        updates: usize,
+        total_samples: u64,
+        /// Every participant whose update is in the new model → its `n_samples`.
+        contributors: BTreeMap<ParticipantId, u64>,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+/// The whole federation as the coordinator sees it.
+#[derive(Debug)]
+pub struct Federation {
+    settings: FederationSettings,
+    participants: HashMap<ParticipantId, Participant>,
+    /// Join order, so that status lists participants stably.
+    join_order: Vec<ParticipantId>,
+    phase: Phase,
+    round: u32,
+    attempt: u32,
+    /// The last [`HISTORY_ROUNDS`] closed records, oldest first.
+    history: VecDeque<RoundRecord>,
+    /// Closed records dropped off the front of `history`.
+    history_forgotten: u64,
+    awaiting_notices: Option<AwaitingNotices>,
+}
+
+impl Federation {
+    pub fn new(settings: FederationSettings) -> Self {
+        Self {
+            settings,
+            participants: HashMap::new(),
+            join_order: Vec::new(),
+            phase: Phase::WaitingForAggregator,
+            round: 0,
+            attempt: 0,
+            history: VecDeque::new(),
+            history_forgotten: 0,
+            awaiting_notices: None,
+        }
+    }
+
+    pub fn settings(&self) -> &FederationSettings {
+        &self.settings
+    }
+
+    /// The round being run now and its attempt.
+    pub fn current_round(&self) -> (u32, u32) {
+        (self.round, self.attempt)
+    }
+
+    fn push_history(&mut self, record: RoundRecord) {
+        self.history.push_back(record);
+        while self.history.len() > HISTORY_ROUNDS {
+            self.history.pop_front();
+            self.history_forgotten += 1;
+        }
+    }
+}
+
+/// Compares secrets without an early exit, so timing does not reveal how much matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,137 @@
+//! Participants: joining, proving who they are, and heartbeating.
+
+use super::machine::Phase;
+use super::{
+    Action, Federation, FederationError, ParticipantId, Timestamp, TrainingGrant, constant_time_eq,
+};
+
+#[derive(Debug)]
+pub(super) struct Participant {
+    pub(super) name: Option<String>,
+    pub(super) secret: String,
+    pub(super) last_seen: Timestamp,
+    pub(super) dropped: bool,
+}
+
+impl Federation {
+    /// Registers a participant under `id` with `secret`, both made by the caller (the
+    /// coordinator draws them from the OS's random source). An `id` already taken is refused
+    /// and changes nothing.
+    pub fn join(
+        &mut self,
+        id: ParticipantId,
+        secret: String,
+        name: Option<String>,
+        now: Timestamp,
+    ) -> Result<(), FederationError> {
+        if self.participants.contains_key(&id) {
+            return Err(FederationError::AlreadyJoined(id));
+        }
+        self.participants.insert(
+            id.clone(),
+            Participant {
+                name,
+                secret,
+                last_seen: now,
+                dropped: false,
+            },
+        );
+        self.join_order.push(id);
+        Ok(())
+    }
+
+    fn authenticate(
+        &mut self,
+        id: &str,
+        secret: &str,
+    ) -> Result<&mut Participant, FederationError> {
+        let participant = self
+            .participants
+            .get_mut(id)
+            .ok_or_else(|| FederationError::UnknownParticipant(id.to_string()))?;
+        if !constant_time_eq(participant.secret.as_bytes(), secret.as_bytes()) {
+            return Err(FederationError::InvalidSecret(id.to_string()));
+        }
+        Ok(participant)
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        id: &str,
+        secret: &str,
+        now: Timestamp,
+    ) -> Result<Action, FederationError> {
+        let participant = self.authenticate(id, secret)?;
+        if participant.dropped {
+            return Ok(Action::Rejected {
+                reason: "dropped: no heartbeat within heartbeat_timeout; join again".into(),
+            });
+        }
+        participant.last_seen = now;
+        Ok(match &self.phase {
+            Phase::Finished => Action::Finish,
+            Phase::Training(active) if active.is_selected(id) && !active.has_delivered(id) => {
+                Action::Train {
+                    round: self.round,
+                    attempt: self.attempt,
+                }
+            }
+            _ => Action::Standby,
+        })
+    }
+
+    pub fn start_training(
+        &mut self,
+        id: &str,
+        secret: &str,
+        now: Timestamp,
+    ) -> Result<TrainingGrant, FederationError> {
+        let participant = self.authenticate(id, secret)?;
+        if participant.dropped {
+            return Err(FederationError::NotSelected(id.to_string()));
+        }
+        participant.last_seen = now;
+        let round = self.round;
+        let attempt = self.attempt;
+        let Phase::Training(active) = &mut self.phase else {
+            return Err(FederationError::NotSelected(id.to_string()));
+        };
+        let Some(token) = active.tokens.get(id).cloned() else {
+            return Err(FederationError::NotSelected(id.to_string()));
+        };
+        if active.has_delivered(id) {
+            return Err(FederationError::NotSelected(id.to_string()));
+        }
+        active.mark_started(id);
+        Ok(TrainingGrant {
+            round,
+            attempt,
+            token,
+            has_global_model: round > 0,
+        })
+    }
+
+    /// Marks participants silent for longer than `heartbeat_timeout` as dropped; returns them.
+    pub(super) fn drop_silent(&mut self, now: Timestamp) -> Vec<ParticipantId> {
+        let timeout = self.settings.heartbeat_timeout;
+        let mut newly_dropped = Vec::new();
+        // In join order, so that a round's `dropped` list comes out the same every time.
+        for id in &self.join_order {
+            if let Some(participant) = self.participants.get_mut(id)
+                && !participant.dropped
+                && now.since(participant.last_seen) > timeout
+            {
+                participant.dropped = true;
+                newly_dropped.push(id.clone());
+            }
+        }
+        newly_dropped
+    }
+
+    /// Participants that may be selected, in join order.
+    pub(super) fn available(&self) -> impl Iterator<Item = &ParticipantId> {
+        self.join_order
+            .iter()
+            .filter(|id| self.participants.get(*id).is_some_and(|p| !p.dropped))
+    }
+}

@@ -1,0 +1,154 @@
+//! The federation as the status endpoint shows it (`docs/openapi/coordinator.json`,
+//! `CoordinatorStatus`).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::machine::Phase;
+use super::{Federation, ParticipantId, Timestamp};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseName {
+    WaitingForAggregator,
+    WaitingForParticipants,
+    Opening,
+    Training,
+    Closing,
+    Finished,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParticipantState {
+    Available,
+    Selected,
+    Training,
+    Delivered,
+    Dropped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Delivery {
+    pub participant_id: ParticipantId,
+    pub n_samples: u64,
+    pub metrics: BTreeMap<String, f64>,
+    /// Metrics the upload carried that were not kept (too many, name too long, not finite).
+    pub metrics_dropped: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    pub participant_id: ParticipantId,
+    pub reason: String,
+}
+
+/// One attempt at one round, as the status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRecord {
+    pub round: u32,
+    pub attempt: u32,
+    pub selected: Vec<ParticipantId>,
+    pub started: Vec<ParticipantId>,
+    /// Once aggregated: exactly the participants whose updates are in the model.
+    pub delivered: Vec<ParticipantId>,
+    pub deliveries: Vec<Delivery>,
+    pub dropped: Vec<ParticipantId>,
+    pub rejections: Vec<Rejection>,
+    /// Rejections not kept (beyond the per-participant cap).
+    pub rejections_dropped: usize,
+    /// `None` while the round runs; `aggregated` or `failed` once closed.
+    pub outcome: Option<&'static str>,
+    /// Why the round closed (or failed), in words.
+    pub reason: Option<String>,
+    pub duration_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ParticipantStatus {
+    pub participant_id: ParticipantId,
+    pub name: Option<String>,
+    pub state: ParticipantState,
+    pub last_heartbeat_secs_ago: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FederationStatus {
+    pub phase: PhaseName,
+    pub round: u32,
+    pub attempt: u32,
+    pub rounds: u32,
+    pub participants: Vec<ParticipantStatus>,
+    pub counts: BTreeMap<&'static str, usize>,
+    /// The last [`super::HISTORY_ROUNDS`] closed round records, oldest first, then the running
+    /// one.
+    pub history: Vec<RoundRecord>,
+    /// Closed records older than those in `history`, no longer kept.
+    pub history_forgotten: u64,
+}
+
+impl Federation {
+    pub fn status(&self, now: Timestamp) -> FederationStatus {
+        let active = self.active();
+        let participants: Vec<ParticipantStatus> = self
+            .join_order
+            .iter()
+            .filter_map(|id| {
+                let p = self.participants.get(id)?;
+                let state = if p.dropped {
+                    ParticipantState::Dropped
+                } else {
+                    match active {
+                        Some(a) if a.has_delivered(id) => ParticipantState::Delivered,
+                        Some(a) if a.has_started(id) => ParticipantState::Training,
+                        Some(a) if a.is_selected(id) => ParticipantState::Selected,
+                        _ => ParticipantState::Available,
+                    }
+                };
+                Some(ParticipantStatus {
+                    participant_id: id.clone(),
+                    name: p.name.clone(),
+                    state,
+                    last_heartbeat_secs_ago: now.since(p.last_seen).as_secs_f64(),
+                })
+            })
+            .collect();
+        let mut counts = BTreeMap::new();
+        for p in &participants {
+            let key = match p.state {
+                ParticipantState::Available => "available",
+                ParticipantState::Selected => "selected",
+                ParticipantState::Training => "training",
+                ParticipantState::Delivered => "delivered",
+                ParticipantState::Dropped => "dropped",
+            };
+            *counts.entry(key).or_insert(0) += 1;
+        }
+        let mut history: Vec<RoundRecord> = self.history.iter().cloned().collect();
+        if let Some(a) = active {
+            history.push(a.record.clone());
+        }
+        FederationStatus {
+            phase: self.phase_name(),
+            round: self.round,
+            attempt: self.attempt,
+            rounds: self.settings.rounds,
+            participants,
+            counts,
+            history,
+            history_forgotten: self.history_forgotten,
+        }
+    }
+
+    pub fn phase_name(&self) -> PhaseName {
+        match self.phase {
+            Phase::WaitingForAggregator => PhaseName::WaitingForAggregator,
+            Phase::WaitingForParticipants => PhaseName::WaitingForParticipants,
+            Phase::Opening(_) => PhaseName::Opening,
+            Phase::Training(_) => PhaseName::Training,
+            Phase::Closing(_) => PhaseName::Closing,
+            Phase::Finished => PhaseName::Finished,
+        }
+    }
+}

@@ -1,0 +1,683 @@
+//! The state machine driven through whole rounds, with a clock and randomness of the test's.
+
+use super::*;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+fn settings() -> FederationSettings {
+    FederationSettings {
+        rounds: 2,
+        min_clients: 2,
+        participants_ratio: 1.0,
+        heartbeat_timeout: Duration::from_secs(5),
+        round_timeout: Duration::from_secs(60),
+    }
+}
+
+struct World {
+    fed: Federation,
+    now: Timestamp,
+    people: Vec<(ParticipantId, String)>,
+    rng: StdRng,
+}
+
+impl World {
+    fn new(settings: FederationSettings, model_round: Option<u32>) -> Self {
+        let mut fed = Federation::new(settings);
+        let now = Timestamp::from_millis(1_000_000);
+        fed.aggregator_attached(model_round, now);
+        Self {
+            fed,
+            now,
+            people: Vec::new(),
+            rng: StdRng::seed_from_u64(7),
+        }
+    }
+
+    fn join(&mut self) -> usize {
+        let id = format!("p{}", self.people.len());
+        let secret = token_from(&mut self.rng);
+        self.fed
+            .join(id.clone(), secret.clone(), None, self.now)
+            .unwrap();
+        self.people.push((id, secret));
+        self.people.len() - 1
+    }
+
+    fn beat(&mut self, i: usize) -> Action {
+        let (id, secret) = self.people[i].clone();
+        self.fed.heartbeat(&id, &secret, self.now).unwrap()
+    }
+
+    fn advance(&mut self, secs: u64) {
+        self.now = self.now + Duration::from_secs(secs);
+    }
+
+    fn id(&self, i: usize) -> &str {
+        &self.people[i].0
+    }
+
+    /// Ticks and acknowledges an `OpenRound`; returns the grants.
+    fn open(&mut self) -> BTreeMap<ParticipantId, String> {
+        let commands = self.tick();
+        let Some(Command::OpenRound(OpenRound {
+            round,
+            attempt,
+            grants,
+        })) = commands.into_iter().next()
+        else {
+            panic!("expected OpenRound, phase {:?}", self.fed.phase_name());
+        };
+        self.fed.round_opened(round, attempt);
+        grants
+    }
+
+    fn deliver(&mut self, i: usize, n: u64) {
+        let (round, attempt) = self.fed.current_round();
+        let id = self.id(i).to_string();
+        self.fed
+            .update_accepted(round, attempt, &id, n, BTreeMap::new());
+    }
+
+    fn tick(&mut self) -> Vec<Command> {
+        self.fed.tick(self.now, &mut self.rng)
+    }
+
+    fn close(&mut self, result: AggregationResult) -> Option<RoundClosed> {
+        let commands = self.tick();
+        let (round, attempt) = self.fed.current_round();
+        assert_eq!(commands, vec![Command::CloseRound { round, attempt }]);
+        self.fed.round_aggregated(round, attempt, result, self.now)
+    }
+}
+
+/// The result an aggregator that heard the same notices as the coordinator reports.
+fn agreed(fed: &Federation) -> AggregationResult {
+    let status = fed.status(Timestamp::default());
+    let record = status.history.last().expect("a round is running");
+    let contributors: BTreeMap<_, _> = record
+        .deliveries
+        .iter()
+        .map(|d| (d.participant_id.clone(), d.n_samples))
+        .collect();
+    AggregationResult::Aggregated {
+        updates: contributors.len(),
+        total_samples: contributors.values().sum(),
+        contributors,
+    }
+}
+
+#[test]
+fn round_zero_selects_one_then_rounds_select_all() {
+    let mut w = World::new(settings(), None);
+    w.join();
+    assert!(w.tick().is_empty(), "min_clients is 2");
+    w.join();
+    let grants = w.open();
+    assert_eq!(grants.len(), 1, "round 0 needs one initial model");
+    let chosen = w
+        .people
+        .iter()
+        .position(|p| grants.contains_key(&p.0))
+        .unwrap();
+    assert_eq!(
+        w.beat(chosen),
+        Action::Train {
+            round: 0,
+            attempt: 0
+        }
+    );
+    assert_eq!(w.beat(1 - chosen), Action::Standby);
+    let (id, secret) = w.people[chosen].clone();
+    let grant = w.fed.start_training(&id, &secret, w.now).unwrap();
+    assert!(!grant.has_global_model);
+    assert_eq!(grant.token, grants[&id]);
+    w.deliver(chosen, 1);
+    w.close(agreed(&w.fed));
+    assert_eq!(w.fed.current_round(), (1, 0));
+    assert_eq!(w.open().len(), 2);
+    w.deliver(0, 10);
+    w.deliver(1, 20);
+    w.close(agreed(&w.fed));
+    w.open();
+    w.deliver(0, 10);
+    w.deliver(1, 20);
+    w.close(agreed(&w.fed));
+    assert_eq!(w.fed.phase_name(), PhaseName::Finished);
+    assert_eq!(w.beat(0), Action::Finish);
+    let status = w.fed.status(w.now);
+    assert_eq!(status.history.len(), 3);
+    assert!(
+        status
+            .history
+            .iter()
+            .all(|r| r.outcome == Some("aggregated"))
+    );
+}
+
+#[test]
+fn selection_follows_ratio_and_min_clients() {
+    let mut s = settings();
+    s.participants_ratio = 0.3;
+    s.min_clients = 2;
+    let mut w = World::new(s, Some(0));
+    for _ in 0..10 {
+        w.join();
+    }
+    assert_eq!(w.open().len(), 3, "ceil(0.3 × 10)");
+
+    let mut s = settings();
+    s.participants_ratio = 0.01;
+    s.min_clients = 4;
+    let mut w = World::new(s, Some(0));
+    for _ in 0..10 {
+        w.join();
+    }
+    assert_eq!(w.open().len(), 4, "never fewer than min_clients");
+
+    let mut s = settings();
+    s.participants_ratio = 0.0;
+    s.min_clients = 0;
+    let mut w = World::new(s, Some(0));
+    w.join();
+    assert_eq!(w.open().len(), 1, "never zero");
+}
+
+#[test]
+fn silent_selected_participant_is_dropped_and_round_closes_without_it() {
+    let mut w = World::new(settings(), Some(0));
+    for _ in 0..3 {
+        w.join();
+    }
+    w.open();
+    w.deliver(0, 5);
+    w.deliver(1, 5);
+    w.advance(3);
+    w.beat(0);
+    w.beat(1);
+    assert!(w.tick().is_empty(), "participant 2 still has time");
+    w.advance(3);
+    w.beat(0);
+    w.beat(1);
+    let (round, attempt) = w.fed.current_round();
+    assert_eq!(w.tick(), vec![Command::CloseRound { round, attempt }]);
+    let result = agreed(&w.fed);
+    w.fed.round_aggregated(round, attempt, result, w.now);
+    let status = w.fed.status(w.now);
+    let record = &status.history[0];
+    assert_eq!(record.dropped, vec![w.id(2).to_string()]);
+    assert!(record.reason.as_deref().unwrap().contains("1 dropped"));
+    assert!(matches!(w.beat(2), Action::Rejected { .. }));
+    assert_eq!(status.participants[2].state, ParticipantState::Dropped);
+}
+
+#[test]
+fn late_joiner_waits_for_next_round_and_is_selected_then() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    let late = w.join();
+    assert_eq!(w.beat(late), Action::Standby);
+    w.deliver(0, 1);
+    w.deliver(1, 1);
+    w.close(agreed(&w.fed));
+    let grants = w.open();
+    assert!(grants.contains_key(w.id(late)));
+    assert_eq!(
+        w.beat(late),
+        Action::Train {
+            round: 2,
+            attempt: 0
+        }
+    );
+}
+
+#[test]
+fn deadline_closes_round_and_empty_round_is_rerun() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    for _ in 0..15 {
+        w.advance(4);
+        w.beat(0);
+        w.beat(1);
+        if !w.tick().is_empty() {
+            break;
+        }
+    }
+    assert_eq!(w.fed.phase_name(), PhaseName::Closing);
+    w.fed.round_aggregated(
+        1,
+        0,
+        AggregationResult::Failed {
+            reason: "no update was accepted".into(),
+        },
+        w.now,
+    );
+    assert_eq!(w.fed.current_round(), (1, 1));
+    let status = w.fed.status(w.now);
+    assert_eq!(status.history[0].outcome, Some("failed"));
+    assert!(
+        status.history[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("round_timeout")
+    );
+    let grants = w.open();
+    assert_eq!(grants.len(), 2, "same round, new attempt, new tokens");
+}
+
+#[test]
+fn repeated_and_stale_reports_count_once() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    w.deliver(0, 7);
+    w.deliver(0, 7);
+    let id = w.id(1).to_string();
+    w.fed.update_accepted(1, 5, &id, 9, BTreeMap::new());
+    w.fed.update_accepted(0, 0, &id, 9, BTreeMap::new());
+    let status = w.fed.status(w.now);
+    assert_eq!(status.history[0].delivered, vec![w.id(0).to_string()]);
+    assert_eq!(
+        w.beat(0),
+        Action::Standby,
+        "delivered participants stand by"
+    );
+    assert_eq!(
+        w.beat(1),
+        Action::Train {
+            round: 1,
+            attempt: 0
+        }
+    );
+}
+
+#[test]
+fn bad_credentials_change_nothing() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    let (id, _) = w.people[0].clone();
+    assert_eq!(
+        w.fed.heartbeat("nobody", "x", w.now),
+        Err(FederationError::UnknownParticipant("nobody".into()))
+    );
+    w.advance(4);
+    assert_eq!(
+        w.fed.heartbeat(&id, "wrong", w.now),
+        Err(FederationError::InvalidSecret(id.clone()))
+    );
+    w.advance(2);
+    w.tick();
+    assert!(
+        matches!(w.beat(0), Action::Rejected { .. }),
+        "a wrong-secret heartbeat must not keep the participant alive"
+    );
+    assert_eq!(
+        w.fed.start_training(&id, &w.people[0].1.clone(), w.now),
+        Err(FederationError::NotSelected(id))
+    );
+}
+
+#[test]
+fn a_restarted_aggregator_that_lost_rounds_rewinds_the_federation() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    w.deliver(0, 1);
+    w.deliver(1, 1);
+    w.close(agreed(&w.fed));
+    w.open();
+    assert_eq!(w.fed.current_round(), (2, 0));
+    // Reconnecting to an aggregator that still has round 1's model changes nothing.
+    assert_eq!(w.fed.aggregator_attached(Some(1), w.now), None);
+    assert_eq!(w.fed.phase_name(), PhaseName::Training);
+    // One that came back with only the initial model: round 2 fails, round 1 runs again.
+    assert_eq!(w.fed.aggregator_attached(Some(0), w.now), Some(1));
+    assert_eq!(w.fed.current_round(), (1, 1));
+    let status = w.fed.status(w.now);
+    let last = status.history.last().unwrap();
+    assert_eq!((last.round, last.outcome), (2, Some("failed")));
+    assert!(last.reason.as_deref().unwrap().contains("restarted"));
+    assert_eq!(w.open().len(), 2);
+}
+
+#[test]
+fn open_round_is_resent_until_acknowledged() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    let first = w.tick();
+    let again = w.tick();
+    assert_eq!(
+        first, again,
+        "same grants: the aggregator sees an idempotent retry"
+    );
+    assert_eq!(
+        w.beat(0),
+        Action::Standby,
+        "no training before the aggregator knows"
+    );
+}
+
+fn aggregated(contributors: &[(&str, u64)]) -> AggregationResult {
+    let contributors: BTreeMap<_, _> = contributors
+        .iter()
+        .map(|(id, n)| (id.to_string(), *n))
+        .collect();
+    AggregationResult::Aggregated {
+        updates: contributors.len(),
+        total_samples: contributors.values().sum(),
+        contributors,
+    }
+}
+
+fn metrics(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// Runs a round to its deadline with only participant 0's notice heard, so that it closes
+/// with participant 1 still outstanding.
+fn round_closing_with_one_notice(w: &mut World) -> (u32, u32) {
+    w.open();
+    let (round, attempt) = w.fed.current_round();
+    let id0 = w.id(0).to_string();
+    w.fed
+        .update_accepted(round, attempt, &id0, 5, metrics(&[("loss", 0.25)]));
+    for _ in 0..16 {
+        w.advance(4);
+        w.beat(0);
+        w.beat(1);
+        if !w.tick().is_empty() {
+            break;
+        }
+    }
+    assert_eq!(w.fed.phase_name(), PhaseName::Closing);
+    (round, attempt)
+}
+
+#[test]
+fn accepted_notice_after_round_aggregated_still_counts_the_contributor() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    let (round, attempt) = round_closing_with_one_notice(&mut w);
+    let (id0, id1) = (w.id(0).to_string(), w.id(1).to_string());
+    // The aggregator folded both updates; participant 1's notice is still on its way.
+    let closed = w
+        .fed
+        .round_aggregated(round, attempt, aggregated(&[(&id0, 5), (&id1, 7)]), w.now)
+        .expect("news");
+    assert_eq!(closed.discrepancies, Vec::<String>::new());
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.delivered, vec![id0.clone(), id1.clone()]);
+    assert_eq!(
+        record.deliveries,
+        vec![
+            Delivery {
+                participant_id: id0.clone(),
+                n_samples: 5,
+                metrics: metrics(&[("loss", 0.25)]),
+                metrics_dropped: 0,
+            },
+            Delivery {
+                participant_id: id1.clone(),
+                n_samples: 7,
+                metrics: BTreeMap::new(),
+                metrics_dropped: 0,
+            },
+        ]
+    );
+    // The late notice brings its metrics and nothing else.
+    w.fed
+        .update_accepted(round, attempt, &id1, 7, metrics(&[("loss", 0.5)]));
+    w.fed
+        .update_accepted(round, attempt, &id1, 7, metrics(&[("loss", 9.0)]));
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.delivered, vec![id0, id1]);
+    assert_eq!(record.deliveries[1].metrics, metrics(&[("loss", 0.5)]));
+    assert_eq!(w.fed.current_round(), (round + 1, 0));
+}
+
+#[test]
+fn a_participant_reported_accepted_but_not_aggregated_is_not_delivered() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    let (round, attempt) = w.fed.current_round();
+    w.deliver(0, 5);
+    w.deliver(1, 9);
+    w.close(aggregated(&[(w.id(1), 9)]))
+        .expect("news")
+        .discrepancies
+        .iter()
+        .find(|d| d.contains(w.id(0)) && d.contains("not in the aggregated model"))
+        .expect("the disagreement is reported");
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!((record.round, record.attempt), (round, attempt));
+    assert_eq!(record.delivered, vec![w.id(1).to_string()]);
+    assert_eq!(record.deliveries.len(), 1);
+    assert_eq!(record.deliveries[0].n_samples, 9);
+}
+
+#[test]
+fn the_aggregators_sample_counts_win_and_inconsistent_totals_are_reported() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    w.deliver(0, 5);
+    w.deliver(1, 9);
+    let (id0, id1) = (w.id(0).to_string(), w.id(1).to_string());
+    let closed = w
+        .close(AggregationResult::Aggregated {
+            updates: 3,
+            total_samples: 100,
+            contributors: BTreeMap::from([(id0.clone(), 6), (id1.clone(), 9)]),
+        })
+        .expect("news");
+    assert_eq!(closed.discrepancies.len(), 3, "{:?}", closed.discrepancies);
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.delivered, vec![id0, id1]);
+    assert_eq!(
+        record
+            .deliveries
+            .iter()
+            .map(|d| d.n_samples)
+            .collect::<Vec<_>>(),
+        vec![6, 9]
+    );
+}
+
+#[test]
+fn a_dropped_participant_whose_update_was_aggregated_counts_as_delivered() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    w.deliver(0, 5);
+    w.advance(6);
+    w.beat(0);
+    w.tick();
+    assert_eq!(w.fed.phase_name(), PhaseName::Closing);
+    let (round, attempt) = w.fed.current_round();
+    let (id0, id1) = (w.id(0).to_string(), w.id(1).to_string());
+    w.fed
+        .round_aggregated(round, attempt, aggregated(&[(&id0, 5), (&id1, 3)]), w.now);
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.delivered, vec![id0, id1]);
+    assert!(record.dropped.is_empty());
+}
+
+#[test]
+fn history_and_status_stay_bounded_over_many_rounds_with_big_metrics() {
+    let mut s = settings();
+    s.rounds = 1_000;
+    let mut w = World::new(s, Some(0));
+    w.join();
+    w.join();
+    let huge: BTreeMap<String, f64> = (0..200)
+        .map(|i| (format!("{i:0>200}"), 1.0))
+        .chain((0..100).map(|i| (format!("m{i:03}"), 0.5)))
+        .collect();
+    let mut sizes = Vec::new();
+    for round in 1..=300 {
+        w.open();
+        let (r, a) = w.fed.current_round();
+        for i in 0..2 {
+            let id = w.id(i).to_string();
+            w.fed.update_accepted(r, a, &id, 1, huge.clone());
+            for k in 0..20 {
+                w.fed.update_rejected(
+                    r,
+                    a,
+                    &id,
+                    format!("invalid_update: {k} {}", "x".repeat(5000)),
+                );
+            }
+        }
+        w.close(agreed(&w.fed));
+        if round % 100 == 0 {
+            sizes.push(serde_json::to_vec(&w.fed.status(w.now)).unwrap().len());
+        }
+    }
+    let status = w.fed.status(w.now);
+    assert_eq!(status.history.len(), HISTORY_ROUNDS);
+    assert_eq!(status.history_forgotten, 300 - HISTORY_ROUNDS as u64);
+    assert_eq!(status.history.last().unwrap().round, 300);
+    let delivery = &status.history[0].deliveries[0];
+    assert_eq!(delivery.metrics.len(), MAX_METRICS_PER_DELIVERY);
+    assert_eq!(delivery.metrics_dropped, 300 - MAX_METRICS_PER_DELIVERY);
+    assert!(
+        delivery
+            .metrics
+            .keys()
+            .all(|k| k.len() <= MAX_METRIC_NAME_BYTES)
+    );
+    let record = &status.history[0];
+    assert_eq!(record.rejections.len(), 2 * MAX_REJECTIONS_PER_PARTICIPANT);
+    assert_eq!(
+        record.rejections_dropped,
+        2 * (20 - MAX_REJECTIONS_PER_PARTICIPANT)
+    );
+    assert!(
+        record
+            .rejections
+            .iter()
+            .all(|r| r.reason.len() <= MAX_REJECTION_REASON_BYTES)
+    );
+    // Only the digits of larger round numbers may grow it.
+    assert!(sizes[2] - sizes[0] < 1_000, "{sizes:?}");
+    assert!(sizes[2] < 2_000_000, "{sizes:?}");
+}
+
+#[test]
+fn non_finite_metrics_are_dropped_and_counted() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    let (r, a) = w.fed.current_round();
+    let id = w.id(0).to_string();
+    w.fed.update_accepted(
+        r,
+        a,
+        &id,
+        3,
+        metrics(&[("loss", 0.5), ("nan", f64::NAN), ("inf", f64::INFINITY)]),
+    );
+    let delivery = w.fed.status(w.now).history[0].deliveries[0].clone();
+    assert_eq!(delivery.metrics, metrics(&[("loss", 0.5)]));
+    assert_eq!(delivery.metrics_dropped, 2);
+}
+
+#[test]
+fn joining_under_a_taken_id_is_refused_and_changes_nothing() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    let (id, secret) = w.people[0].clone();
+    assert_eq!(
+        w.fed
+            .join(id.clone(), "other".into(), Some("impostor".into()), w.now),
+        Err(FederationError::AlreadyJoined(id.clone()))
+    );
+    let status = w.fed.status(w.now);
+    assert_eq!(status.participants.len(), 1);
+    assert_eq!(status.participants[0].name, None);
+    assert_eq!(w.fed.heartbeat(&id, &secret, w.now), Ok(Action::Standby));
+    assert_eq!(
+        w.fed.heartbeat(&id, "other", w.now),
+        Err(FederationError::InvalidSecret(id))
+    );
+}
+
+#[test]
+fn selection_and_tokens_come_from_the_callers_rng() {
+    let run = |seed: u64| {
+        let mut s = settings();
+        s.participants_ratio = 0.5;
+        let mut w = World::new(s, Some(0));
+        w.rng = StdRng::seed_from_u64(seed);
+        for _ in 0..10 {
+            w.join();
+        }
+        w.open()
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+    assert_eq!(run(1).len(), 5);
+}
+
+#[test]
+fn status_lists_round_members_in_selection_order() {
+    let mut s = settings();
+    s.participants_ratio = 0.5;
+    let mut w = World::new(s, Some(0));
+    for _ in 0..20 {
+        w.join();
+    }
+    w.open();
+    let record = w.fed.status(w.now).history[0].clone();
+    let position = |id: &String| w.people.iter().position(|p| &p.0 == id);
+    assert!(
+        record
+            .selected
+            .windows(2)
+            .all(|p| position(&p[0]) < position(&p[1]))
+    );
+}
+
+#[test]
+fn rejections_are_capped_per_round_and_repeats_count_once() {
+    let mut s = settings();
+    s.participants_ratio = 1.0;
+    let mut w = World::new(s, Some(0));
+    for _ in 0..20 {
+        w.join();
+    }
+    w.open();
+    let (r, a) = w.fed.current_round();
+    for i in 0..20 {
+        let id = w.id(i).to_string();
+        for k in 0..MAX_REJECTIONS_PER_PARTICIPANT {
+            w.fed
+                .update_rejected(r, a, &id, format!("model_mismatch: {k}"));
+            w.fed
+                .update_rejected(r, a, &id, format!("model_mismatch: {k}"));
+        }
+    }
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.rejections.len(), MAX_REJECTIONS_PER_ROUND);
+    // A repeat of a kept reason is the same rejection; one of a reason not kept is counted
+    // again, as nothing is kept to compare it with.
+    assert_eq!(
+        record.rejections_dropped,
+        2 * (20 * MAX_REJECTIONS_PER_PARTICIPANT - MAX_REJECTIONS_PER_ROUND)
+    );
+}
