@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use rondo_core::federation::{AggregationResult, OpenRound};
+use rondo_core::federation::OpenRound;
 use rondo_net::link::{
-    AggregatorInfo, AggregatorRpc, AggregatorStatus, CoordinatorRpcClient, connect_coordinator,
-    deadline, link_is_broken,
+    AggregatorInfo, AggregatorRpc, AggregatorStatus, CoordinatorRpcClient, Notice,
+    connect_coordinator, deadline, link_is_broken,
 };
 use rondo_net::retry::Backoff;
 use rondo_net::shutdown::Shutdown;
@@ -17,29 +17,6 @@ use tokio::sync::{mpsc, watch};
 
 use crate::service::Aggregator;
 
-/// Something the coordinator must hear about.
-#[derive(Debug, Clone)]
-pub enum Notice {
-    Accepted {
-        round: u32,
-        attempt: u32,
-        participant_id: String,
-        n_samples: u64,
-        metrics: BTreeMap<String, f64>,
-    },
-    Rejected {
-        round: u32,
-        attempt: u32,
-        participant_id: String,
-        reason: String,
-    },
-    RoundAggregated {
-        round: u32,
-        attempt: u32,
-        result: AggregationResult,
-    },
-}
-
 /// The most bytes of metrics one notice carries. Uploads' metrics are bounded far below this
 /// at parse time; this is the link's own guard, so that no notice can outgrow the RPC frame
 /// limit and be retried for ever in front of the ones queued after it.
@@ -47,11 +24,11 @@ const NOTICE_METRICS_MAX_BYTES: usize = 256 << 10;
 /// The longest rejection reason a notice carries.
 const NOTICE_REASON_MAX_BYTES: usize = 1024;
 
-impl Notice {
-    /// The notice as it is sent: anything participant-supplied cut to a size the link always
-    /// carries.
-    fn bounded(self) -> Self {
-        match self {
+/// The notice as it is sent: anything participant-supplied cut to a size the link always
+/// carries.
+fn bounded(notice: Notice) -> Notice {
+    {
+        match notice {
             Notice::Accepted {
                 round,
                 attempt,
@@ -165,7 +142,7 @@ async fn deliver(
                 }
             }
         };
-        let notice = notice.bounded();
+        let notice = bounded(notice);
         let mut backoff = Backoff::link();
         loop {
             let Some(addr) = address.borrow_and_update().clone() else {
@@ -188,32 +165,7 @@ async fn deliver(
                 continue;
             };
             let ctx = deadline(call_timeout);
-            let sent = match notice.clone() {
-                Notice::Accepted {
-                    round,
-                    attempt,
-                    participant_id,
-                    n_samples,
-                    metrics,
-                } => {
-                    c.update_accepted(ctx, round, attempt, participant_id, n_samples, metrics)
-                        .await
-                }
-                Notice::Rejected {
-                    round,
-                    attempt,
-                    participant_id,
-                    reason,
-                } => {
-                    c.update_rejected(ctx, round, attempt, participant_id, reason)
-                        .await
-                }
-                Notice::RoundAggregated {
-                    round,
-                    attempt,
-                    result,
-                } => c.round_aggregated(ctx, round, attempt, result).await,
-            };
+            let sent = c.notify(ctx, notice.clone()).await;
             match sent {
                 Ok(()) => break,
                 Err(err) => {
@@ -331,5 +283,52 @@ impl AggregatorRpc for AggregatorRpcServer {
             open_round: book.open_round_id(),
             accepted: book.accepted(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tarpc's default frame limit, which every notice must fit.
+    const FRAME_LIMIT: usize = 8 << 20;
+
+    #[test]
+    fn no_notice_outgrows_the_frame_limit_whatever_the_participant_sent() {
+        let metrics: BTreeMap<String, f64> = (0..700_000)
+            .map(|i| (format!("metric-{i:012}"), i as f64))
+            .collect();
+        let huge = Notice::Accepted {
+            round: 1,
+            attempt: 0,
+            participant_id: "p".into(),
+            n_samples: 5,
+            metrics,
+        };
+        assert!(serde_json::to_vec(&huge).unwrap().len() > FRAME_LIMIT);
+        let sent = bounded(huge);
+        assert!(serde_json::to_vec(&sent).unwrap().len() < FRAME_LIMIT);
+        assert!(
+            matches!(sent, Notice::Accepted { n_samples: 5, ref metrics, .. } if metrics.is_empty()),
+            "the update still counts, without its metrics"
+        );
+
+        let small: BTreeMap<String, f64> = BTreeMap::from([("loss".into(), 0.5)]);
+        let kept = bounded(Notice::Accepted {
+            round: 1,
+            attempt: 0,
+            participant_id: "p".into(),
+            n_samples: 5,
+            metrics: small.clone(),
+        });
+        assert!(matches!(kept, Notice::Accepted { ref metrics, .. } if *metrics == small));
+
+        let long = bounded(Notice::Rejected {
+            round: 1,
+            attempt: 0,
+            participant_id: "p".into(),
+            reason: "é".repeat(1 << 20),
+        });
+        assert!(serde_json::to_vec(&long).unwrap().len() < 4 * NOTICE_REASON_MAX_BYTES);
     }
 }

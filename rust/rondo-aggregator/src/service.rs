@@ -19,7 +19,9 @@ use rondo_core::federation::AggregationResult;
 use rondo_core::model::ModelSpec;
 use rondo_net::shutdown::Shutdown;
 
-use crate::link::{Notice, Outbox};
+use rondo_net::link::Notice;
+
+use crate::link::Outbox;
 use crate::rounds::{Closing, CommitError, Grant, RoundBook, RoundSum};
 use crate::staging::StagingPool;
 use crate::wire::UploadLimits;

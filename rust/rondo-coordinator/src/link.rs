@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rondo_core::federation::{AggregationResult, Command, OpenRound};
-use rondo_net::link::{AggregatorRpcClient, CoordinatorRpc, connect_aggregator, deadline};
+use rondo_net::link::{
+    AggregatorRpcClient, CoordinatorRpc, Notice, connect_aggregator, deadline, link_is_broken,
+};
+use rondo_net::retry::Backoff;
 use tarpc::context::Context;
 
 use crate::service::{Coordinator, os_rng};
@@ -21,9 +24,33 @@ pub struct CoordinatorRpcServer {
 }
 
 impl CoordinatorRpc for CoordinatorRpcServer {
-    async fn update_accepted(
-        self,
-        _: Context,
+    async fn notify(self, _: Context, notice: Notice) {
+        match notice {
+            Notice::Accepted {
+                round,
+                attempt,
+                participant_id,
+                n_samples,
+                metrics,
+            } => self.update_accepted(round, attempt, participant_id, n_samples, metrics),
+            Notice::Rejected {
+                round,
+                attempt,
+                participant_id,
+                reason,
+            } => self.update_rejected(round, attempt, participant_id, reason),
+            Notice::RoundAggregated {
+                round,
+                attempt,
+                result,
+            } => self.round_aggregated(round, attempt, result),
+        }
+    }
+}
+
+impl CoordinatorRpcServer {
+    fn update_accepted(
+        &self,
         round: u32,
         attempt: u32,
         participant_id: String,
@@ -40,27 +67,14 @@ impl CoordinatorRpc for CoordinatorRpcServer {
         self.coordinator.wake.notify_one();
     }
 
-    async fn update_rejected(
-        self,
-        _: Context,
-        round: u32,
-        attempt: u32,
-        participant_id: String,
-        reason: String,
-    ) {
+    fn update_rejected(&self, round: u32, attempt: u32, participant_id: String, reason: String) {
         tracing::info!(round, %participant_id, %reason, "update rejected");
         self.coordinator
             .federation()
             .update_rejected(round, attempt, &participant_id, reason);
     }
 
-    async fn round_aggregated(
-        self,
-        _: Context,
-        round: u32,
-        attempt: u32,
-        result: AggregationResult,
-    ) {
+    fn round_aggregated(&self, round: u32, attempt: u32, result: AggregationResult) {
         // The contributors can be many: the log gets the counts.
         let summary = match &result {
             AggregationResult::Aggregated {
@@ -104,19 +118,18 @@ pub async fn drive(
     let mut client: Option<AggregatorRpcClient> = None;
     let mut acked: Option<(Command, Instant)> = None;
     let mut last_heard = Instant::now();
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::link();
     loop {
         if client.is_none() {
             match attach(&coordinator, &aggregator_rpc, &own_rpc, call_timeout).await {
                 Ok(c) => {
                     client = Some(c);
                     acked = None;
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                 }
                 Err(err) => {
                     tracing::warn!(%aggregator_rpc, %err, "aggregator unreachable; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff.wait().await;
                     continue;
                 }
             }
@@ -147,6 +160,11 @@ pub async fn drive(
                     last_heard = Instant::now();
                 }
                 Ok(Err(refused)) => tracing::warn!(?command, %refused, "aggregator refused"),
+                // A call past its deadline (a busy aggregator) is resent on the next tick;
+                // only a broken connection is reconnected.
+                Err(err) if !link_is_broken(&err) => {
+                    tracing::warn!(%err, ?command, "the aggregator did not answer in time; resending");
+                }
                 Err(err) => {
                     tracing::warn!(%err, "link to the aggregator broke; reconnecting");
                     client = None;
@@ -161,6 +179,11 @@ pub async fn drive(
         {
             match c.status(deadline(call_timeout)).await {
                 Ok(_) => last_heard = Instant::now(),
+                // A restart breaks the connection; a slow answer does not mean one.
+                Err(err) if !link_is_broken(&err) => {
+                    tracing::warn!(%err, "the aggregator's status came too late");
+                    last_heard = Instant::now();
+                }
                 Err(err) => {
                     tracing::warn!(%err, "the aggregator stopped answering; reconnecting");
                     client = None;

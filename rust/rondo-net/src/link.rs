@@ -2,7 +2,7 @@
 //!
 //! Two services, one per direction, each over its own TCP connection with JSON frames:
 //! the coordinator calls [`AggregatorRpc`] (open and close rounds, status) and the aggregator
-//! calls [`CoordinatorRpc`] back (update accepted or rejected, round aggregated). The aggregator
+//! calls [`CoordinatorRpc`] back with [`Notice`]s (update accepted or rejected, round aggregated). The aggregator
 //! learns where to call back from [`AggregatorRpc::attach`], so neither side needs the other's
 //! address in advance beyond the coordinator knowing the aggregator's.
 //!
@@ -46,23 +46,45 @@ pub trait AggregatorRpc {
     /// Opens a round. Re-opening the same `(round, attempt)` with the same grants is a no-op.
     async fn open_round(opening: OpenRound) -> Result<(), String>;
     /// Stops accepting uploads for the round and aggregates; the result comes back through
-    /// [`CoordinatorRpc::round_aggregated`]. Repeating it re-sends that result.
+    /// [`Notice::RoundAggregated`]. Repeating it re-sends that result.
     async fn close_round(round: u32, attempt: u32) -> Result<(), String>;
     async fn status() -> AggregatorStatus;
 }
 
-/// Aggregator → coordinator.
-#[tarpc::service]
-pub trait CoordinatorRpc {
-    async fn update_accepted(
+/// What the aggregator tells the coordinator. One type for the message and the call that
+/// carries it ([`CoordinatorRpc::notify`]): the aggregator queues these as they are, and the
+/// coordinator matches on them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "notice", rename_all = "snake_case")]
+pub enum Notice {
+    /// An update is part of the round's sum.
+    Accepted {
         round: u32,
         attempt: u32,
         participant_id: String,
         n_samples: u64,
         metrics: BTreeMap<String, f64>,
-    );
-    async fn update_rejected(round: u32, attempt: u32, participant_id: String, reason: String);
-    async fn round_aggregated(round: u32, attempt: u32, result: AggregationResult);
+    },
+    /// An upload was refused; the participant may try again while the round is open.
+    Rejected {
+        round: u32,
+        attempt: u32,
+        participant_id: String,
+        reason: String,
+    },
+    /// The round is closed; `result` names every contributor of the model it made.
+    RoundAggregated {
+        round: u32,
+        attempt: u32,
+        result: AggregationResult,
+    },
+}
+
+/// Aggregator → coordinator.
+#[tarpc::service]
+pub trait CoordinatorRpc {
+    /// Idempotent: a notice heard twice changes nothing the second time.
+    async fn notify(notice: Notice);
 }
 
 /// Whether a failed call means the connection is gone (reconnect) rather than a call that ran
