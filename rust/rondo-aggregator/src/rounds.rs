@@ -12,7 +12,9 @@
 //! flight.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use rondo_core::aggregate::ModelBuffer;
@@ -61,7 +63,7 @@ enum Spare {
 
 impl SpareSum {
     fn lock(&self) -> MutexGuard<'_, SpareState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     /// Keeps `words` for the next sum; what is let go instead is returned, for the caller to
@@ -98,7 +100,7 @@ impl SpareSum {
     fn take(&self) -> Option<Vec<u64>> {
         let mut state = self.lock();
         while matches!(state.spare, Spare::Preparing) {
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+            self.changed.wait(&mut state);
         }
         match std::mem::take(&mut state.spare) {
             Spare::Ready(words) => Some(words),

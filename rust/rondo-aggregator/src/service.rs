@@ -9,10 +9,11 @@
 //! book's lock; record and report the result).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rondo_core::aggregate::Update;
 use rondo_core::federation::AggregationResult;
@@ -188,11 +189,7 @@ impl Aggregator {
     }
 
     pub fn book(&self) -> MutexGuard<'_, RoundBook> {
-        // A panic while holding the lock cannot leave the book half-updated (every mutation is
-        // a single assignment after the fallible work), so a poisoned lock is still usable.
-        self.book
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.book.lock()
     }
 
     /// Folds a granted update into the round's sum and records it, then tells the
@@ -298,11 +295,7 @@ impl Aggregator {
                         let wait = give_up_at
                             .saturating_duration_since(Instant::now())
                             .min(Duration::from_millis(100));
-                        book = self
-                            .commit_ended
-                            .wait_timeout(book, wait)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
+                        self.commit_ended.wait_for(&mut book, wait);
                     }
                     Closing::Ready(closing) => break closing,
                 }

@@ -24,9 +24,10 @@
 //! nothing is pooled and [`StagingBuffer::into_bytes`] separates the bytes from their permits,
 //! so that held updates do not hold the budget and uploads keep flowing.
 
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
+use parking_lot::{Mutex, MutexGuard};
 use prometheus::IntGauge;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
@@ -193,9 +194,7 @@ impl StagingPool {
 
 impl Inner {
     fn lock_idle(&self) -> MutexGuard<'_, Vec<Idle>> {
-        // Every change to the list is a single push or removal, so a poisoned lock still
-        // guards a consistent list.
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+        self.idle.lock()
     }
 
     /// The smallest idle buffer of at least `bytes`, so that large ones stay for large uploads.

@@ -2,7 +2,7 @@
 //! aggregator's public URL once known, a wake-up for the driver, and the metrics; and what the
 //! state machine takes from the edge: the clock, and randomness from the OS.
 
-use std::sync::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::time::{Instant, SystemTime};
 
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
@@ -148,11 +148,7 @@ impl Coordinator {
     }
 
     pub fn federation(&self) -> MutexGuard<'_, Federation> {
-        // Every mutation of the federation completes before anything can panic, so the state
-        // behind a poisoned lock is still consistent.
-        self.federation
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.federation.lock()
     }
 
     /// Wakes long-polling heartbeats: the federation changed.
@@ -165,16 +161,10 @@ impl Coordinator {
     }
 
     pub fn aggregator_url(&self) -> Option<String> {
-        self.aggregator_url
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.aggregator_url.read().clone()
     }
 
     pub fn set_aggregator_url(&self, url: String) {
-        *self
-            .aggregator_url
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(url);
+        *self.aggregator_url.write() = Some(url);
     }
 }

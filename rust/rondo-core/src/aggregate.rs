@@ -21,8 +21,8 @@
 //! holds every update in memory until the round closes: opt in only where reproducibility is
 //! worth O(participants × model) memory.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::sync::atomic::{AtomicU32, AtomicU64};
-use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
 use rayon::prelude::*;
@@ -176,11 +176,7 @@ pub struct FedAvgAccumulator {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded values are only changed by infallible arithmetic, so a poisoned lock still
-    // guards consistent data.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock()
 }
 
 /// A zeroed vector whose pages are already mapped. A fresh allocation is mapped lazily, page by
@@ -460,7 +456,7 @@ impl FedAvgAccumulator {
         let data_len = self.spec.byte_len();
         match self.sums {
             Sums::InPlace(sum) => {
-                let sum = sum.into_inner().unwrap_or_else(|p| p.into_inner());
+                let sum = sum.into_inner();
                 let mut buffer = ModelBuffer {
                     len: prefix + data_len,
                     words: sum.words,
