@@ -223,10 +223,21 @@ impl Aggregator {
         self.metrics
             .fold_seconds
             .observe(started.elapsed().as_secs_f64());
-        let recorded = self
-            .book()
-            .finish_commit(&grant, folded.is_ok().then_some(n_samples));
+        let mut book = self.book();
+        let recorded = book.finish_commit(&grant, folded.is_ok().then_some(n_samples));
         guard.ended = true;
+        // Queued under the book's lock, so that it reaches the coordinator before the round's
+        // "aggregated" notice, which a close can only send after taking the lock.
+        if recorded {
+            self.outbox.send(Notice::Accepted {
+                round: grant.round,
+                attempt: grant.attempt,
+                participant_id: grant.participant_id.clone(),
+                n_samples,
+                metrics,
+            });
+        }
+        drop(book);
         drop(guard);
         self.commit_ended.notify_all();
         let outcome = match folded {
@@ -244,13 +255,6 @@ impl Aggregator {
                     fold_ms = started.elapsed().as_secs_f64() * 1e3,
                     "update accepted"
                 );
-                self.outbox.send(Notice::Accepted {
-                    round: grant.round,
-                    attempt: grant.attempt,
-                    participant_id: grant.participant_id.clone(),
-                    n_samples,
-                    metrics,
-                });
             }
             Err(err) => self.reject(&grant, err.code(), &err.to_string()),
         }
