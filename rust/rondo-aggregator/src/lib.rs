@@ -8,7 +8,9 @@
 //! - [`wire`]: safetensors on the wire — reading an upload off the socket into a staging
 //!   buffer, validating it, and laying out the global model file.
 //! - [`staging`]: the staging budget and the pool of upload buffers reused within it.
-//! - [`rounds`]: the round book — global model, open round, tokens, running sum; plain data.
+//! - [`rounds`]: the round book — global model, open round, tokens, the round's aggregation,
+//!   and the commit and close brackets around it; plain data.
+//! - [`spare`]: model-sized memory recycled from a replaced model into the next round's sum.
 //! - [`service`]: the shared [`service::Aggregator`] (book + staging pool + outbox + metrics).
 //! - [`http`]: the participants' HTTP API (axum).
 //! - [`link`]: the tarpc side — serving the coordinator's calls, and the outbox of notices back.
@@ -20,5 +22,6 @@ pub mod link;
 pub mod rounds;
 pub mod run;
 pub mod service;
+pub mod spare;
 pub mod staging;
 pub mod wire;
