@@ -1,20 +1,19 @@
 //! Starting the aggregator: read the initial model, bind both listeners, serve until a signal.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use anyhow::Context;
 use rondo_net::boot;
 use rondo_net::link::AggregatorRpc;
 
-use crate::config::AggregatorConfig;
+use crate::config::AggregatorSettings;
 use crate::link::{AggregatorRpcServer, Outbox};
 use crate::rounds::RoundBook;
 use crate::service::Aggregator;
 use crate::wire;
 
 /// The round book, with the configured initial model when there is one.
-fn round_book(config: &AggregatorConfig) -> anyhow::Result<RoundBook> {
+fn round_book(config: &AggregatorSettings) -> anyhow::Result<RoundBook> {
     let options = config.aggregation.accumulator_options();
     let path = config.model.initial_model.as_str();
     if path.is_empty() {
@@ -32,8 +31,7 @@ fn round_book(config: &AggregatorConfig) -> anyhow::Result<RoundBook> {
     Ok(RoundBook::with_initial_model(spec, file, options))
 }
 
-pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
-    config.validate()?;
+pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
     let book = round_book(&config)?;
     let upload_bytes = book.model().map(|m| m.spec.byte_len());
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
@@ -44,14 +42,14 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
     } else {
         config.api.public_url.trim_end_matches('/').to_string()
     };
-    let outbox = Outbox::start(Duration::from_secs_f64(config.link.call_timeout_secs));
+    let outbox = Outbox::start(config.link.call_timeout);
     let aggregator = Aggregator::new(
         book,
         config.aggregation.staging_memory_bytes,
         outbox,
         public_url.clone(),
         config.api.max_body_bytes,
-        Duration::from_secs_f64(config.api.upload_idle_timeout_secs),
+        config.api.upload_idle_timeout,
     );
     if let Some(bytes) = upload_bytes {
         // While participants are still starting up, rather than during the first round.

@@ -1,22 +1,19 @@
 //! Starting the coordinator: bind both listeners, start the driver, serve until a signal.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
-
 use rondo_core::federation::Federation;
 use rondo_net::boot;
 use rondo_net::link::CoordinatorRpc;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::config::CoordinatorConfig;
+use crate::config::CoordinatorSettings;
 use crate::link::{CoordinatorRpcServer, drive};
 use crate::service::Coordinator;
 
-pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
-    config.validate()?;
+pub async fn run(config: CoordinatorSettings) -> anyhow::Result<()> {
     let coordinator = Arc::new(Coordinator::new(
-        Federation::new(config.federation_settings()),
-        config.federation.heartbeat_period_secs,
+        Federation::new(config.federation.clone()),
+        config.heartbeat_period.as_secs_f64(),
     ));
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
     let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
@@ -42,7 +39,7 @@ pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
         coordinator.clone(),
         config.aggregator.rpc_address.clone(),
         advertised,
-        Duration::from_secs_f64(config.aggregator.call_timeout_secs),
+        config.aggregator.call_timeout,
     ));
     boot::serve_http(
         api_listener,

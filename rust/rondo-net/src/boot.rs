@@ -9,14 +9,22 @@ use anyhow::Context;
 use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
+use crate::settings::{ConfigError, FromConfig};
+
 /// Reads a service's config: the embedded `defaults` (TOML), then `file` if given, then
 /// environment variables `RONDO__SECTION__KEY` (e.g. `RONDO__API__PORT=0`).
-pub fn load_config<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> anyhow::Result<T> {
+pub fn load_config<T: DeserializeOwned>(
+    defaults: &str,
+    file: Option<&Path>,
+) -> Result<T, ConfigError> {
     let mut builder = config::Config::builder()
         .add_source(config::File::from_str(defaults, config::FileFormat::Toml));
     if let Some(path) = file {
         if !path.is_file() {
-            anyhow::bail!("config file {} does not exist", path.display());
+            return Err(ConfigError::unreadable(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
         }
         builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
     }
@@ -28,9 +36,13 @@ pub fn load_config<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> 
                 .try_parsing(true),
         )
         .build()
-        .context("reading the config")?
-        .try_deserialize()
-        .context("the config has a missing or malformed key")
+        .and_then(config::Config::try_deserialize)
+        .map_err(ConfigError::unreadable)
+}
+
+/// Loads and validates a service's settings (see [`load_config`]).
+pub fn load_settings<S: FromConfig>(defaults: &str, file: Option<&Path>) -> Result<S, ConfigError> {
+    S::from_config(load_config(defaults, file)?)
 }
 
 /// Logs to stderr; `RUST_LOG` overrides the default filter (`info`, with tarpc's per-call
@@ -169,17 +181,18 @@ struct Cli {
     config: Option<std::path::PathBuf>,
 }
 
-/// The whole `main` of a Rondo binary: parse `-c FILE`, load the config over `defaults`, run.
-/// Errors end the process with a one-line message and exit code 1, never a panic.
-pub async fn main<C, F, Fut>(
+/// The whole `main` of a Rondo binary: parse `-c FILE`, load and validate the config over
+/// `defaults`, run. Errors end the process with a one-line message, never a panic: exit code 2
+/// for a config that cannot be used (the message names the key), 1 for a failure while running.
+pub async fn main<S, F, Fut>(
     name: &'static str,
     about: &'static str,
     defaults: &str,
     run: F,
 ) -> std::process::ExitCode
 where
-    C: DeserializeOwned,
-    F: FnOnce(C) -> Fut,
+    S: FromConfig,
+    F: FnOnce(S) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     use clap::{CommandFactory, FromArgMatches};
@@ -193,12 +206,14 @@ where
         Ok(cli) => cli,
         Err(err) => err.exit(),
     };
-    let result = async {
-        let config: C = load_config(defaults, cli.config.as_deref())?;
-        run(config).await
-    }
-    .await;
-    match result {
+    let settings = match load_settings::<S>(defaults, cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("{name}: {err}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("{name}: {err:#}");

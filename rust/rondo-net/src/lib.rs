@@ -12,7 +12,10 @@
 //!   environment overrides), logging, binding listeners (port 0 allowed), writing the bound
 //!   addresses where scripts and tests can read them, and serving an axum router over HTTP/1.1
 //!   (`serve_http`: bounded read buffers, a header timeout, no Nagle delay).
+//! - [`settings`] turns a config's raw values into checked settings (durations, counts, ratios,
+//!   addresses), refusing bad ones with a message that names the key.
 
 pub mod api;
 pub mod boot;
 pub mod link;
+pub mod settings;
