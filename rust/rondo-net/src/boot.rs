@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
 use crate::settings::{ConfigError, FromConfig};
@@ -102,6 +103,13 @@ pub async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // hyper's own limit on a head is its read buffer, which can take in more than its cap in
+    // one read: a head a little over the cap may pass or not. This makes the limit exact.
+    let router = router.layer(
+        tower_http::validate_request::ValidateRequestHeaderLayer::custom(HeadLimit(
+            limits.read_buffer_max,
+        )),
+    );
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -120,6 +128,7 @@ pub async fn serve_http(
             tracing::debug!(%err, "could not set TCP_NODELAY");
         }
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let stream = JsonParseErrors::new(stream, limits.read_buffer_max);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(err) = connection.await {
@@ -129,6 +138,252 @@ pub async fn serve_http(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Answers 431 (JSON) to a request whose head (request line and headers, as they would be
+/// written) is longer than `.0` bytes.
+#[derive(Debug, Clone, Copy)]
+struct HeadLimit(usize);
+
+impl<B> tower_http::validate_request::ValidateRequest<B> for HeadLimit {
+    type ResponseBody = axum::body::Body;
+
+    fn validate(
+        &mut self,
+        request: &mut axum::http::Request<B>,
+    ) -> Result<(), axum::response::Response> {
+        // "METHOD URI HTTP/1.1\r\n", "name: value\r\n" for each header, "\r\n".
+        let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
+        let headers: usize = request
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if line + headers + 2 <= self.0 {
+            return Ok(());
+        }
+        Err(crate::api::closing(crate::api::ApiError::new(
+            axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("the request's head is larger than {} bytes", self.0),
+        )))
+    }
+}
+
+/// A connection's stream that turns the error answers hyper writes on its own into answers
+/// with Rondo's JSON error body.
+///
+/// When hyper cannot parse a request's head (a garbage request line, `Content-Length: abc`, a
+/// head larger than its read buffer) it answers 400, 414 or 431 itself, with an empty body, and
+/// the request never reaches the router; hyper 1.x has no hook to shape that answer. Its answer
+/// is always exactly a head of `connection: close`, `content-length: 0` and `date` headers,
+/// written in one piece at a message boundary, after which hyper closes the connection. A
+/// write that is exactly such a head is swapped here for the same status with a JSON body.
+/// (Rondo's routers never answer a 4xx without a body, and a response body is never written
+/// in the same buffer as its head, so nothing else can match.) Then, as hyper may not have
+/// read all of what the client sent, the connection is closed gently: the write side first,
+/// reading and discarding the rest for a moment, so that the client gets the answer rather
+/// than a reset.
+struct JsonParseErrors {
+    inner: Option<tokio::net::TcpStream>,
+    /// The JSON answer, and how much of it is written.
+    replacement: Option<(Vec<u8>, usize)>,
+    head_max: usize,
+}
+
+impl JsonParseErrors {
+    fn new(inner: tokio::net::TcpStream, head_max: usize) -> Self {
+        Self {
+            inner: Some(inner),
+            replacement: None,
+            head_max,
+        }
+    }
+}
+
+/// The JSON answer for hyper's own answer `head`, if `head` is one.
+fn json_parse_error(head: &[u8], head_max: usize) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(head).ok()?.strip_suffix("\r\n\r\n")?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next()?;
+    let status = status_line.strip_prefix("HTTP/1.1 ")?.get(..3)?;
+    let (code, message) = match status {
+        "400" => (
+            "bad_request",
+            "the request is not valid HTTP/1.1 (its request line or a header, such as \
+             Content-Length, is malformed)"
+                .to_string(),
+        ),
+        "414" => ("uri_too_long", "the request's URI is too long".to_string()),
+        "431" => (
+            "headers_too_large",
+            format!("the request's head is larger than {head_max} bytes"),
+        ),
+        _ => return None,
+    };
+    let mut date = None;
+    let (mut close, mut empty) = (false, false);
+    for line in lines {
+        match line {
+            "connection: close" if !close => close = true,
+            "content-length: 0" if !empty => empty = true,
+            _ if date.is_none() && line.starts_with("date: ") => date = Some(line),
+            _ => return None,
+        }
+    }
+    if !(close && empty) {
+        return None;
+    }
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    let mut answer = format!(
+        "{status_line}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n",
+        body.len()
+    );
+    if let Some(date) = date {
+        answer.push_str(date);
+        answer.push_str("\r\n");
+    }
+    answer.push_str("\r\n");
+    answer.push_str(&body);
+    Some(answer.into_bytes())
+}
+
+impl JsonParseErrors {
+    /// Writes what is left of the replacement answer, if any.
+    fn poll_replacement(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let (Some(inner), Some((answer, written))) =
+            (self.inner.as_mut(), self.replacement.as_mut())
+        else {
+            return Poll::Ready(Ok(()));
+        };
+        while *written < answer.len() {
+            match std::pin::Pin::new(&mut *inner).poll_write(cx, &answer[*written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn inner(&mut self) -> std::io::Result<&mut tokio::net::TcpStream> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| std::io::ErrorKind::NotConnected.into())
+    }
+}
+
+impl AsyncRead for JsonParseErrors {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().inner.as_mut() {
+            Some(inner) => std::pin::Pin::new(inner).poll_read(cx, buf),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for JsonParseErrors {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_replacement(cx))?;
+        if this.replacement.is_none() {
+            if let Some(answer) = json_parse_error(buf, this.head_max) {
+                this.replacement = Some((answer, 0));
+                return std::task::Poll::Ready(Ok(buf.len()));
+            }
+        }
+        std::pin::Pin::new(this.inner()?).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_replacement(cx))?;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if let (None, Some(first)) = (&this.replacement, bufs.first()) {
+            if first.len() == total {
+                if let Some(answer) = json_parse_error(first, this.head_max) {
+                    this.replacement = Some((answer, 0));
+                    return std::task::Poll::Ready(Ok(total));
+                }
+            }
+        }
+        std::pin::Pin::new(this.inner()?).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(AsyncWrite::is_write_vectored)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_replacement(cx))?;
+        std::pin::Pin::new(this.inner()?).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_replacement(cx))?;
+        std::pin::Pin::new(this.inner()?).poll_shutdown(cx)
+    }
+}
+
+impl Drop for JsonParseErrors {
+    fn drop(&mut self) {
+        // Only after a replaced answer: the usual case needs no lingering.
+        if self.replacement.is_none() {
+            return;
+        }
+        let (Some(stream), Ok(runtime)) =
+            (self.inner.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(linger(stream));
+    }
+}
+
+/// Closes `stream` without a reset: shuts the write side, then reads and discards what the
+/// client still sends, for at most a second and 1 MiB. Closing a socket with unread bytes makes
+/// the kernel send a reset, and a client that receives it may lose the answer unread.
+async fn linger(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = (&mut stream).take(1 << 20);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::io::copy(&mut sink, &mut tokio::io::sink()),
+    )
+    .await;
 }
 
 pub async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
@@ -233,7 +488,16 @@ mod tests {
     async fn serving(limits: HttpLimits) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
         let listener = bind("127.0.0.1", 0).await.expect("binding a free port");
         let addr = listener.local_addr().expect("a bound address");
-        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let router = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .route("/lookalike", axum::routing::get(|| async { LOOKALIKE }))
+            .route(
+                "/upload",
+                axum::routing::post(
+                    |body: axum::body::Bytes| async move { body.len().to_string() },
+                )
+                .route_layer(crate::api::reject_oversized(1000, "body_too_large")),
+            );
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async {
             let _ = stopped.await;
@@ -254,6 +518,108 @@ mod tests {
             .expect("the server closed the connection within 5 s")
             .expect("reading the answer");
         String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// What hyper writes when it cannot parse a request, as a response body.
+    const LOOKALIKE: &str =
+        "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+    /// The status line and the JSON error of an answer.
+    fn json_error(answer: &str) -> (&str, serde_json::Value) {
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(head.contains("content-type: application/json"), "{answer}");
+        let json: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
+        (
+            head.lines().next().unwrap_or_default(),
+            json["error"]["code"].clone(),
+        )
+    }
+
+    #[tokio::test]
+    async fn requests_hyper_cannot_parse_get_the_json_error_body() {
+        let (addr, _stop, _server) = serving(HttpLimits::default()).await;
+        let big_header = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(100_000)
+        );
+        let just_over = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(65_600)
+        );
+        for (request, status, code) in [
+            (
+                "GARBAGE\r\n\r\n".to_string(),
+                "HTTP/1.1 400 Bad Request",
+                "bad_request",
+            ),
+            (
+                "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_string(),
+                "HTTP/1.1 400 Bad Request",
+                "bad_request",
+            ),
+            (
+                big_header,
+                "HTTP/1.1 431 Request Header Fields Too Large",
+                "headers_too_large",
+            ),
+            (
+                just_over,
+                "HTTP/1.1 431 Request Header Fields Too Large",
+                "headers_too_large",
+            ),
+        ] {
+            let answer = exchange(addr, request.as_bytes()).await;
+            let (status_line, error_code) = json_error(&answer);
+            assert_eq!(status_line, status, "{answer}");
+            assert_eq!(error_code, code, "{answer}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_that_looks_like_hypers_error_answer_is_left_alone() {
+        let (addr, _stop, _server) = serving(HttpLimits::default()).await;
+        let answer = exchange(
+            addr,
+            b"GET /lookalike HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.ends_with(&format!("\r\n\r\n{LOOKALIKE}")),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_declared_body_over_the_limit_is_refused_before_it_is_sent() {
+        let (addr, _stop, _server) = serving(HttpLimits::default()).await;
+        let started = std::time::Instant::now();
+        // The body never comes: only an answer from the head alone ends the exchange.
+        let answer = exchange(
+            addr,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n",
+        )
+        .await;
+        let (status_line, code) = json_error(&answer);
+        assert_eq!(status_line, "HTTP/1.1 413 Payload Too Large", "{answer}");
+        assert_eq!(code, "body_too_large");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let answer = exchange(
+            addr,
+            format!(
+                "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{}",
+                "b".repeat(1000)
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 
     #[tokio::test]
