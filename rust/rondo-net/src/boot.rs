@@ -63,7 +63,8 @@ pub fn init_tracing() {
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
     /// Cap on the connection's read buffer (hyper's own default lets it grow to ~400 KiB while a
-    /// large body streams in), and so also on the size of a request's head.
+    /// large body streams in), and so also on the size of a request's head: a longer head gets
+    /// 431 `headers_too_large`.
     pub read_buffer_max: usize,
     /// How long a client may take to send a request's head before the connection is closed.
     pub header_read_timeout: Duration,
@@ -90,7 +91,8 @@ impl Default for HttpLimits {
 /// time to read a request's head is limited (hyper enforces that only with a timer, which
 /// `axum::serve` does not set), both per `limits`. Nagle's algorithm is off on every connection:
 /// answers are written as soon as they are ready rather than held for the peer's
-/// acknowledgement of the last segment.
+/// acknowledgement of the last segment. Requests that hyper refuses before the router sees them
+/// (unparsable, head too large) get the JSON error body like every other error.
 pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
@@ -153,7 +155,10 @@ impl<B> tower_http::validate_request::ValidateRequest<B> for HeadLimit {
         request: &mut axum::http::Request<B>,
     ) -> Result<(), axum::response::Response> {
         // "METHOD URI HTTP/1.1\r\n", "name: value\r\n" for each header, "\r\n".
-        let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
+        let uri = request.uri();
+        let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
+            + uri.authority().map_or(0, |a| a.as_str().len());
+        let line = request.method().as_str().len() + target + 12;
         let headers: usize = request
             .headers()
             .iter()
@@ -274,6 +279,16 @@ impl JsonParseErrors {
         Poll::Ready(Ok(()))
     }
 
+    /// Whether a write of `total` bytes starting with `first` is hyper's own error answer, now
+    /// replaced (hyper's answer is written as one buffer, so `first` must be all of it).
+    fn replaces(&mut self, first: &[u8], total: usize) -> bool {
+        if self.replacement.is_some() || first.len() != total {
+            return false;
+        }
+        self.replacement = json_parse_error(first, self.head_max).map(|answer| (answer, 0));
+        self.replacement.is_some()
+    }
+
     fn inner(&mut self) -> std::io::Result<&mut tokio::net::TcpStream> {
         self.inner
             .as_mut()
@@ -302,11 +317,8 @@ impl AsyncWrite for JsonParseErrors {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         std::task::ready!(this.poll_replacement(cx))?;
-        if this.replacement.is_none() {
-            if let Some(answer) = json_parse_error(buf, this.head_max) {
-                this.replacement = Some((answer, 0));
-                return std::task::Poll::Ready(Ok(buf.len()));
-            }
+        if this.replaces(buf, buf.len()) {
+            return std::task::Poll::Ready(Ok(buf.len()));
         }
         std::pin::Pin::new(this.inner()?).poll_write(cx, buf)
     }
@@ -319,13 +331,11 @@ impl AsyncWrite for JsonParseErrors {
         let this = self.get_mut();
         std::task::ready!(this.poll_replacement(cx))?;
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if let (None, Some(first)) = (&this.replacement, bufs.first()) {
-            if first.len() == total {
-                if let Some(answer) = json_parse_error(first, this.head_max) {
-                    this.replacement = Some((answer, 0));
-                    return std::task::Poll::Ready(Ok(total));
-                }
-            }
+        if bufs
+            .first()
+            .is_some_and(|first| this.replaces(first, total))
+        {
+            return std::task::Poll::Ready(Ok(total));
         }
         std::pin::Pin::new(this.inner()?).poll_write_vectored(cx, bufs)
     }
