@@ -1,10 +1,11 @@
 //! Starting the coordinator: bind both listeners, start the driver, serve until a signal.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use rondo_core::federation::Federation;
 use rondo_net::boot;
 use rondo_net::link::CoordinatorRpc;
-use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use crate::config::CoordinatorSettings;
 use crate::link::{CoordinatorRpcServer, drive};
