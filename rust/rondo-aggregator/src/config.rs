@@ -1,12 +1,27 @@
 //! The aggregator's config; `configs/dev-aggregator.toml` documents every key and is compiled in
-//! as the defaults.
+//! as the defaults, `docs/configuration.md` gives every key's range.
+//!
+//! [`AggregatorConfig`] is the config as deserialized (unknown keys and wrong types refused);
+//! [`AggregatorSettings::from_config`] checks every value and gives what the aggregator runs
+//! with.
+
+use std::time::Duration;
 
 use rondo_core::aggregate::{AccumulationMode, AccumulatorOptions};
+use rondo_net::settings::{self, ConfigError, FromConfig};
 use serde::Deserialize;
 
 pub const DEFAULTS: &str = include_str!("../../../configs/dev-aggregator.toml");
 
+/// Sizes in bytes (uploads, staging memory): from 1 byte to 1 TiB.
+const MAX_BYTES: u64 = 1 << 40;
+/// Calls to the coordinator: from 1 ms to an hour.
+const CALL_TIMEOUT_SECS: (f64, f64) = (0.001, 3600.0);
+/// Silence allowed during an upload: from 1 ms to a day.
+const IDLE_TIMEOUT_SECS: (f64, f64) = (0.001, 86_400.0);
+
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AggregatorConfig {
     pub api: ApiConfig,
     pub rpc: RpcConfig,
@@ -18,58 +33,138 @@ pub struct AggregatorConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     pub host: String,
+    #[serde(deserialize_with = "settings::integer")]
     pub port: u16,
     pub public_url: String,
+    #[serde(deserialize_with = "settings::integer")]
     pub max_body_bytes: u64,
+    #[serde(deserialize_with = "settings::number")]
     pub upload_idle_timeout_secs: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RpcConfig {
     pub host: String,
+    #[serde(deserialize_with = "settings::integer")]
     pub port: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub initial_model: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AggregationConfig {
     pub mode: AccumulationMode,
+    #[serde(deserialize_with = "settings::boolean")]
     pub deterministic: bool,
+    #[serde(deserialize_with = "settings::integer")]
     pub staging_memory_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LinkConfig {
+    #[serde(deserialize_with = "settings::number")]
     pub call_timeout_secs: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     pub addresses_file: String,
 }
 
-impl AggregatorConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            !(self.aggregation.deterministic && self.aggregation.mode == AccumulationMode::Hogwild),
-            "aggregation.deterministic cannot be combined with mode = \"hogwild\""
-        );
-        anyhow::ensure!(
-            self.api.upload_idle_timeout_secs.is_finite()
-                && self.api.upload_idle_timeout_secs > 0.0,
-            "api.upload_idle_timeout_secs must be a positive number of seconds"
-        );
-        anyhow::ensure!(
-            self.link.call_timeout_secs > 0.0,
-            "link.call_timeout_secs must be positive"
-        );
-        Ok(())
+/// What the aggregator runs with: every value checked.
+#[derive(Debug, Clone)]
+pub struct AggregatorSettings {
+    pub api: ApiSettings,
+    pub rpc: RpcConfig,
+    pub model: ModelConfig,
+    pub aggregation: AggregationConfig,
+    pub link: LinkSettings,
+    pub runtime: RuntimeConfig,
+    pub limits: crate::wire::UploadLimits,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub host: String,
+    pub port: u16,
+    /// Empty, or an http(s) URL.
+    pub public_url: String,
+    pub max_body_bytes: u64,
+    pub upload_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    pub call_timeout: Duration,
+}
+
+impl FromConfig for AggregatorSettings {
+    type Raw = AggregatorConfig;
+
+    fn from_config(raw: AggregatorConfig) -> Result<Self, ConfigError> {
+        let aggregation = raw.aggregation;
+        if aggregation.deterministic && aggregation.mode == AccumulationMode::Hogwild {
+            return Err(ConfigError::invalid(
+                "aggregation.deterministic",
+                true,
+                "cannot be combined with aggregation.mode = \"hogwild\"",
+            ));
+        }
+        settings::int(
+            "aggregation.staging_memory_bytes",
+            aggregation.staging_memory_bytes,
+            1,
+            MAX_BYTES,
+        )?;
+        Ok(Self {
+            api: ApiSettings {
+                host: settings::non_empty("api.host", raw.api.host)?,
+                port: raw.api.port,
+                public_url: settings::base_url("api.public_url", raw.api.public_url)?,
+                max_body_bytes: settings::int(
+                    "api.max_body_bytes",
+                    raw.api.max_body_bytes,
+                    1,
+                    MAX_BYTES,
+                )?,
+                upload_idle_timeout: settings::secs(
+                    "api.upload_idle_timeout_secs",
+                    raw.api.upload_idle_timeout_secs,
+                    IDLE_TIMEOUT_SECS.0,
+                    IDLE_TIMEOUT_SECS.1,
+                )?,
+            },
+            rpc: RpcConfig {
+                host: settings::non_empty("rpc.host", raw.rpc.host)?,
+                port: raw.rpc.port,
+            },
+            model: raw.model,
+            aggregation,
+            link: LinkSettings {
+                call_timeout: settings::secs(
+                    "link.call_timeout_secs",
+                    raw.link.call_timeout_secs,
+                    CALL_TIMEOUT_SECS.0,
+                    CALL_TIMEOUT_SECS.1,
+                )?,
+            },
+            runtime: raw.runtime,
+            limits: {
+                raw.limits.validate().map_err(ConfigError::unreadable)?;
+                raw.limits
+            },
+        })
     }
 }
 
@@ -78,6 +173,120 @@ impl AggregationConfig {
         AccumulatorOptions {
             mode: self.mode,
             deterministic: self.deterministic,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The defaults with `overrides` (TOML) laid over them, as the binary would read them.
+    fn load(overrides: &str) -> Result<AggregatorSettings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "rondo-aggregator-config-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let file = dir.join("override.toml");
+        std::fs::write(&file, overrides).expect("writing the override");
+        rondo_net::boot::load_settings(DEFAULTS, Some(&file))
+    }
+
+    fn error(overrides: &str) -> String {
+        load(overrides)
+            .expect_err(&format!("{overrides} is refused"))
+            .to_string()
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        let settings = load("").expect("the defaults are valid");
+        assert_eq!(settings.link.call_timeout, Duration::from_secs(5));
+        assert_eq!(settings.api.upload_idle_timeout, Duration::from_secs(30));
+        assert_eq!(settings.api.max_body_bytes, 4 << 30);
+    }
+
+    #[test]
+    fn every_duration_refuses_negative_zero_nan_infinite_and_huge_values() {
+        for key in ["link.call_timeout_secs", "api.upload_idle_timeout_secs"] {
+            let (section, name) = key.split_once('.').expect("section.key");
+            for bad in ["-1.0", "0", "nan", "inf", "-inf", "1e300"] {
+                let text = error(&format!("[{section}]\n{name} = {bad}\n"));
+                assert!(
+                    text.starts_with(&format!("invalid config: {key} = ")),
+                    "{key} = {bad}: {text}"
+                );
+                assert!(
+                    text.contains("must be a finite number of seconds"),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn byte_sizes_must_be_positive_and_at_most_1_tib() {
+        for key in ["api.max_body_bytes", "aggregation.staging_memory_bytes"] {
+            let (section, name) = key.split_once('.').expect("section.key");
+            for bad in ["0", "1099511627777"] {
+                let text = error(&format!("[{section}]\n{name} = {bad}\n"));
+                assert!(
+                    text.starts_with(&format!("invalid config: {key} = {bad}: must be")),
+                    "{text}"
+                );
+            }
+            for bad in ["-1", "1.5", "\"big\"", "true"] {
+                let text = error(&format!("[{section}]\n{name} = {bad}\n"));
+                assert!(text.contains(&format!("`{key}`")), "{key} = {bad}: {text}");
+            }
+            for good in ["1", "1099511627776"] {
+                load(&format!("[{section}]\n{name} = {good}\n")).expect("an edge value");
+            }
+        }
+    }
+
+    #[test]
+    fn edge_values_are_accepted() {
+        let settings = load(
+            "[api]\nport = 65535\nupload_idle_timeout_secs = 86400\n\
+             public_url = \"https://agg.example/\"\n[link]\ncall_timeout_secs = 0.001\n",
+        )
+        .expect("edge values are valid");
+        assert_eq!(settings.api.port, 65535);
+        assert_eq!(
+            settings.api.upload_idle_timeout,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(settings.link.call_timeout, Duration::from_millis(1));
+    }
+
+    #[test]
+    fn other_bad_values_are_refused_by_name() {
+        for (overrides, key) in [
+            ("[api]\nport = 65536", "`api.port`"),
+            ("[api]\nhost = \"\"", "api.host"),
+            ("[api]\npublic_url = \"agg:8091\"", "api.public_url"),
+            ("[aggregation]\nmode = \"fast\"", "`aggregation.mode`"),
+            (
+                "[aggregation]\ndeterministic = 1",
+                "`aggregation.deterministic`",
+            ),
+            (
+                "[aggregation]\ndeterministic = true\nmode = \"hogwild\"",
+                "aggregation.deterministic",
+            ),
+            (
+                "[link]\ncall_timeout_secs = \"soon\"",
+                "`link.call_timeout_secs`",
+            ),
+            ("[link]\ncall_timeout = 5", "call_timeout"),
+            ("[limitz]\nx = 1", "limitz"),
+        ] {
+            let text = error(overrides);
+            assert!(text.starts_with("invalid config: "), "{text}");
+            assert!(text.contains(key), "{overrides}: {text}");
         }
     }
 }

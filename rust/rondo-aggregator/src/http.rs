@@ -27,10 +27,15 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         // the model. Uploads happen once a round, so their connections are closed instead.
         .route(
             "/v1/rounds/{round}/update",
-            post(upload_update).layer(SetResponseHeaderLayer::overriding(
-                header::CONNECTION,
-                HeaderValue::from_static("close"),
-            )),
+            post(upload_update)
+                .route_layer(api::reject_oversized(
+                    aggregator.max_body_bytes,
+                    "body_too_large",
+                ))
+                .layer(SetResponseHeaderLayer::overriding(
+                    header::CONNECTION,
+                    HeaderValue::from_static("close"),
+                )),
         )
         .route("/v1/model", get(download_latest_model))
         .route("/v1/status", get(status))

@@ -10,14 +10,14 @@ use rondo_net::boot;
 use rondo_net::link::AggregatorRpc;
 use rondo_net::shutdown::Shutdown;
 
-use crate::config::AggregatorConfig;
+use crate::config::AggregatorSettings;
 use crate::link::{AggregatorRpcServer, Outbox};
 use crate::rounds::RoundBook;
 use crate::service::Aggregator;
 use crate::wire;
 
 /// The round book, with the configured initial model when there is one.
-fn round_book(config: &AggregatorConfig) -> anyhow::Result<RoundBook> {
+fn round_book(config: &AggregatorSettings) -> anyhow::Result<RoundBook> {
     let strategy: Arc<dyn Strategy> = Arc::new(FedAvg {
         options: config.aggregation.accumulator_options(),
     });
@@ -37,9 +37,7 @@ fn round_book(config: &AggregatorConfig) -> anyhow::Result<RoundBook> {
     Ok(RoundBook::with_initial_model(spec, file, strategy))
 }
 
-pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
-    config.validate()?;
-    config.limits.validate().map_err(anyhow::Error::msg)?;
+pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
     let book = round_book(&config)?;
     let upload_bytes = book.model().map(|m| m.spec.byte_len());
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
@@ -51,17 +49,14 @@ pub async fn run(config: AggregatorConfig) -> anyhow::Result<()> {
         config.api.public_url.trim_end_matches('/').to_string()
     };
     let shutdown = Shutdown::new();
-    let outbox = Outbox::start(
-        Duration::from_secs_f64(config.link.call_timeout_secs),
-        &shutdown,
-    );
+    let outbox = Outbox::start(config.link.call_timeout, &shutdown);
     let aggregator = Aggregator::new(
         book,
         config.aggregation.staging_memory_bytes,
         outbox,
         public_url.clone(),
         config.api.max_body_bytes,
-        Duration::from_secs_f64(config.api.upload_idle_timeout_secs),
+        config.api.upload_idle_timeout,
         CLOSE_WAIT,
         shutdown.clone(),
         config.limits,

@@ -1,14 +1,29 @@
 //! The coordinator's config; `configs/dev-coordinator.toml` documents every key and is compiled
-//! in as the defaults.
+//! in as the defaults, `docs/configuration.md` gives every key's range.
+//!
+//! [`CoordinatorConfig`] is the config as deserialized (unknown keys and wrong types refused);
+//! [`CoordinatorSettings::from_config`] checks every value and gives what the coordinator runs
+//! with.
 
 use std::time::Duration;
 
 use rondo_core::federation::FederationSettings;
+use rondo_net::settings::{self, ConfigError, FromConfig};
 use serde::Deserialize;
 
 pub const DEFAULTS: &str = include_str!("../../../configs/dev-coordinator.toml");
 
+/// Calls to the aggregator: from 1 ms to an hour.
+const CALL_TIMEOUT_SECS: (f64, f64) = (0.001, 3600.0);
+/// Heartbeat period and timeout: from 1 ms to a day.
+const HEARTBEAT_SECS: (f64, f64) = (0.001, 86_400.0);
+/// A round's deadline: from 1 ms to a year.
+const ROUND_TIMEOUT_SECS: (f64, f64) = (0.001, 31_536_000.0);
+const MAX_ROUNDS: u32 = 1_000_000;
+const MAX_MIN_CLIENTS: usize = 1_000_000;
+
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
     pub api: Endpoint,
     pub rpc: RpcEndpoint,
@@ -18,81 +33,298 @@ pub struct CoordinatorConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Endpoint {
     pub host: String,
+    #[serde(deserialize_with = "settings::integer")]
     pub port: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RpcEndpoint {
     pub host: String,
+    #[serde(deserialize_with = "settings::integer")]
     pub port: u16,
     pub advertise_address: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AggregatorLink {
     pub rpc_address: String,
+    #[serde(deserialize_with = "settings::number")]
     pub call_timeout_secs: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FederationConfig {
+    #[serde(deserialize_with = "settings::integer")]
     pub rounds: u32,
+    #[serde(deserialize_with = "settings::integer")]
     pub min_clients: usize,
+    #[serde(deserialize_with = "settings::number")]
     pub participants_ratio: f64,
+    #[serde(deserialize_with = "settings::number")]
     pub heartbeat_period_secs: f64,
+    #[serde(deserialize_with = "settings::number")]
     pub heartbeat_timeout_secs: f64,
+    #[serde(deserialize_with = "settings::number")]
     pub round_timeout_secs: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     pub addresses_file: String,
 }
 
-impl CoordinatorConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
-        let f = &self.federation;
-        anyhow::ensure!(
-            (0.0..=1.0).contains(&f.participants_ratio),
-            "federation.participants_ratio must be between 0 and 1, got {}",
-            f.participants_ratio
-        );
-        for (key, value) in [
-            ("federation.heartbeat_period_secs", f.heartbeat_period_secs),
-            (
+/// What the coordinator runs with: every value checked.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    pub api: Endpoint,
+    pub rpc: RpcEndpoint,
+    pub aggregator: AggregatorSettings,
+    pub federation: FederationSettings,
+    pub heartbeat_period: Duration,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct AggregatorSettings {
+    pub rpc_address: String,
+    pub call_timeout: Duration,
+}
+
+impl FromConfig for CoordinatorSettings {
+    type Raw = CoordinatorConfig;
+
+    fn from_config(raw: CoordinatorConfig) -> Result<Self, ConfigError> {
+        let f = raw.federation;
+        let heartbeat_period = settings::secs(
+            "federation.heartbeat_period_secs",
+            f.heartbeat_period_secs,
+            HEARTBEAT_SECS.0,
+            HEARTBEAT_SECS.1,
+        )?;
+        let heartbeat_timeout = settings::secs(
+            "federation.heartbeat_timeout_secs",
+            f.heartbeat_timeout_secs,
+            HEARTBEAT_SECS.0,
+            HEARTBEAT_SECS.1,
+        )?;
+        if heartbeat_timeout <= heartbeat_period {
+            return Err(ConfigError::invalid(
                 "federation.heartbeat_timeout_secs",
                 f.heartbeat_timeout_secs,
-            ),
-            ("federation.round_timeout_secs", f.round_timeout_secs),
-            (
-                "aggregator.call_timeout_secs",
-                self.aggregator.call_timeout_secs,
-            ),
-        ] {
-            anyhow::ensure!(
-                value.is_finite() && value > 0.0,
-                "{key} must be a positive number of seconds, got {value}"
-            );
+                format!(
+                    "must exceed federation.heartbeat_period_secs ({})",
+                    f.heartbeat_period_secs
+                ),
+            ));
         }
-        anyhow::ensure!(
-            f.heartbeat_timeout_secs > f.heartbeat_period_secs,
-            "federation.heartbeat_timeout_secs ({}) must exceed heartbeat_period_secs ({})",
-            f.heartbeat_timeout_secs,
-            f.heartbeat_period_secs
-        );
-        Ok(())
+        let advertise_address = match raw.rpc.advertise_address {
+            empty if empty.is_empty() => empty,
+            address => settings::host_port("rpc.advertise_address", address)?,
+        };
+        Ok(Self {
+            api: Endpoint {
+                host: settings::non_empty("api.host", raw.api.host)?,
+                port: raw.api.port,
+            },
+            rpc: RpcEndpoint {
+                host: settings::non_empty("rpc.host", raw.rpc.host)?,
+                port: raw.rpc.port,
+                advertise_address,
+            },
+            aggregator: AggregatorSettings {
+                rpc_address: settings::host_port(
+                    "aggregator.rpc_address",
+                    raw.aggregator.rpc_address,
+                )?,
+                call_timeout: settings::secs(
+                    "aggregator.call_timeout_secs",
+                    raw.aggregator.call_timeout_secs,
+                    CALL_TIMEOUT_SECS.0,
+                    CALL_TIMEOUT_SECS.1,
+                )?,
+            },
+            federation: FederationSettings {
+                rounds: settings::int("federation.rounds", f.rounds, 0, MAX_ROUNDS)?,
+                min_clients: settings::int(
+                    "federation.min_clients",
+                    f.min_clients,
+                    1,
+                    MAX_MIN_CLIENTS,
+                )?,
+                participants_ratio: settings::ratio(
+                    "federation.participants_ratio",
+                    f.participants_ratio,
+                )?,
+                heartbeat_timeout,
+                round_timeout: settings::secs(
+                    "federation.round_timeout_secs",
+                    f.round_timeout_secs,
+                    ROUND_TIMEOUT_SECS.0,
+                    ROUND_TIMEOUT_SECS.1,
+                )?,
+            },
+            heartbeat_period,
+            runtime: raw.runtime,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The defaults with `overrides` (TOML) laid over them, as the binary would read them.
+    fn load(overrides: &str) -> Result<CoordinatorSettings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "rondo-coordinator-config-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let file = dir.join("override.toml");
+        std::fs::write(&file, overrides).expect("writing the override");
+        rondo_net::boot::load_settings(DEFAULTS, Some(&file))
     }
 
-    pub fn federation_settings(&self) -> FederationSettings {
-        let f = &self.federation;
-        FederationSettings {
-            rounds: f.rounds,
-            min_clients: f.min_clients,
-            participants_ratio: f.participants_ratio,
-            heartbeat_timeout: Duration::from_secs_f64(f.heartbeat_timeout_secs),
-            round_timeout: Duration::from_secs_f64(f.round_timeout_secs),
+    fn error(overrides: &str) -> String {
+        load(overrides)
+            .expect_err(&format!("{overrides} is refused"))
+            .to_string()
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        let settings = load("").expect("the defaults are valid");
+        assert_eq!(settings.federation.round_timeout, Duration::from_secs(120));
+        assert_eq!(settings.aggregator.call_timeout, Duration::from_secs(5));
+        assert_eq!(settings.heartbeat_period, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn every_duration_refuses_negative_zero_nan_infinite_and_huge_values() {
+        for key in [
+            "federation.heartbeat_period_secs",
+            "federation.heartbeat_timeout_secs",
+            "federation.round_timeout_secs",
+            "aggregator.call_timeout_secs",
+        ] {
+            let (section, name) = key.split_once('.').expect("section.key");
+            for bad in ["-1.0", "0.0", "nan", "inf", "-inf", "1e300"] {
+                let text = error(&format!("[{section}]\n{name} = {bad}\n"));
+                assert!(
+                    text.starts_with(&format!("invalid config: {key} = ")),
+                    "{key} = {bad}: {text}"
+                );
+                assert!(
+                    text.contains("must be a finite number of seconds"),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn edge_values_are_accepted() {
+        let settings = load(
+            "[federation]\nround_timeout_secs = 31536000\nheartbeat_period_secs = 0.001\n\
+             participants_ratio = 1.0\nmin_clients = 1\nrounds = 0\n\
+             [aggregator]\ncall_timeout_secs = 0.001\n[api]\nport = 65535\n",
+        )
+        .expect("edge values are valid");
+        assert_eq!(
+            settings.federation.round_timeout,
+            Duration::from_secs(31_536_000)
+        );
+        assert_eq!(settings.heartbeat_period, Duration::from_millis(1));
+        assert_eq!(settings.aggregator.call_timeout, Duration::from_millis(1));
+        assert_eq!(settings.api.port, 65535);
+        assert_eq!(settings.federation.min_clients, 1);
+    }
+
+    #[test]
+    fn counts_and_ratios_out_of_range_are_refused() {
+        for (overrides, key) in [
+            (
+                "[federation]\nmin_clients = 0",
+                "federation.min_clients = 0",
+            ),
+            (
+                "[federation]\nparticipants_ratio = 0.0",
+                "federation.participants_ratio = 0",
+            ),
+            (
+                "[federation]\nparticipants_ratio = 1.5",
+                "federation.participants_ratio = 1.5",
+            ),
+            (
+                "[federation]\nparticipants_ratio = nan",
+                "federation.participants_ratio = NaN",
+            ),
+            (
+                "[federation]\nrounds = 1000001",
+                "federation.rounds = 1000001",
+            ),
+            (
+                "[federation]\nheartbeat_timeout_secs = 1.0",
+                "federation.heartbeat_timeout_secs = 1",
+            ),
+            ("[api]\nhost = \"\"", "api.host"),
+            (
+                "[aggregator]\nrpc_address = \"nohost\"",
+                "aggregator.rpc_address",
+            ),
+            (
+                "[rpc]\nadvertise_address = \"coordinator\"",
+                "rpc.advertise_address",
+            ),
+        ] {
+            let text = error(overrides);
+            assert!(
+                text.starts_with(&format!("invalid config: {key}")),
+                "{overrides}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_sections_are_refused_by_name() {
+        let text = error("[federation]\nroundz = 3\n");
+        assert!(text.contains("roundz"), "{text}");
+        let text = error("[federations]\nrounds = 3\n");
+        assert!(text.contains("federations"), "{text}");
+    }
+
+    #[test]
+    fn wrong_types_and_out_of_range_ports_are_refused_by_name() {
+        for (overrides, key) in [
+            (
+                "[federation]\nround_timeout_secs = \"soon\"",
+                "round_timeout_secs",
+            ),
+            ("[federation]\nrounds = -1", "rounds"),
+            ("[federation]\nrounds = 2.5", "rounds"),
+            ("[federation]\nmin_clients = true", "min_clients"),
+            (
+                "[federation]\nheartbeat_period_secs = true",
+                "heartbeat_period_secs",
+            ),
+            (
+                "[federation]\nparticipants_ratio = \"all\"",
+                "participants_ratio",
+            ),
+            ("[api]\nport = 65536", "port"),
+            ("[api]\nport = -1", "port"),
+        ] {
+            let text = error(overrides);
+            assert!(text.starts_with("invalid config: "), "{text}");
+            assert!(text.contains(key), "{overrides}: {text}");
         }
     }
 }

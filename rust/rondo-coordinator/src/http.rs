@@ -31,6 +31,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/metrics", get(metrics));
     api::with_common_routes(routes, OPENAPI)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(api::reject_oversized(MAX_JSON_BODY as u64, "invalid_body"))
         .with_state(coordinator)
 }
 

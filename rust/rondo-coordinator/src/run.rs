@@ -9,15 +9,14 @@ use rondo_net::boot;
 use rondo_net::link::CoordinatorRpc;
 use rondo_net::shutdown::Shutdown;
 
-use crate::config::CoordinatorConfig;
+use crate::config::CoordinatorSettings;
 use crate::link::{CoordinatorRpcServer, drive};
 use crate::service::Coordinator;
 
-pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
-    config.validate()?;
+pub async fn run(config: CoordinatorSettings) -> anyhow::Result<()> {
     let coordinator = Arc::new(Coordinator::new(
-        Federation::new(config.federation_settings()),
-        config.federation.heartbeat_period_secs,
+        Federation::new(config.federation.clone()),
+        config.heartbeat_period.as_secs_f64(),
     ));
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
     let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
@@ -45,7 +44,7 @@ pub async fn run(config: CoordinatorConfig) -> anyhow::Result<()> {
         coordinator.clone(),
         config.aggregator.rpc_address.clone(),
         advertised,
-        Duration::from_secs_f64(config.aggregator.call_timeout_secs),
+        config.aggregator.call_timeout,
     );
     // The driver keeps no work of its own (every command is resent from the state machine),
     // so it simply stops at shutdown, between two of its steps.

@@ -1,10 +1,11 @@
 //! What every Rondo HTTP API answers the same way.
 
 use axum::Json;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use prometheus::{Encoder, Registry, TextEncoder};
 use serde::Serialize;
+use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
 /// An error answer: an HTTP status and `{"error": {"code": …, "message": …}}`.
 #[derive(Debug, Clone)]
@@ -61,6 +62,63 @@ impl IntoResponse for ApiError {
         };
         (self.status, Json(body)).into_response()
     }
+}
+
+/// A layer that answers 413 with the JSON error `code` to a request whose `Content-Length`
+/// exceeds `max` bytes, before its body is read. Without it, a body limit applied while
+/// reading (axum's `DefaultBodyLimit`, or an upload handler's own count) only notices once the
+/// client has sent that much, and a client that declared too much and then waits for an answer
+/// holds the connection until a timeout. A body without a `Content-Length` (chunked) still
+/// needs that limit while reading. (tower-http's `RequestBodyLimitLayer` makes the same check
+/// but answers in plain text, not in the JSON error shape.)
+pub fn reject_oversized(
+    max: u64,
+    code: &'static str,
+) -> ValidateRequestHeaderLayer<RejectOversized> {
+    ValidateRequestHeaderLayer::custom(RejectOversized { max, code })
+}
+
+/// See [`reject_oversized`].
+#[derive(Debug, Clone, Copy)]
+pub struct RejectOversized {
+    max: u64,
+    code: &'static str,
+}
+
+impl<B> ValidateRequest<B> for RejectOversized {
+    type ResponseBody = axum::body::Body;
+
+    fn validate(&mut self, request: &mut Request<B>) -> Result<(), Response> {
+        // hyper has already refused a `Content-Length` that is not a number, with 400.
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match declared {
+            Some(length) if length > self.max => Err(closing(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                self.code,
+                format!(
+                    "the body is {length} bytes (Content-Length), more than the {} allowed",
+                    self.max
+                ),
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `error` as a response that closes the connection: for a request refused before its body
+/// was read, whose unread bytes must not be taken for the next request (hyper would otherwise
+/// keep the connection and wait to discard the body the client may never send).
+pub fn closing(error: ApiError) -> Response {
+    let mut response = error.into_response();
+    response.headers_mut().insert(
+        header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// The bearer token of a request, or `missing_code` when there is none.

@@ -7,16 +7,25 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+
+use crate::settings::{ConfigError, FromConfig};
 
 /// Reads a service's config: the embedded `defaults` (TOML), then `file` if given, then
 /// environment variables `RONDO__SECTION__KEY` (e.g. `RONDO__API__PORT=0`).
-pub fn load_config<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> anyhow::Result<T> {
+pub fn load_config<T: DeserializeOwned>(
+    defaults: &str,
+    file: Option<&Path>,
+) -> Result<T, ConfigError> {
     let mut builder = config::Config::builder()
         .add_source(config::File::from_str(defaults, config::FileFormat::Toml));
     if let Some(path) = file {
         if !path.is_file() {
-            anyhow::bail!("config file {} does not exist", path.display());
+            return Err(ConfigError::unreadable(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
         }
         builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
     }
@@ -28,9 +37,13 @@ pub fn load_config<T: DeserializeOwned>(defaults: &str, file: Option<&Path>) -> 
                 .try_parsing(true),
         )
         .build()
-        .context("reading the config")?
-        .try_deserialize()
-        .context("the config has a missing or malformed key")
+        .and_then(config::Config::try_deserialize)
+        .map_err(ConfigError::unreadable)
+}
+
+/// Loads and validates a service's settings (see [`load_config`]).
+pub fn load_settings<S: FromConfig>(defaults: &str, file: Option<&Path>) -> Result<S, ConfigError> {
+    S::from_config(load_config(defaults, file)?)
 }
 
 /// Logs to stderr; `RUST_LOG` overrides the default filter (`info`, with tarpc's per-call
@@ -50,7 +63,8 @@ pub fn init_tracing() {
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
     /// Cap on the connection's read buffer (hyper's own default lets it grow to ~400 KiB while a
-    /// large body streams in), and so also on the size of a request's head.
+    /// large body streams in), and so also on the size of a request's head: a longer head gets
+    /// 431 `headers_too_large`.
     pub read_buffer_max: usize,
     /// How long a client may take to send a request's head before the connection is closed.
     pub header_read_timeout: Duration,
@@ -77,7 +91,8 @@ impl Default for HttpLimits {
 /// time to read a request's head is limited (hyper enforces that only with a timer, which
 /// `axum::serve` does not set), both per `limits`. Nagle's algorithm is off on every connection:
 /// answers are written as soon as they are ready rather than held for the peer's
-/// acknowledgement of the last segment.
+/// acknowledgement of the last segment. Requests that hyper refuses before the router sees them
+/// (unparsable, head too large) get the JSON error body like every other error.
 pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
@@ -90,6 +105,13 @@ pub async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // hyper's own limit on a head is its read buffer, which can take in more than its cap in
+    // one read: a head a little over the cap may pass or not. This makes the limit exact.
+    let router = router.layer(
+        tower_http::validate_request::ValidateRequestHeaderLayer::custom(HeadLimit(
+            limits.read_buffer_max,
+        )),
+    );
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -108,6 +130,7 @@ pub async fn serve_http(
             tracing::debug!(%err, "could not set TCP_NODELAY");
         }
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let stream = JsonParseErrors::new(stream, limits.read_buffer_max);
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(err) = connection.await {
@@ -123,6 +146,260 @@ pub async fn serve_http(
     {
         tracing::warn!("HTTP connections still open after 10 s of shutdown; closing them");
     }
+}
+
+/// Answers 431 (JSON) to a request whose head (request line and headers, as they would be
+/// written) is longer than `.0` bytes.
+#[derive(Debug, Clone, Copy)]
+struct HeadLimit(usize);
+
+impl<B> tower_http::validate_request::ValidateRequest<B> for HeadLimit {
+    type ResponseBody = axum::body::Body;
+
+    fn validate(
+        &mut self,
+        request: &mut axum::http::Request<B>,
+    ) -> Result<(), axum::response::Response> {
+        // "METHOD URI HTTP/1.1\r\n", "name: value\r\n" for each header, "\r\n".
+        let uri = request.uri();
+        let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
+            + uri.authority().map_or(0, |a| a.as_str().len());
+        let line = request.method().as_str().len() + target + 12;
+        let headers: usize = request
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if line + headers + 2 <= self.0 {
+            return Ok(());
+        }
+        Err(crate::api::closing(crate::api::ApiError::new(
+            axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("the request's head is larger than {} bytes", self.0),
+        )))
+    }
+}
+
+/// A connection's stream that turns the error answers hyper writes on its own into answers
+/// with Rondo's JSON error body.
+///
+/// When hyper cannot parse a request's head (a garbage request line, `Content-Length: abc`, a
+/// head larger than its read buffer) it answers 400, 414 or 431 itself, with an empty body, and
+/// the request never reaches the router; hyper 1.x has no hook to shape that answer. Its answer
+/// is always exactly a head of `connection: close`, `content-length: 0` and `date` headers,
+/// written in one piece at a message boundary, after which hyper closes the connection. A
+/// write that is exactly such a head is swapped here for the same status with a JSON body.
+/// (Rondo's routers never answer a 4xx without a body, and a response body is never written
+/// in the same buffer as its head, so nothing else can match.) Then, as hyper may not have
+/// read all of what the client sent, the connection is closed gently: the write side first,
+/// reading and discarding the rest for a moment, so that the client gets the answer rather
+/// than a reset.
+struct JsonParseErrors {
+    inner: Option<tokio::net::TcpStream>,
+    /// The JSON answer, and how much of it is written.
+    replacement: Option<(Vec<u8>, usize)>,
+    head_max: usize,
+}
+
+impl JsonParseErrors {
+    fn new(inner: tokio::net::TcpStream, head_max: usize) -> Self {
+        Self {
+            inner: Some(inner),
+            replacement: None,
+            head_max,
+        }
+    }
+}
+
+/// The JSON answer for hyper's own answer `head`, if `head` is one.
+fn json_parse_error(head: &[u8], head_max: usize) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(head).ok()?.strip_suffix("\r\n\r\n")?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next()?;
+    let status = status_line.strip_prefix("HTTP/1.1 ")?.get(..3)?;
+    let (code, message) = match status {
+        "400" => (
+            "bad_request",
+            "the request is not valid HTTP/1.1 (its request line or a header, such as \
+             Content-Length, is malformed)"
+                .to_string(),
+        ),
+        "414" => ("uri_too_long", "the request's URI is too long".to_string()),
+        "431" => (
+            "headers_too_large",
+            format!("the request's head is larger than {head_max} bytes"),
+        ),
+        _ => return None,
+    };
+    let mut date = None;
+    let (mut close, mut empty) = (false, false);
+    for line in lines {
+        match line {
+            "connection: close" if !close => close = true,
+            "content-length: 0" if !empty => empty = true,
+            _ if date.is_none() && line.starts_with("date: ") => date = Some(line),
+            _ => return None,
+        }
+    }
+    if !(close && empty) {
+        return None;
+    }
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    let mut answer = format!(
+        "{status_line}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n",
+        body.len()
+    );
+    if let Some(date) = date {
+        answer.push_str(date);
+        answer.push_str("\r\n");
+    }
+    answer.push_str("\r\n");
+    answer.push_str(&body);
+    Some(answer.into_bytes())
+}
+
+impl JsonParseErrors {
+    /// Writes what is left of the replacement answer, if any.
+    fn poll_replacement(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let (Some(inner), Some((answer, written))) =
+            (self.inner.as_mut(), self.replacement.as_mut())
+        else {
+            return Poll::Ready(Ok(()));
+        };
+        while *written < answer.len() {
+            match std::pin::Pin::new(&mut *inner).poll_write(cx, &answer[*written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether a write of `total` bytes starting with `first` is hyper's own error answer, now
+    /// replaced (hyper's answer is written as one buffer, so `first` must be all of it).
+    fn replaces(&mut self, first: &[u8], total: usize) -> bool {
+        if self.replacement.is_some() || first.len() != total {
+            return false;
+        }
+        self.replacement = json_parse_error(first, self.head_max).map(|answer| (answer, 0));
+        self.replacement.is_some()
+    }
+
+    fn inner(&mut self) -> std::io::Result<&mut tokio::net::TcpStream> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| std::io::ErrorKind::NotConnected.into())
+    }
+}
+
+impl AsyncRead for JsonParseErrors {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut().inner.as_mut() {
+            Some(inner) => std::pin::Pin::new(inner).poll_read(cx, buf),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for JsonParseErrors {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_replacement(cx))?;
+        if this.replaces(buf, buf.len()) {
+            return std::task::Poll::Ready(Ok(buf.len()));
+        }
+        std::pin::Pin::new(this.inner()?).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_replacement(cx))?;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if bufs
+            .first()
+            .is_some_and(|first| this.replaces(first, total))
+        {
+            return std::task::Poll::Ready(Ok(total));
+        }
+        std::pin::Pin::new(this.inner()?).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(AsyncWrite::is_write_vectored)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_replacement(cx))?;
+        std::pin::Pin::new(this.inner()?).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_replacement(cx))?;
+        std::pin::Pin::new(this.inner()?).poll_shutdown(cx)
+    }
+}
+
+impl Drop for JsonParseErrors {
+    fn drop(&mut self) {
+        // Only after a replaced answer: the usual case needs no lingering.
+        if self.replacement.is_none() {
+            return;
+        }
+        let (Some(stream), Ok(runtime)) =
+            (self.inner.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(linger(stream));
+    }
+}
+
+/// Closes `stream` without a reset: shuts the write side, then reads and discards what the
+/// client still sends, for at most a second and 1 MiB. Closing a socket with unread bytes makes
+/// the kernel send a reset, and a client that receives it may lose the answer unread.
+async fn linger(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = (&mut stream).take(1 << 20);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::io::copy(&mut sink, &mut tokio::io::sink()),
+    )
+    .await;
 }
 
 pub async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
@@ -175,17 +452,18 @@ struct Cli {
     config: Option<std::path::PathBuf>,
 }
 
-/// The whole `main` of a Rondo binary: parse `-c FILE`, load the config over `defaults`, run.
-/// Errors end the process with a one-line message and exit code 1, never a panic.
-pub async fn main<C, F, Fut>(
+/// The whole `main` of a Rondo binary: parse `-c FILE`, load and validate the config over
+/// `defaults`, run. Errors end the process with a one-line message, never a panic: exit code 2
+/// for a config that cannot be used (the message names the key), 1 for a failure while running.
+pub async fn main<S, F, Fut>(
     name: &'static str,
     about: &'static str,
     defaults: &str,
     run: F,
 ) -> std::process::ExitCode
 where
-    C: DeserializeOwned,
-    F: FnOnce(C) -> Fut,
+    S: FromConfig,
+    F: FnOnce(S) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     use clap::{CommandFactory, FromArgMatches};
@@ -199,12 +477,14 @@ where
         Ok(cli) => cli,
         Err(err) => err.exit(),
     };
-    let result = async {
-        let config: C = load_config(defaults, cli.config.as_deref())?;
-        run(config).await
-    }
-    .await;
-    match result {
+    let settings = match load_settings::<S>(defaults, cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("{name}: {err}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("{name}: {err:#}");
@@ -224,7 +504,16 @@ mod tests {
     async fn serving(limits: HttpLimits) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
         let listener = bind("127.0.0.1", 0).await.expect("binding a free port");
         let addr = listener.local_addr().expect("a bound address");
-        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let router = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .route("/lookalike", axum::routing::get(|| async { LOOKALIKE }))
+            .route(
+                "/upload",
+                axum::routing::post(
+                    |body: axum::body::Bytes| async move { body.len().to_string() },
+                )
+                .route_layer(crate::api::reject_oversized(1000, "body_too_large")),
+            );
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async {
             let _ = stopped.await;
@@ -245,6 +534,108 @@ mod tests {
             .expect("the server closed the connection within 5 s")
             .expect("reading the answer");
         String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// What hyper writes when it cannot parse a request, as a response body.
+    const LOOKALIKE: &str =
+        "HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+
+    /// The status line and the JSON error of an answer.
+    fn json_error(answer: &str) -> (&str, serde_json::Value) {
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(head.contains("content-type: application/json"), "{answer}");
+        let json: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
+        (
+            head.lines().next().unwrap_or_default(),
+            json["error"]["code"].clone(),
+        )
+    }
+
+    #[tokio::test]
+    async fn requests_hyper_cannot_parse_get_the_json_error_body() {
+        let (addr, _stop, _server) = serving(HttpLimits::default()).await;
+        let big_header = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(100_000)
+        );
+        let just_over = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(65_600)
+        );
+        for (request, status, code) in [
+            (
+                "GARBAGE\r\n\r\n".to_string(),
+                "HTTP/1.1 400 Bad Request",
+                "bad_request",
+            ),
+            (
+                "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_string(),
+                "HTTP/1.1 400 Bad Request",
+                "bad_request",
+            ),
+            (
+                big_header,
+                "HTTP/1.1 431 Request Header Fields Too Large",
+                "headers_too_large",
+            ),
+            (
+                just_over,
+                "HTTP/1.1 431 Request Header Fields Too Large",
+                "headers_too_large",
+            ),
+        ] {
+            let answer = exchange(addr, request.as_bytes()).await;
+            let (status_line, error_code) = json_error(&answer);
+            assert_eq!(status_line, status, "{answer}");
+            assert_eq!(error_code, code, "{answer}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_that_looks_like_hypers_error_answer_is_left_alone() {
+        let (addr, _stop, _server) = serving(HttpLimits::default()).await;
+        let answer = exchange(
+            addr,
+            b"GET /lookalike HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.ends_with(&format!("\r\n\r\n{LOOKALIKE}")),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_declared_body_over_the_limit_is_refused_before_it_is_sent() {
+        let (addr, _stop, _server) = serving(HttpLimits::default()).await;
+        let started = std::time::Instant::now();
+        // The body never comes: only an answer from the head alone ends the exchange.
+        let answer = exchange(
+            addr,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n",
+        )
+        .await;
+        let (status_line, code) = json_error(&answer);
+        assert_eq!(status_line, "HTTP/1.1 413 Payload Too Large", "{answer}");
+        assert_eq!(code, "body_too_large");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let answer = exchange(
+            addr,
+            format!(
+                "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{}",
+                "b".repeat(1000)
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 
     #[tokio::test]

@@ -16,9 +16,12 @@
 //!   stop on it, and work that must finish (folds, queued notices, closes) is tracked by it
 //!   and drained, within a bound, before exit.
 //! - [`retry`] is the one backoff policy (exponential, jittered) of every retried call.
+//! - [`settings`] turns a config's raw values into checked settings (durations, counts, ratios,
+//!   addresses), refusing bad ones with a message that names the key.
 
 pub mod api;
 pub mod boot;
 pub mod link;
 pub mod retry;
+pub mod settings;
 pub mod shutdown;
