@@ -18,7 +18,7 @@ use bytes::Bytes;
 use rondo_core::aggregate::ModelBuffer;
 use rondo_core::federation::{self, AggregationResult, constant_time_eq};
 use rondo_core::model::ModelSpec;
-use rondo_core::strategy::{RoundAggregation, Strategy, model_is_finite};
+use rondo_core::strategy::{NOT_FINITE, RoundAggregation, Strategy, model_is_finite};
 
 use crate::spare::{Recycled, SpareSum, release};
 use crate::wire;
@@ -145,11 +145,10 @@ impl ClosingRound {
                     let updates = sum.updates();
                     let spec = sum.spec().clone();
                     let previous = self.previous.as_ref().map(|m| model_data(&m.file));
-                    sum.finalize(previous).and_then(|mut buffer| {
-                        if !model_is_finite(&spec, buffer.data()) {
-                            return Err("the aggregated model is not finite (the weighted sum \
-                                        overflowed); the previous global model stays"
-                                .to_string());
+                    sum.finalize(previous).and_then(|finalized| {
+                        let mut buffer = finalized.model;
+                        if !finalized.checked_finite && !model_is_finite(&spec, buffer.data()) {
+                            return Err(NOT_FINITE.to_string());
                         }
                         buffer
                             .prefix_mut()

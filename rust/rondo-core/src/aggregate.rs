@@ -442,6 +442,12 @@ impl FedAvgAccumulator {
     /// dtypes, after [`with_prefix`](Self::with_prefix)'s reserved bytes. `None` when no update
     /// was added. In-place sums are scaled where they are and handed over without a copy.
     pub fn finalize(self) -> Option<ModelBuffer> {
+        self.finalize_checked().map(|(buffer, _)| buffer)
+    }
+
+    /// [`finalize`](Self::finalize), and whether every value of the model is finite (checked
+    /// while it is written, not in a second pass).
+    pub fn finalize_checked(self) -> Option<(ModelBuffer, bool)> {
         let total_weight = self.total_weight();
         if self.updates() == 0 || total_weight <= 0.0 {
             return None;
@@ -463,24 +469,28 @@ impl FedAvgAccumulator {
                     prefix,
                 };
                 let data = buffer.data_mut();
-                match sum.dtype {
+                let finite = match sum.dtype {
                     DType::F64 => kernels::scale_in_place(bytemuck::cast_slice_mut(data), scale),
                     _ => kernels::scale_in_place(bytemuck::cast_slice_mut(data), scale as f32),
-                }
-                Some(buffer)
+                };
+                Some((buffer, finite))
             }
             Sums::Plain(ref sums) => {
                 let sums = lock(sums);
-                Some(self.write_tensors(|index, dtype, out| match &sums[index] {
+                let buffer = self.write_tensors(|index, dtype, out| match &sums[index] {
                     PlainSum::F32(acc) => kernels::write_scaled_f32(acc, dtype, scale, out),
                     PlainSum::F64(acc) => kernels::write_scaled_f64(acc, dtype, scale, out),
-                }))
+                });
+                let finite = crate::strategy::model_is_finite(&self.spec, buffer.data());
+                Some((buffer, finite))
             }
             Sums::Atomic(ref sums) => {
-                Some(self.write_tensors(|index, dtype, out| match &sums[index] {
+                let buffer = self.write_tensors(|index, dtype, out| match &sums[index] {
                     AtomicSum::F32(acc) => kernels::write_scaled_atomic_f32(acc, dtype, scale, out),
                     AtomicSum::F64(acc) => kernels::write_scaled_atomic_f64(acc, dtype, scale, out),
-                }))
+                });
+                let finite = crate::strategy::model_is_finite(&self.spec, buffer.data());
+                Some((buffer, finite))
             }
         }
     }

@@ -311,13 +311,39 @@ pub fn write_scaled_atomic_f64(sum: &[AtomicU64], dtype: DType, scale: f64, out:
     });
 }
 
-/// `sum[i] *= scale` in place (finalize of a sum that becomes the model file).
-pub fn scale_in_place<T: Copy + Send + Sync + std::ops::MulAssign>(sum: &mut [T], scale: T) {
-    sum.par_chunks_mut(PAR_CHUNK).for_each(|sum| {
-        for a in sum {
-            *a *= scale;
-        }
-    });
+/// A float the finalize pass can scale and check.
+pub trait SumValue: Copy + Send + Sync + std::ops::MulAssign {
+    fn finite(self) -> bool;
+}
+
+impl SumValue for f32 {
+    #[inline(always)]
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+
+impl SumValue for f64 {
+    #[inline(always)]
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+
+/// `sum[i] *= scale` in place (finalize of a sum that becomes the model file), and whether
+/// every result is finite: checked in the same pass, so that the check that no non-finite
+/// model is published costs no second read of the model.
+pub fn scale_in_place<T: SumValue>(sum: &mut [T], scale: T) -> bool {
+    sum.par_chunks_mut(PAR_CHUNK)
+        .map(|sum| {
+            let mut finite = true;
+            for a in sum {
+                *a *= scale;
+                finite &= a.finite();
+            }
+            finite
+        })
+        .reduce(|| true, |a, b| a & b)
 }
 
 /// Encodes `values` as little-endian `dtype` bytes.

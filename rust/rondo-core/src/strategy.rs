@@ -30,8 +30,19 @@ pub trait RoundAggregation: Send + Sync + Debug {
     /// Consumes the round into the next model's file buffer (the data after the reserved
     /// header prefix). `previous` is the data of the global model the round started from
     /// (`None` in round 0). An `Err` names why no model could be made; the round then fails.
-    fn finalize(self: Box<Self>, previous: Option<&[u8]>) -> Result<ModelBuffer, String>;
+    fn finalize(self: Box<Self>, previous: Option<&[u8]>) -> Result<Finalized, String>;
 }
+
+/// A round's next model, and whether the rule already checked that it is finite (so the book
+/// need not read it again; it checks every model for which this is `false`).
+#[derive(Debug)]
+pub struct Finalized {
+    pub model: ModelBuffer,
+    pub checked_finite: bool,
+}
+
+/// Why a round's model is refused: it is not finite.
+pub const NOT_FINITE: &str = "the aggregated model is not finite (the weighted sum overflowed); the previous global model stays";
 
 /// An aggregation rule: makes each round's [`RoundAggregation`].
 pub trait Strategy: Send + Sync + Debug {
@@ -96,10 +107,15 @@ impl RoundAggregation for FedAvgAccumulator {
         FedAvgAccumulator::updates(self)
     }
 
-    fn finalize(self: Box<Self>, _previous: Option<&[u8]>) -> Result<ModelBuffer, String> {
-        (*self)
-            .finalize()
-            .ok_or_else(|| "no update with a positive sample count was added".to_string())
+    fn finalize(self: Box<Self>, _previous: Option<&[u8]>) -> Result<Finalized, String> {
+        match (*self).finalize_checked() {
+            None => Err("no update with a positive sample count was added".to_string()),
+            Some((_, false)) => Err(NOT_FINITE.to_string()),
+            Some((model, true)) => Ok(Finalized {
+                model,
+                checked_finite: true,
+            }),
+        }
     }
 }
 
@@ -117,6 +133,7 @@ pub fn model_is_finite(spec: &ModelSpec, data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::AccumulationMode;
     use crate::kernels::{decode_values, encode_values};
     use crate::model::{DType, TensorSpec};
 
@@ -145,7 +162,7 @@ mod tests {
         round.add(update(&[1.0, 2.0], 1.0)).unwrap();
         round.add(update(&[4.0, 8.0], 3.0)).unwrap();
         assert_eq!(round.updates(), 2);
-        let model = round.finalize(None).unwrap();
+        let model = round.finalize(None).unwrap().model;
         assert_eq!(decode_values(DType::F32, model.data()), vec![3.25, 6.5]);
     }
 
@@ -158,10 +175,20 @@ mod tests {
     #[test]
     fn finite_weights_can_sum_to_inf_and_the_check_sees_it() {
         // 3e38 is a finite f32, and so is the weight; their weighted sum is not.
-        let round = FedAvg::default().begin_round(spec(), 0, None);
-        round.add(update(&[3e38, 1.0], 1e9)).unwrap();
-        round.add(update(&[3e38, 1.0], 1e9)).unwrap();
-        let model = round.finalize(None).unwrap();
+        for mode in [AccumulationMode::Blocked, AccumulationMode::Hogwild] {
+            let options = AccumulatorOptions {
+                mode,
+                deterministic: false,
+            };
+            let round = FedAvg { options }.begin_round(spec(), 0, None);
+            round.add(update(&[3e38, 1.0], 1e9)).unwrap();
+            round.add(update(&[3e38, 1.0], 1e9)).unwrap();
+            assert_eq!(round.finalize(None).unwrap_err(), NOT_FINITE, "{mode:?}");
+        }
+        let acc = FedAvgAccumulator::new(spec(), AccumulatorOptions::default());
+        acc.add(update(&[3e38, 1.0], 1e9)).unwrap();
+        acc.add(update(&[3e38, 1.0], 1e9)).unwrap();
+        let model = acc.finalize().unwrap();
         assert!(!model_is_finite(&spec(), model.data()));
         let fine = encode_values(DType::F32, &[3e38, -3e38]);
         assert!(model_is_finite(&spec(), &fine));
