@@ -7,14 +7,17 @@ calls your training code and uploads the result, round after round::
     report = rondo.run_participant(MyParticipant(), "http://127.0.0.1:8081")
 
 Modules: :mod:`rondo.participant` (the interface and the report), :mod:`rondo.runner` (the
-protocol: joining, heartbeats, rounds), :mod:`rondo.transport` (HTTP/1.1 on sockets,
-downloads read in place, uploads sent from the arrays), :mod:`rondo.safetensors_io` (the wire
-encoding of weights), :mod:`rondo.errors`, :mod:`rondo.util`.
+protocol: joining, heartbeats, rounds), :mod:`rondo.transport` (HTTP on :mod:`http.client`:
+downloads read in place, uploads sent from the arrays, TLS options, proxies; the
+:class:`Transport` protocol a caller may implement instead), :mod:`rondo.safetensors_io` (the
+wire encoding of weights: float32, float64, float16, and bfloat16 with ``ml_dtypes``),
+:mod:`rondo.errors`, :mod:`rondo.util`.
 """
 
-from .errors import ApiError, CoordinatorUnavailable, NetworkError, RondoError
+from .errors import ApiError, CoordinatorUnavailable, DTypeUnavailable, NetworkError, RondoError
 from .participant import Participant, ParticipantReport
 from .runner import run_participant
+from .transport import HttpClient, Transport
 from .types import Weights
 
 __version__ = "0.1.0"
@@ -22,10 +25,13 @@ __version__ = "0.1.0"
 __all__ = [
     "ApiError",
     "CoordinatorUnavailable",
+    "DTypeUnavailable",
+    "HttpClient",
     "NetworkError",
     "Participant",
     "ParticipantReport",
     "RondoError",
+    "Transport",
     "Weights",
     "__version__",
     "run_participant",

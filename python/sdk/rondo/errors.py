@@ -31,3 +31,21 @@ class ApiError(RondoError):
         self.status = status
         self.code = code
         self.message = message
+
+
+class DTypeUnavailable(RondoError):
+    """A tensor has a dtype that this Python installation cannot represent.
+
+    Today that is BF16 without the ``ml_dtypes`` package (numpy has no bfloat16 of its own):
+    ``pip install ml_dtypes``, or ``pip install rondo[bf16]``. Raised when such a model is
+    decoded, so before any training on it.
+
+    Attributes:
+        tensor: the name of the (first) tensor concerned.
+        dtype: its safetensors dtype, e.g. ``"BF16"``.
+    """
+
+    def __init__(self, tensor: str, dtype: str, message: str) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+        self.dtype = dtype

@@ -12,6 +12,14 @@ request still proves the participant alive). A participant therefore hears of a 
 once, and while nothing happens sends one request per hold rather than one per period: with a
 hundred participants in one process, that is what keeps the GIL free for training. The calling
 thread sleeps until the heartbeat thread has news (waking now and then for the stop event).
+
+Both threads share one transport (an :class:`~rondo.transport.HttpClient` unless the caller
+passes its own, whose pool of kept-alive connections gives each thread its own). The transport
+re-sends only what is idempotent (heartbeats, ``start_training``, downloads); an upload that
+failed on the network is sent again here, a bounded number of times: the aggregator accepts
+one update per token, so a retry of an upload that did get through is refused (as
+``duplicate_update``, or as ``token_expired`` when it closed the round, which the coordinator's
+history then confirms), and the update is counted once.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -28,8 +37,8 @@ import numpy as np
 
 from .errors import ApiError, CoordinatorUnavailable, NetworkError, RondoError
 from .participant import Participant, ParticipantReport
-from .safetensors_io import decode, encode_stream
-from .transport import HttpClient
+from .safetensors_io import SafetensorsStream, decode, encode_stream
+from .transport import HttpClient, Transport
 from .types import Weights
 
 CONTROL_TIMEOUT = 10.0
@@ -42,6 +51,16 @@ MAX_BACKOFF = 2.0
 """Longest pause between two join attempts while the coordinator is unreachable."""
 STOP_CHECK_SECS = 0.25
 """How often the main thread, while waiting for a heartbeat answer, looks at the stop event."""
+UPLOAD_RETRY_DELAYS = (0.5, 2.0)
+"""Pauses before sending an update again after a network failure (one retry per entry)."""
+HISTORY_WAIT_SECS = 2.0
+"""How long to look for a round in the coordinator's history, when a retried upload finds the
+round closed, to tell whether the first attempt had got in."""
+
+# Answers to a retried upload that say something about the attempt before it: it got in
+# (`duplicate_update`), it may have (`token_expired`: the round closed), it is still being read
+# (`upload_in_progress`).
+_RETRY_ANSWERS = ("duplicate_update", "token_expired", "upload_in_progress")
 
 # Heartbeat errors that mean the coordinator does not know this identity (any more): the
 # participant must join again, exactly as after a `rejected` answer.
@@ -90,6 +109,7 @@ class _Run:
         connect_timeout: float,
         log: logging.Logger,
         stop: threading.Event,
+        transport: Transport,
     ) -> None:
         self.participant = participant
         self.base = coordinator_url.rstrip("/")
@@ -97,12 +117,13 @@ class _Run:
         self.connect_timeout = connect_timeout
         self.log = log
         self.stop = stop
-        self.http = HttpClient()  # the main thread's; the heartbeat thread has its own
+        self.http = transport  # shared by the main thread and the heartbeat thread
         self.report = ParticipantReport()
         self.label = name or "participant"
         # The previous round's download buffer, when nothing of it outlived the round: the
         # next download of the same size is read into it (no new allocation to fault in).
         self.spare: np.ndarray | None = None
+        self.training_as = ""  # the participant id of the round being trained
 
     # --- joining -------------------------------------------------------------------------------
 
@@ -151,14 +172,13 @@ class _Run:
 
     def heartbeat_loop(self, link: _Link, period: float) -> None:
         try:
-            with HttpClient() as http:
-                self._heartbeat_loop(http, link, period)
+            self._heartbeat_loop(self.http, link, period)
         except BaseException as exc:  # surfaced to the main thread, which raises it
             with link.cond:
                 link.error = exc
                 link.cond.notify_all()
 
-    def _heartbeat_loop(self, http: HttpClient, link: _Link, period: float) -> None:
+    def _heartbeat_loop(self, http: Transport, link: _Link, period: float) -> None:
         failing = False
         since: str | None = None  # the `state` of the previous answer to this identity
         asked: _Identity | None = None
@@ -182,6 +202,8 @@ class _Run:
                     headers=_bearer(identity.secret),
                     # The coordinator may hold the answer for up to `wait_secs`.
                     timeout=max(period, LONG_POLL_SECS) + CONTROL_TIMEOUT,
+                    # A heartbeat seen twice only refreshes `last_seen` twice.
+                    idempotent=True,
                 )
             except (ApiError, NetworkError, ValueError) as exc:
                 if isinstance(exc, ApiError) and exc.code in _IDENTITY_ERRORS:
@@ -251,7 +273,6 @@ class _Run:
             # A heartbeat may be in flight (held up to a period by the coordinator); the halted
             # thread sends no other and ends when it returns. It is a daemon: no need to wait.
             thread.join(timeout=0.1)
-            self.http.close()
         return self.report
 
     def _main_loop(self, link: _Link) -> None:
@@ -299,12 +320,15 @@ class _Run:
 
     def _train(self, identity: _Identity, round_: int) -> bool:
         """Handle a `train` selection; False when start_training should be retried."""
+        self.training_as = identity.participant_id
         try:
             ticket = self.http.call(
                 "POST",
                 f"{self.base}/v1/participants/{identity.participant_id}/start_training",
                 headers=_bearer(identity.secret),
                 timeout=CONTROL_TIMEOUT,
+                # The coordinator answers it again with the same token, changing nothing else.
+                idempotent=True,
             )
         except ApiError as exc:
             # e.g. not_selected: the round closed between the heartbeat and this call.
@@ -339,7 +363,8 @@ class _Run:
         )
         self.spare = None
         try:
-            # Zero-copy: the arrays are writable views of `data`, which they keep alive.
+            # Zero-copy: the arrays are writable views of `data`, which they keep alive. A BF16
+            # model without ml_dtypes raises DTypeUnavailable here, before any training.
             weights, _ = decode(data)
         except ValueError as exc:
             raise NetworkError(f"download of {model_url} is not a valid model: {exc}") from exc
@@ -375,16 +400,85 @@ class _Run:
                 self.log.warning("%s: metric %r is %s; not sent", self.label, key, value)
         if finite:
             metadata["rondo.metrics"] = json.dumps(finite)
-        self.http.upload(
-            upload_url,
-            # Sent straight from the arrays' memory, with a Content-Length.
-            encode_stream(weights, metadata),
-            headers={**_bearer(token), "Content-Type": "application/octet-stream"},
-            timeout=DATA_TIMEOUT,
-        )
+        # Sent straight from the arrays' memory, with a Content-Length.
+        self._send_update(upload_url, token, round_, encode_stream(weights, metadata))
         self.report.rounds_trained.append(round_)
         what = "uploaded initial weights" if round_ == 0 else "trained"
         self.log.info("%s: %s round %d", self.label, what, round_)
+
+    def _send_update(
+        self, upload_url: str, token: str, round_: int, stream: SafetensorsStream
+    ) -> None:
+        """Upload, and after a network failure upload again (the stream starts over).
+
+        The transport never re-sends an upload by itself: bytes of it may have reached the
+        aggregator. Here that is safe, as the aggregator accepts one update per token. When an
+        earlier attempt did get through, the next one is refused as ``duplicate_update`` (the
+        update is in), or, if that update was the round's last and the round closed at once,
+        as ``token_expired``: then the coordinator's history tells whether this participant
+        delivered. ``upload_in_progress`` means the aggregator is still reading an earlier
+        attempt (it drops it when it notices the broken connection): wait, and send again.
+
+        Raises:
+            NetworkError: every attempt failed on the network, or a retry found the round
+                closed without this update.
+            ApiError: the aggregator refused the update.
+        """
+        headers = {**_bearer(token), "Content-Type": "application/octet-stream"}
+        delays = iter(UPLOAD_RETRY_DELAYS)
+        failure: RondoError | None = None  # the network failure that led to retrying
+        while True:
+            try:
+                self.http.upload(upload_url, stream, headers=headers, timeout=DATA_TIMEOUT)
+                return
+            except NetworkError as exc:
+                failure = exc
+            except ApiError as exc:
+                if failure is None or exc.code not in _RETRY_ANSWERS:
+                    raise
+                if exc.code == "duplicate_update" or (
+                    exc.code == "token_expired" and self._delivered(round_)
+                ):
+                    self.log.info(
+                        "%s: round %d: an earlier attempt of the upload had got in (%s)",
+                        self.label,
+                        round_,
+                        exc.code,
+                    )
+                    return
+                if exc.code == "token_expired":
+                    raise failure from exc  # the round closed without it: that lost attempt
+            delay = next(delays, None)
+            if delay is None:
+                raise failure
+            self.log.warning(
+                "%s: round %d: upload failed (%s); sending it again in %g s",
+                self.label,
+                round_,
+                failure,
+                delay,
+            )
+            if self.stop.wait(delay):
+                raise failure  # a set stop event plays a crash: no more attempts
+
+    def _delivered(self, round_: int) -> bool:
+        """Whether the coordinator's history lists this participant's update in ``round_``
+        (looked for a short while: the coordinator learns that a round closed just after the
+        aggregator has closed it)."""
+        deadline = time.monotonic() + HISTORY_WAIT_SECS
+        while True:
+            try:
+                status = self.http.call("GET", f"{self.base}/v1/status", timeout=CONTROL_TIMEOUT)
+                history = status["history"]
+                if any(
+                    entry["round"] == round_ and self.training_as in entry["delivered"]
+                    for entry in history
+                ):
+                    return True
+            except (ApiError, NetworkError, ValueError, KeyError, TypeError) as exc:
+                self.log.debug("%s: coordinator status unavailable: %s", self.label, exc)
+            if time.monotonic() >= deadline or self.stop.wait(0.1):
+                return False
 
 
 def run_participant(
@@ -395,6 +489,11 @@ def run_participant(
     connect_timeout: float = 60.0,
     log: logging.Logger | None = None,
     stop_event: threading.Event | None = None,
+    *,
+    transport: Transport | None = None,
+    ca_file: str | os.PathLike[str] | None = None,
+    client_cert: str | os.PathLike[str] | None = None,
+    client_key: str | os.PathLike[str] | None = None,
 ) -> ParticipantReport:
     """Take part in federated learning until the coordinator says all rounds are done.
 
@@ -407,8 +506,14 @@ def run_participant(
     and uploads the result. Round 0 uploads :meth:`Participant.initial_weights` instead.
 
     Failures are survived, not raised: a rejected upload is logged, recorded in the report and
-    not retried; heartbeats that fail are retried; a ``rejected`` answer (or a coordinator that
-    forgot this participant) leads to joining again under a new id.
+    not retried (an upload that failed on the network is sent again, twice at most: the
+    aggregator takes one update per token); heartbeats that fail are retried; a ``rejected``
+    answer (or a coordinator that forgot this participant) leads to joining again under a new
+    id.
+
+    ``https://`` URLs (the coordinator's, and the aggregator's that it hands out) are verified
+    against the system's certificate authorities, or ``ca_file``; proxies are taken from
+    ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` (see :class:`rondo.transport.HttpClient`).
 
     Args:
         participant: the user's training code.
@@ -424,6 +529,14 @@ def run_participant(
             uploaded. ``train_round`` runs in the calling thread and is not interrupted, so
             to simulate a participant that dies mid-round, set the event inside
             ``train_round`` and return (or block): heartbeats stop at once, nothing is uploaded.
+        transport: what to speak HTTP with instead of an :class:`~rondo.transport.HttpClient`:
+            any object with the methods of the :class:`~rondo.transport.Transport` protocol
+            (``call``, ``download``, ``upload``), used from two threads at once. It is not
+            closed here; ``ca_file`` and the client certificate do not apply to it.
+        ca_file: PEM file of the certificate authorities to trust for ``https`` URLs instead of
+            the system's.
+        client_cert: PEM certificate (chain) to present for mutual TLS; it may include the key.
+        client_key: PEM private key of ``client_cert``, when it is a file of its own.
 
     Returns:
         A :class:`ParticipantReport` of what happened.
@@ -432,11 +545,36 @@ def run_participant(
         CoordinatorUnavailable: the coordinator could not be reached within
             ``connect_timeout`` (also when joining again after a rejection).
         ApiError: the coordinator refused to let this participant join.
+        DTypeUnavailable: the global model has a tensor this Python cannot represent (BF16
+            without the ``ml_dtypes`` package); raised when the model is downloaded, before
+            ``train_round`` is called.
+        ValueError: ``transport`` given together with TLS files.
+        TypeError: ``transport`` does not have the methods of the Transport protocol.
+        OSError, ssl.SSLError: the TLS files cannot be loaded.
         Exception: whatever ``initial_weights`` or ``train_round`` raised.
     """
     stop = stop_event if stop_event is not None else threading.Event()
-    run = _Run(participant, coordinator_url, name, connect_timeout, log or _LOG, stop)
-    return run.run(heartbeat_period)
+    owned: HttpClient | None = None
+    if transport is None:
+        transport = owned = HttpClient(
+            ca_file=ca_file, client_cert=client_cert, client_key=client_key
+        )
+    elif ca_file is not None or client_cert is not None or client_key is not None:
+        raise ValueError(
+            "ca_file, client_cert and client_key configure the SDK's own transport; "
+            "with transport=..., configure that transport instead"
+        )
+    elif not isinstance(transport, Transport):
+        raise TypeError(
+            f"transport {transport!r} lacks the methods of rondo.transport.Transport "
+            "(call, download, upload)"
+        )
+    run = _Run(participant, coordinator_url, name, connect_timeout, log or _LOG, stop, transport)
+    try:
+        return run.run(heartbeat_period)
+    finally:
+        if owned is not None:
+            owned.close()
 
 
 _LOG = logging.getLogger("rondo")

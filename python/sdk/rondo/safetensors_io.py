@@ -3,6 +3,12 @@
 Uploads are streamed: :func:`encode_stream` yields the header and then views of the arrays'
 own memory, so that sending a model never holds a second full copy of it. :func:`decode` is
 zero-copy the other way: its arrays are views of the downloaded buffer.
+
+Dtypes: F32, F64 and F16 are numpy's own; BF16 is ``ml_dtypes.bfloat16`` (the package Keras
+and JAX use), imported only when a BF16 tensor is met, so that it costs nothing otherwise.
+Without it, a BF16 tensor is refused (:class:`~rondo.errors.DTypeUnavailable`) rather than
+widened: an update must have the global model's dtypes, so a widened model could not be sent
+back.
 """
 
 from __future__ import annotations
@@ -10,10 +16,12 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from .errors import DTypeUnavailable
 from .types import Weights
 
 DTYPE_NAMES: dict[np.dtype, str] = {
@@ -21,27 +29,72 @@ DTYPE_NAMES: dict[np.dtype, str] = {
     np.dtype("float64"): "F64",
     np.dtype("float16"): "F16",
 }
-"""numpy dtypes the SDK can send, and their safetensors names."""
+"""numpy's own dtypes the SDK can send, and their safetensors names; and ``bfloat16`` of
+``ml_dtypes`` (not listed: this module does not import that package unless it has to)."""
+
+SUPPORTED_DTYPES = "float32, float64, float16, bfloat16 (ml_dtypes)"
+
+BF16_HINT = "pip install ml_dtypes (or pip install rondo[bf16])"
+
+
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (told without importing ml_dtypes: an array
+    of it exists only once the package is imported)."""
+    return dtype.name == "bfloat16" and dtype.type.__module__.split(".")[0] == "ml_dtypes"
+
+
+def bfloat16_dtype(tensor: str = "?") -> np.dtype:
+    """``ml_dtypes.bfloat16`` as a numpy dtype, importing the package on first use.
+
+    Raises:
+        DTypeUnavailable: ``ml_dtypes`` is not installed; the message names ``tensor``.
+    """
+    try:
+        import ml_dtypes
+    except ImportError as exc:
+        raise DTypeUnavailable(
+            tensor,
+            "BF16",
+            f"tensor {tensor!r} is BF16 (bfloat16), which numpy represents only with the "
+            f"ml_dtypes package, and it is not installed: {BF16_HINT}",
+        ) from exc
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _wire_name(dtype: np.dtype) -> str | None:
+    """The safetensors name of a dtype the SDK can send (in any byte order), or None."""
+    if _is_bfloat16(dtype):
+        return "BF16"
+    return DTYPE_NAMES.get(dtype.newbyteorder("="))
+
 
 # Each piece is handed to the socket as it is (no copy); pieces of a bounded size keep any one
 # call short for a possibly-gigabyte tensor, and at this size cost nothing measurable.
 DEFAULT_CHUNK_BYTES = 1 << 24
 
 
-def _prepare(weights: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    """Check names and dtypes; return (name, C-contiguous little-endian array) sorted by name."""
+def _prepare(weights: Mapping[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+    """Check names and dtypes; return (name, safetensors dtype, C-contiguous little-endian
+    array) sorted by name."""
     prepared = []
     for name in sorted(weights):
         array = np.asarray(weights[name])
         if name == "__metadata__":
             raise ValueError("'__metadata__' is reserved and cannot be a tensor name")
-        if array.dtype.newbyteorder("=") not in DTYPE_NAMES:
-            supported = ", ".join(str(d) for d in DTYPE_NAMES)
-            raise TypeError(f"tensor {name!r} has dtype {array.dtype}; supported: {supported}")
+        wire = _wire_name(array.dtype)
+        if wire is None:
+            raise TypeError(
+                f"tensor {name!r} has dtype {array.dtype}; supported: {SUPPORTED_DTYPES}"
+            )
         # No copy unless the array is big-endian or not C-contiguous (and, unlike
         # np.ascontiguousarray, 0-d arrays stay 0-d).
-        little = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
-        prepared.append((name, little))
+        if wire == "BF16":  # ml_dtypes' dtype has the machine's byte order only
+            little = np.asarray(array, order="C")
+            if sys.byteorder == "big":
+                little = little.view(np.uint16).byteswap().view(array.dtype)
+        else:
+            little = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+        prepared.append((name, wire, little))
     return prepared
 
 
@@ -61,6 +114,8 @@ def encode_stream(
     The result knows its total length (``len()``), so it is sent with a ``Content-Length``
     and each piece goes to the socket as it is (see :meth:`rondo.transport.HttpClient.upload`).
 
+    Supported dtypes: float32, float64, float16 and ``ml_dtypes.bfloat16`` (sent as BF16).
+
     Raises:
         TypeError: a tensor has an unsupported dtype (raised before anything is yielded).
         ValueError: a tensor is named ``__metadata__``.
@@ -70,9 +125,9 @@ def encode_stream(
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
-    for name, array in prepared:
+    for name, wire, array in prepared:
         header[name] = {
-            "dtype": DTYPE_NAMES[array.dtype.newbyteorder("=")],
+            "dtype": wire,
             "shape": list(array.shape),
             "data_offsets": [offset, offset + array.nbytes],
         }
@@ -89,18 +144,18 @@ class SafetensorsStream:
     """
 
     def __init__(
-        self, header: bytes, prepared: list[tuple[str, np.ndarray]], chunk_bytes: int
+        self, header: bytes, prepared: list[tuple[str, str, np.ndarray]], chunk_bytes: int
     ) -> None:
         self._header = header
         self._prepared = prepared
         self._chunk_bytes = chunk_bytes
 
     def __len__(self) -> int:
-        return len(self._header) + sum(array.nbytes for _, array in self._prepared)
+        return len(self._header) + sum(array.nbytes for _, _, array in self._prepared)
 
     def __iter__(self) -> Iterator[bytes | memoryview]:
         yield self._header
-        for _, array in self._prepared:
+        for _, _, array in self._prepared:
             view = array.reshape(-1).view(np.uint8).data  # a memoryview, no copy
             for start in range(0, len(view), self._chunk_bytes):
                 yield view[start : start + self._chunk_bytes]
@@ -122,11 +177,16 @@ def decode(data: bytes | bytearray | memoryview | np.ndarray) -> tuple[Weights, 
     The file is checked strictly: a JSON header object of tensors with ``dtype`` F32, F64, F16
     or BF16, ``shape`` a list of non-negative ints and ``data_offsets`` that cover the data
     section exactly (contiguous from 0 in offset order, ``end - begin`` equal to the tensor's
-    size, no trailing bytes), and an optional ``__metadata__`` of strings. numpy has no
-    bfloat16: BF16 tensors are converted to float32, which copies them (exactly; only those).
+    size, no trailing bytes), and an optional ``__metadata__`` of strings.
+
+    Every tensor keeps its dtype: F32, F64 and F16 as numpy's ``float32``, ``float64`` and
+    ``float16``, BF16 as ``ml_dtypes.bfloat16`` (imported here, only when a BF16 tensor is
+    met), so that a model trained on these arrays is sent back in the dtypes it came in.
 
     Raises:
         ValueError: ``data`` is not a valid safetensors file of supported dtypes.
+        DTypeUnavailable: a tensor is BF16 and ``ml_dtypes`` is not installed (checked after
+            the whole header is found valid).
     """
     view = memoryview(data)
     if view.ndim != 1 or view.itemsize != 1:
@@ -177,9 +237,15 @@ def decode(data: bytes | bytearray | memoryview | np.ndarray) -> tuple[Weights, 
     for name, dtype_name, shape, begin, _ in sorted(tensors):
         count = math.prod(shape)
         dtype = _DECODE_DTYPES[dtype_name]
-        array = np.frombuffer(view, dtype=dtype, count=count, offset=start + begin)
-        if dtype_name == "BF16":  # bfloat16 is the top half of a float32: widen (a copy)
-            array = (array.astype("<u4") << 16).view("<f4")
+        if dtype_name == "BF16":
+            bf16 = bfloat16_dtype(name)
+            if sys.byteorder == "big":  # pragma: no cover - no big-endian machine at hand
+                raw = np.frombuffer(view, dtype="<u2", count=count, offset=start + begin)
+                array = raw.astype("=u2").view(bf16)
+            else:
+                array = np.frombuffer(view, dtype=bf16, count=count, offset=start + begin)
+        else:
+            array = np.frombuffer(view, dtype=dtype, count=count, offset=start + begin)
         weights[name] = array.reshape(shape)
     return weights, {str(k): v for k, v in metadata.items()}
 
@@ -188,7 +254,7 @@ _DECODE_DTYPES: dict[str, np.dtype] = {
     "F32": np.dtype("<f4"),
     "F64": np.dtype("<f8"),
     "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),  # read as raw bits, then widened to float32
+    "BF16": np.dtype("<u2"),  # its size; the arrays are of ml_dtypes.bfloat16
 }
 
 

@@ -1,62 +1,78 @@
-"""HTTP/1.1 for the SDK, on plain sockets.
+"""HTTP for the SDK, on the standard library's :mod:`http.client`.
 
 A participant moves the whole model twice a round, and many participants may share one
-process. Here a download is read straight off the socket into its final buffer, an upload goes
-to the socket piece by piece from the arrays' own memory, and each origin keeps one persistent
-connection with ``TCP_NODELAY`` (so a small request is never held back waiting for an
-acknowledgement).
+process. Here a download is read straight off the connection into its final buffer, an upload
+goes to the socket piece by piece from the arrays' own memory, and connections are kept alive
+and reused (with ``TCP_NODELAY``, which :mod:`http.client` sets).
 
-Why not a library: ``requests`` (through urllib3) copied every downloaded chunk once more and
-spent about a millisecond of Python per call; with ten participants of a 10 MB model in one
-process that was half of a round. The standard library's :mod:`http.client` avoids that, but
-importing it (it brings :mod:`email` for header parsing, and :mod:`ssl`) took 33 ms on these
-machines, a fifth of a participant's whole start-up, before the first request. What the SDK
-needs of HTTP is small: requests with a ``Content-Length``, and answers framed by
-``Content-Length``, ``Transfer-Encoding: chunked`` or the end of the connection. That is
-written out below (:class:`_Response`) and tested against the standard library's server;
-:mod:`ssl` is imported only for an ``https`` URL.
+:mod:`http.client` frames requests and answers, opens TLS connections and proxy tunnels; this
+module adds what the SDK needs on top:
 
-One :class:`HttpClient` serves one thread at a time: the runner gives the heartbeat thread a
-client of its own. Every answer of 400 or more becomes an :class:`~rondo.errors.ApiError`; every
-failure to reach a service or to finish an exchange with it, a :class:`~rondo.errors.NetworkError`.
+- **Retries that cannot duplicate a request.** A request is sent again (once, on a fresh
+  connection) only when that cannot make the server act on it twice: when it failed before its
+  first byte was written, or when it is idempotent (``GET``, or a call made with
+  ``idempotent=True``, such as a heartbeat) and a kept-alive connection turned out to be closed
+  before any byte of the answer came. A ``POST`` that is not idempotent (joining, uploading)
+  is otherwise never re-sent: its failure is raised, and the caller decides (uploads carry a
+  token that the aggregator accepts once, so the runner can send one again safely).
+- **A pool of idle connections per origin**, shared by threads: an :class:`HttpClient` may be
+  used from several threads at once (the runner's heartbeat thread and its main thread share
+  one). An idle connection is checked with ``poll`` (not ``select``, which cannot watch a file
+  descriptor above 1023) before it is reused, so one the server closed meanwhile is replaced
+  before anything is sent on it.
+- **Downloads into one buffer**: a body with a ``Content-Length`` is read in place into a
+  buffer of that size (private anonymous memory, or the caller's buffer of the previous round).
+- **Chunked answers whose lines end in a bare LF** are read, as RFC 9112 allows a recipient to
+  (``http.client`` expects CRLF after each chunk).
+- **TLS options** (:class:`HttpClient`'s ``ca_file``, ``client_cert``, ``client_key``; the
+  system's roots by default) and **proxies from the environment** (``HTTP_PROXY``,
+  ``HTTPS_PROXY``, ``NO_PROXY``, read as :mod:`urllib.request` reads them; ``https`` goes
+  through a ``CONNECT`` tunnel). Plain ``http`` to an address that is not a loopback one is
+  logged once, as a warning: secrets, tokens and models then cross the network unencrypted.
+
+Every answer of 400 or more becomes an :class:`~rondo.errors.ApiError`; every failure to reach a
+service or to finish an exchange with it, a :class:`~rondo.errors.NetworkError`.
+
+:class:`Transport` is the interface :func:`rondo.run_participant` needs; :class:`HttpClient`
+implements it, and a caller may pass any other implementation (``transport=``).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import logging
 import mmap
+import os
 import select
 import socket
-from collections.abc import Iterable, Mapping
-from io import BufferedReader
-from typing import Any, Protocol
-from urllib.parse import urlencode, urlsplit
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
+from urllib.parse import unquote, urlencode, urlsplit
 
 import numpy as np
 
 from .errors import ApiError, NetworkError
 
+if TYPE_CHECKING:
+    import ssl
+
+_LOG = logging.getLogger("rondo.transport")
+
 READ_CHUNK_BYTES = 1 << 16
 """Bytes read at a time from an answer of unknown length (chunked, or ended by closing)."""
 
 MAX_LINE_BYTES = 65536
-"""Longest status line, header line or chunk-size line accepted in an answer."""
+"""Longest chunk-size or trailer line accepted in a chunked answer."""
 
-MAX_HEADERS = 100
-"""Most header lines accepted in one answer."""
+MAX_IDLE_PER_ORIGIN = 8
+"""Idle connections kept per origin; more are closed when their exchange ends."""
 
-
-class _ProtocolError(Exception):
-    """The service's answer is not HTTP/1.x as this client reads it."""
-
-
-class _Stale(Exception):
-    """A kept-alive connection turned out to be closed before any answer arrived."""
-
-
-# Failures of a kept-alive connection that the server closed while it sat idle: the request
-# never reached it, so one that can be sent again is, once, on a fresh connection.
-_STALE_CONNECTION = (_Stale, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+"""Methods that may be sent again after a failure (RFC 9110, 9.2.2); ``POST`` only when the
+caller says so (``idempotent=True``)."""
 
 
 class SizedPieces(Protocol):
@@ -64,13 +80,69 @@ class SizedPieces(Protocol):
 
     def __len__(self) -> int: ...
 
-    def __iter__(self) -> Any: ...
+    def __iter__(self) -> Iterator[bytes | memoryview]: ...
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What :func:`rondo.run_participant` needs of HTTP; :class:`HttpClient` is one.
+
+    Pass another implementation as ``run_participant(..., transport=...)`` to route the SDK's
+    traffic your own way (a company HTTP stack, a test double). The runner calls it from two
+    threads at once (the heartbeat thread's long polls while the main thread downloads or
+    uploads), so it must be thread-safe. The runner does not close it: the caller owns it.
+
+    Every method raises :class:`~rondo.errors.ApiError` for an answer of 400 or more (with the
+    ``code`` of the documented ``{"error": {"code", "message"}}`` body, else ``http_<status>``)
+    and :class:`~rondo.errors.NetworkError` when the service could not be reached or the
+    exchange broke off; the runner's handling of failures depends on that split.
+    """
+
+    def call(
+        self,
+        method: str,
+        url: str,
+        *,
+        timeout: float,
+        params: Mapping[str, str | float] | None = None,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """A JSON exchange: ``params`` become the query, ``body`` (when not None) is sent as
+        JSON; returns the parsed answer (None for an empty one). ``idempotent`` says whether
+        the request may be sent twice (None: by its method), for a transport that retries."""
+        ...
+
+    def download(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+        into: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """GET ``url``; its body as a writable 1-D ``uint8`` array. ``into`` is a buffer the
+        body may be read into when it has exactly the body's size (or ignored)."""
+        ...
+
+    def upload(
+        self,
+        url: str,
+        pieces: SizedPieces,
+        *,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """POST the concatenated ``pieces`` (``len(pieces)`` bytes in all) and return the
+        parsed JSON answer."""
+        ...
 
 
 def _error_from(status: int, body: bytes | bytearray) -> ApiError:
     """The documented ``{"error": {"code", "message"}}`` body as an ApiError; any other body
     gets the code ``http_<status>``."""
-    code, message = f"http_{status}", body[:500].decode("utf-8", "replace")
+    code, message = f"http_{status}", bytes(body[:500]).decode("utf-8", "replace")
     try:
         error = json.loads(body)["error"]
         code, message = str(error["code"]), str(error.get("message", ""))
@@ -92,199 +164,177 @@ def _new_buffer(size: int) -> np.ndarray:
     """
     if size == 0:
         return np.empty(0, np.uint8)
-    return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), np.uint8)
+    flags = getattr(mmap, "MAP_PRIVATE", None)
+    if flags is None:  # Windows: anonymous memory, no flags
+        return np.frombuffer(mmap.mmap(-1, size), np.uint8)
+    return np.frombuffer(mmap.mmap(-1, size, flags=flags), np.uint8)
 
 
-class _Response:
-    """An answer's status and headers, and its body, read on demand from the connection."""
+class _BadFraming(http.client.HTTPException):
+    """An answer whose body framing this client cannot follow."""
 
-    def __init__(self, reader: BufferedReader, method: str) -> None:
-        self._reader = reader
-        self.status, version = self._read_status()
-        self.headers = self._read_headers()
-        connection = self.headers.get("connection", "").lower()
-        # HTTP/1.1 keeps a connection unless told to close it; HTTP/1.0 only when asked to.
-        self.will_close = "close" in connection or (
-            version == "HTTP/1.0" and "keep-alive" not in connection
-        )
-        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
-        self.length: int | None = None  # None: chunked, or until the connection closes
-        self.received = 0  # body bytes read so far
-        self._left_in_chunk = 0
-        self.done = False
-        if method == "HEAD" or self.status in (204, 304):
-            self.length = 0
-        elif not self.chunked and "content-length" in self.headers:
-            try:
-                self.length = int(self.headers["content-length"])
-            except ValueError as exc:
-                raise _ProtocolError(
-                    f"bad Content-Length {self.headers['content-length']!r}"
-                ) from exc
-            if self.length < 0:
-                raise _ProtocolError(f"bad Content-Length {self.length}")
-        elif not self.chunked:
-            self.will_close = True  # the body ends when the connection does
-        if self.length == 0:
-            self.done = True
 
-    def _line(self) -> bytes:
-        line = self._reader.readline(MAX_LINE_BYTES + 1)
-        if len(line) > MAX_LINE_BYTES:
-            raise _ProtocolError("a line of the answer is too long")
-        return line
+class _Response(http.client.HTTPResponse):
+    """:class:`http.client.HTTPResponse`, reading chunked bodies whose lines end in a bare LF.
 
-    def _read_status(self) -> tuple[int, str]:
-        while True:
-            line = self._line()
-            if not line:
-                raise _Stale("the connection closed before an answer")
-            parts = line.decode("latin-1").rstrip("\r\n").split(None, 2)
-            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-                raise _ProtocolError(f"not an HTTP/1.x status line: {line[:80]!r}")
-            status = int(parts[1])
-            if not 100 <= status < 200:
-                return status, parts[0]
-            self._read_headers()  # an interim answer (100 Continue): the real one follows
+    ``http.client`` skips two bytes after each chunk's data, taking them for the CRLF; after a
+    bare LF that swallows the next size line's first digit. Here a chunked body is read by this
+    class (``readinto`` and ``read``, the two the SDK uses); any other framing, by
+    ``http.client``'s own code.
+    """
 
-    def _read_headers(self) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        for _ in range(MAX_HEADERS + 1):
-            line = self._line()
-            if line in (b"\r\n", b"\n", b""):
-                return headers
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not colon:
-                raise _ProtocolError(f"not a header line: {line[:80]!r}")
-            name, value = name.strip().lower(), value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        raise _ProtocolError(f"more than {MAX_HEADERS} header lines")
+    _left_in_chunk = 0  # bytes of the current chunk not read yet
 
-    def readinto(self, view: memoryview) -> int:
-        """Reads body bytes into ``view``; 0 once the body is complete."""
-        if self.done or not len(view):
+    def readinto(self, b: Any) -> int:
+        if not self.chunked or self.fp is None:
+            return super().readinto(b)
+        view = memoryview(b).cast("B")
+        if not len(view):
             return 0
-        if self.chunked:
+        if self._left_in_chunk == 0:
+            self._left_in_chunk = self._next_chunk_size()
             if self._left_in_chunk == 0:
-                self._left_in_chunk = self._next_chunk_size()
-                if self._left_in_chunk == 0:
-                    self._finish_chunked()
-                    return 0
-            view = view[: self._left_in_chunk]
-        elif self.length is not None:
-            view = view[: self.length - self.received]
-        n = self._reader.readinto(view)
-        if not n:
-            if self.length is None and not self.chunked:
-                self.done = True  # delimited by the end of the connection: that was it
+                self._skip_trailers()
+                self.close()  # the body is complete: the connection may carry the next one
                 return 0
-            raise ConnectionError("the connection closed in the middle of the answer")
-        self.received += n
-        if self.chunked:
-            self._left_in_chunk -= n
-            if self._left_in_chunk == 0 and self._reader.read(2) not in (b"\r\n", b"\n"):
-                raise _ProtocolError("a chunk does not end with CRLF")
-        elif self.length is not None:
-            self.done = self.received == self.length
+        n = self.fp.readinto(view[: self._left_in_chunk])
+        if not n:
+            raise http.client.IncompleteRead(b"")
+        self._left_in_chunk -= n
+        if self._left_in_chunk == 0:
+            self._end_of_line("a chunk's data")
         return n
 
-    def fill(self, view: memoryview) -> int:
-        """Reads body bytes into ``view`` until it is full or the body is complete."""
-        got = 0
-        while got < len(view) and (n := self.readinto(view[got:])):
-            got += n
-        return got
+    def read(self, amt: int | None = None) -> bytes:
+        if not self.chunked or self.fp is None:
+            return super().read(amt)
+        if amt is not None:
+            buffer = bytearray(amt)
+            return bytes(buffer[: self.readinto(buffer)])
+        return bytes(_read_unsized(self))
+
+    def _line(self) -> bytes:
+        assert self.fp is not None
+        line = self.fp.readline(MAX_LINE_BYTES + 1)
+        if len(line) > MAX_LINE_BYTES:
+            raise http.client.LineTooLong("chunk size or trailer line")
+        return line
 
     def _next_chunk_size(self) -> int:
         line = self._line()
         if not line:
-            raise ConnectionError("the connection closed in the middle of the answer")
+            raise http.client.IncompleteRead(b"")
         size = line.split(b";", 1)[0].strip()
         try:
-            return int(size, 16)
-        except ValueError as exc:
-            raise _ProtocolError(f"bad chunk size {size[:20]!r}") from exc
+            value = int(size, 16)
+        except ValueError:
+            raise _BadFraming(f"bad chunk size {size[:20]!r}") from None
+        if value < 0 or size.startswith((b"-", b"+")):
+            raise _BadFraming(f"bad chunk size {size[:20]!r}")
+        return value
 
-    def _finish_chunked(self) -> None:
+    def _end_of_line(self, what: str) -> None:
+        assert self.fp is not None
+        ending = self.fp.read(1)
+        if ending == b"\r":
+            ending = self.fp.read(1)
+        if ending != b"\n":
+            raise _BadFraming(f"{what} does not end with CRLF or LF")
+
+    def _skip_trailers(self) -> None:
         while self._line() not in (b"\r\n", b"\n", b""):
             pass  # trailers: none are used
-        self.done = True
 
-    def read(self) -> bytearray:
-        """The whole (rest of the) body."""
-        if self.length is not None:
-            buffer = bytearray(self.length - self.received)
-            with memoryview(buffer) as view:
-                self.fill(view)
-            return buffer
-        parts = []
-        chunk = bytearray(READ_CHUNK_BYTES)
-        with memoryview(chunk) as view:
-            while n := self.readinto(view):
-                parts.append(bytes(view[:n]))
-        return bytearray().join(parts)
+
+class _HTTPConnection(http.client.HTTPConnection):
+    response_class = _Response
+
+
+if hasattr(http.client, "HTTPSConnection"):
+
+    class _HTTPSConnection(http.client.HTTPSConnection):
+        response_class = _Response
+
+
+class _Proxy(NamedTuple):
+    host: str
+    port: int
+    authorization: str | None  # the Proxy-Authorization header, from the proxy URL's user info
+
+
+_Origin = tuple[str, str, int]  # scheme, host, port
 
 
 class _Connection:
-    """One persistent connection to an origin; ``sock`` is None while it is closed."""
+    """One pooled connection and where it belongs."""
 
-    def __init__(self, scheme: str, host: str, port: int) -> None:
-        self.scheme, self.host, self.port = scheme, host, port
-        self.sock: socket.socket | None = None
-        self.reader: BufferedReader | None = None
-        self.response: _Response | None = None  # the answer being read, if any
-        default_port = 443 if scheme == "https" else 80
-        name = f"[{host}]" if ":" in host else host
-        self.host_header = name if port == default_port else f"{name}:{port}"
+    __slots__ = ("http", "origin", "generation")
 
-    def open(self, timeout: float) -> None:
-        sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.scheme == "https":
-                import ssl  # only when asked for: it costs ~15 ms to import
+    def __init__(self, http_: http.client.HTTPConnection, origin: _Origin, generation: int):
+        self.http = http_
+        self.origin = origin
+        self.generation = generation
 
-                context = ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.reader = sock.makefile("rb")
 
-    def close(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-        if self.sock is not None:
-            self.sock.close()
-        self.sock = self.reader = self.response = None
-
-    def reusable(self) -> bool:
-        """Whether the connection can carry the next request: open, its last answer read to
-        the end, and not closed by the server meanwhile."""
-        response = self.response
-        if self.sock is None or (
-            response is not None and (not response.done or response.will_close)
-        ):
-            return False
-        return not _closed_by_peer(self.sock)
+class _Retry(Exception):
+    """Internal: the exchange may be tried once more on a fresh connection."""
 
 
 class HttpClient:
-    """Persistent HTTP connections to the Rondo services, for one thread.
+    """Persistent HTTP(S) connections to the Rondo services; safe to share between threads.
 
     Args:
-        connect_timeout: seconds to wait for a TCP (and TLS) connection to open.
+        connect_timeout: seconds to wait for a TCP connection (and its TLS handshake, or its
+            proxy tunnel) to open; a request's own ``timeout`` caps it.
+        ca_file: a PEM file of the certificate authorities to trust for ``https`` URLs,
+            instead of the system's (e.g. a private CA the services' certificates come from).
+        client_cert: a PEM certificate chain to present for mutual TLS; it may hold the key.
+        client_key: the PEM private key of ``client_cert``, when it is a file of its own.
+        trust_env: use the proxies named by ``HTTP_PROXY``/``HTTPS_PROXY`` (or their lower-case
+            forms) except for the hosts ``NO_PROXY`` names. Read the first time the client
+            connects to an origin.
+
+    ``https`` URLs are verified (certificate chain and host name) against ``ca_file`` when
+    given, else the system's roots.
+
+    Raises:
+        OSError, ssl.SSLError: ``ca_file``, ``client_cert`` or ``client_key`` cannot be loaded
+            (at once, not at the first request).
     """
 
-    def __init__(self, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        connect_timeout: float = 10.0,
+        *,
+        ca_file: str | os.PathLike[str] | None = None,
+        client_cert: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
+        trust_env: bool = True,
+    ) -> None:
+        if client_key is not None and client_cert is None:
+            raise ValueError("client_key needs client_cert")
         self.connect_timeout = connect_timeout
-        self._connections: dict[tuple[str, str, int], _Connection] = {}
+        self.ca_file = ca_file
+        self.client_cert = client_cert
+        self.client_key = client_key
+        self.trust_env = trust_env
+        self._lock = threading.Lock()
+        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._routes: dict[_Origin, _Proxy | None] = {}
+        self._generation = 0  # bumped by close(): connections of older ones are not pooled
+        self._ssl_context_: ssl.SSLContext | None = None
+        if ca_file is not None or client_cert is not None:
+            self._ssl_context()  # a bad file is an error now, not at the first request
 
     def close(self) -> None:
-        for connection in self._connections.values():
-            connection.close()
-        self._connections.clear()
+        """Close the idle connections; those in use close when their exchange ends. The client
+        stays usable (it opens new connections)."""
+        with self._lock:
+            self._generation += 1
+            idle = [c for conns in self._idle.values() for c in conns]
+            self._idle.clear()
+        for connection in idle:
+            connection.http.close()
 
     def __enter__(self) -> HttpClient:
         return self
@@ -303,8 +353,13 @@ class HttpClient:
         params: Mapping[str, str | float] | None = None,
         body: Any = None,
         headers: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
     ) -> Any:
         """A JSON exchange: ``body`` (when not None) is sent as JSON; the answer is parsed.
+
+        ``idempotent`` (default: by the method, so not for ``POST``) allows sending the
+        request again when a kept-alive connection turns out to have been closed by the
+        server; pass True for a ``POST`` that the server may safely see twice.
 
         Raises:
             ApiError: the service answered 400 or more.
@@ -318,9 +373,13 @@ class HttpClient:
         if body is not None:
             data = json.dumps(body).encode()
             all_headers["Content-Type"] = "application/json"
-        return self._json_answer(
-            self._exchange(method, url, all_headers, data, timeout), method, url
-        )
+        if idempotent is None:
+            idempotent = method.upper() in IDEMPOTENT_METHODS
+        connection, response = self._exchange(method, url, all_headers, data, timeout, idempotent)
+        payload = self._read_all(connection, response, method, url)
+        if response.status >= 400:
+            raise _error_from(response.status, payload)
+        return json.loads(payload) if payload else None
 
     def download(
         self,
@@ -330,7 +389,7 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         into: np.ndarray | None = None,
     ) -> np.ndarray:
-        """GET ``url`` into a writable 1-D ``uint8`` array, read straight off the socket.
+        """GET ``url`` into a writable 1-D ``uint8`` array, read straight off the connection.
 
         With a ``Content-Length``, the body is read in place into ``into`` when it has exactly
         that size (its old contents are overwritten), else into one new buffer of that size:
@@ -341,26 +400,36 @@ class HttpClient:
             ApiError: the service answered 400 or more.
             NetworkError: the connection failed or closed before the whole body came.
         """
-        response = self._exchange("GET", url, dict(headers or {}), None, timeout)
+        connection, response = self._exchange("GET", url, dict(headers or {}), None, timeout, True)
         if response.status >= 400:
-            raise _error_from(response.status, self._read_all(response, "GET", url))
-        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            raise _error_from(response.status, self._read_all(connection, response, "GET", url))
+        encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
         if encoding not in ("", "identity"):
-            self._forget(url)
+            self._discard(connection)
             raise NetworkError(f"download of {url} came with Content-Encoding {encoding!r}")
         total = response.length
-        if total is None:
-            return np.frombuffer(self._read_all(response, "GET", url), np.uint8)
+        if total is None or response.chunked:
+            return np.frombuffer(self._read_all(connection, response, "GET", url), np.uint8)
         fits = into is not None and into.shape == (total,) and into.dtype == np.uint8
         buffer = into if fits else _new_buffer(total)
+        got = 0
         try:
             with memoryview(buffer) as view:
-                response.fill(view)
-        except (OSError, _ProtocolError) as exc:
-            self._forget(url)
+                while got < total and (n := response.readinto(view[got:])):
+                    got += n
+        except (OSError, http.client.HTTPException) as exc:
+            self._discard(connection)
             raise NetworkError(
-                f"download of {url} failed after {response.received} of {total} bytes: {exc}"
+                f"download of {url} failed after {got} of {total} bytes: {exc!r}"
             ) from exc
+        if got < total:
+            self._discard(connection)
+            raise NetworkError(
+                f"download of {url} failed after {got} of {total} bytes: the connection closed"
+            )
+        if not response.isclosed():
+            response.read()  # an empty body: nothing to read, but this marks the answer done
+        self._release(connection, response)
         return buffer
 
     def upload(
@@ -374,37 +443,22 @@ class HttpClient:
         """POST ``pieces`` with a ``Content-Length`` of ``len(pieces)``, each piece handed to the
         socket as it is (memoryviews of arrays are not copied); the JSON answer, parsed.
 
-        A service that refuses an upload may answer before reading it all and close the
-        connection: its answer is still read and raised as the ApiError it is.
+        Not idempotent: once a byte of it may have reached the server, a failure is raised, not
+        retried. A service that refuses an upload may answer before reading it all and close
+        the connection: its answer is still read and raised as the ApiError it is.
 
         Raises:
             ApiError: the service answered 400 or more.
             NetworkError: the service could not be reached or the exchange broke off.
         """
         all_headers = {**(headers or {}), "Content-Length": str(len(pieces))}
-        return self._json_answer(
-            self._exchange("POST", url, all_headers, pieces, timeout), "POST", url
-        )
+        connection, response = self._exchange("POST", url, all_headers, pieces, timeout, False)
+        payload = self._read_all(connection, response, "POST", url)
+        if response.status >= 400:
+            raise _error_from(response.status, payload)
+        return json.loads(payload) if payload else None
 
-    # --- connections ------------------------------------------------------------------------
-
-    def _connection(self, url: str) -> tuple[_Connection, str, bool]:
-        """The origin's connection, the request target, and whether it was used before."""
-        key, target = _origin(url)
-        connection = self._connections.get(key)
-        if connection is None:
-            connection = self._connections[key] = _Connection(*key)
-        reused = connection.sock is not None
-        if reused and not connection.reusable():
-            connection.close()
-            reused = False
-        return connection, target, reused
-
-    def _forget(self, url: str) -> None:
-        """Close the origin's connection: it is in an unknown state after a failure."""
-        connection = self._connections.pop(_origin(url)[0], None)
-        if connection is not None:
-            connection.close()
+    # --- exchanges --------------------------------------------------------------------------
 
     def _exchange(
         self,
@@ -413,76 +467,220 @@ class HttpClient:
         headers: dict[str, str],
         body: bytes | SizedPieces | None,
         timeout: float,
-    ) -> _Response:
+        idempotent: bool,
+    ) -> tuple[_Connection, http.client.HTTPResponse]:
         """Send a request and read the answer's status and headers (not its body)."""
-        connection, target, reused = self._connection(url)
+        origin, target = _origin(url)
+        proxy = self._route(origin)
+        if proxy is not None and origin[0] == "http":
+            target = url.split("#", 1)[0]  # through a proxy: the absolute form
+            if proxy.authorization:
+                headers = {**headers, "Proxy-Authorization": proxy.authorization}
+        args = (origin, proxy, method, target, headers, body, timeout, idempotent)
         try:
             try:
-                return self._send(connection, target, method, headers, body, timeout)
-            except _STALE_CONNECTION:
-                if not reused:
-                    raise
-                connection.close()  # the server let it go while idle: once more, afresh
-                return self._send(connection, target, method, headers, body, timeout)
-        except (OSError, _ProtocolError, _Stale) as exc:
-            self._forget(url)
+                return self._try(*args, fresh=False)
+            except _Retry:
+                # Nothing of the request reached the server, or it may see it twice: once more,
+                # on a fresh connection (the idle ones may all be stale alike, after a restart).
+                return self._try(*args, fresh=True)
+        except (OSError, http.client.HTTPException) as exc:
             what = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
             raise NetworkError(f"{method} {url} {what}") from exc
 
-    def _send(
+    def _try(
         self,
-        connection: _Connection,
-        target: str,
+        origin: _Origin,
+        proxy: _Proxy | None,
         method: str,
+        target: str,
         headers: dict[str, str],
         body: bytes | SizedPieces | None,
         timeout: float,
-    ) -> _Response:
-        if connection.sock is None:
-            connection.open(min(self.connect_timeout, timeout))
-        sock, reader = connection.sock, connection.reader
-        assert sock is not None and reader is not None
-        sock.settimeout(timeout)
-        # `Accept-Encoding: identity`: downloads are read as sent, in place.
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {connection.host_header}"]
-        lines.append("Accept-Encoding: identity")
-        lines.extend(f"{name}: {value}" for name, value in headers.items())
-        if isinstance(body, bytes) or (body is None and method in ("POST", "PUT", "PATCH")):
-            lines.append(f"Content-Length: {len(body or b'')}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        connection.response = None
-        if isinstance(body, bytes):
-            sock.sendall(head + body)
-        else:
-            sock.sendall(head)
-            if body is not None:
+        idempotent: bool,
+        *,
+        fresh: bool,
+    ) -> tuple[_Connection, http.client.HTTPResponse]:
+        """One attempt, on an idle connection from the pool unless ``fresh``; raises
+        :class:`_Retry` when the request was sent on a kept-alive connection that the server
+        had closed, and sending it again is safe: nothing of it was written, or it is
+        idempotent."""
+        connection = self._checkout(origin, proxy, fresh=fresh)
+        conn = connection.http
+        reused = conn.sock is not None
+        head_written = False
+        try:
+            if not reused:
+                conn.timeout = min(self.connect_timeout, timeout)
+                conn.connect()  # a failure here is raised: the service is not there
+            assert conn.sock is not None
+            conn.sock.settimeout(timeout)
+            conn.putrequest(method, target, skip_accept_encoding=True)
+            # Downloads are read as sent, in place: no compression by a server or proxy.
+            conn.putheader("Accept-Encoding", "identity")
+            for name, value in headers.items():
+                conn.putheader(name, value)
+            if isinstance(body, bytes) or (body is None and method in ("POST", "PUT", "PATCH")):
+                conn.putheader("Content-Length", str(len(body or b"")))
+            # The head is one small write: when it fails, none of it was queued.
+            conn.endheaders()
+            head_written = True
+            if isinstance(body, bytes):
+                conn.send(body)
+            elif body is not None:
                 try:
-                    for piece in _pieces(body):
-                        sock.sendall(piece)
-                except (BrokenPipeError, ConnectionResetError):
+                    for piece in body:
+                        if len(piece):
+                            conn.send(piece)
+                except _WRITE_REFUSED:
                     # The server may have answered (a refusal) and closed without reading the
                     # rest: its answer is read below.
                     pass
-        response = _Response(reader, method)
-        connection.response = response
-        return response
+            response = conn.getresponse()
+            _check_framing(response)
+            return connection, response
+        except BaseException as exc:
+            self._discard(connection)
+            if reused and isinstance(exc, _STALE) and (idempotent or not head_written):
+                raise _Retry from exc
+            raise
 
-    def _json_answer(self, response: _Response, method: str, url: str) -> Any:
-        """The answer's JSON body; an ApiError for a status of 400 or more."""
-        payload = self._read_all(response, method, url)
-        if response.status >= 400:
-            raise _error_from(response.status, payload)
-        return json.loads(payload) if payload else None
-
-    def _read_all(self, response: _Response, method: str, url: str) -> bytearray:
+    def _read_all(
+        self, connection: _Connection, response: http.client.HTTPResponse, method: str, url: str
+    ) -> bytearray:
+        """The whole body; the connection goes back to the pool when it is read to its end."""
         try:
-            return response.read()
-        except (OSError, _ProtocolError) as exc:
-            self._forget(url)
+            if response.length is not None and not response.chunked:
+                data = bytearray(response.read())  # raises IncompleteRead when cut short
+            else:
+                data = _read_unsized(response)
+        except (OSError, http.client.HTTPException) as exc:
+            self._discard(connection)
             raise NetworkError(f"{method} {url}: reading the answer failed: {exc!r}") from exc
+        self._release(connection, response)
+        return data
+
+    # --- the pool ---------------------------------------------------------------------------
+
+    def _checkout(self, origin: _Origin, proxy: _Proxy | None, fresh: bool) -> _Connection:
+        """An idle connection to ``origin`` that is still open, else a new (unopened) one."""
+        while not fresh:
+            with self._lock:
+                idle = self._idle.get(origin)
+                connection = idle.pop() if idle else None
+            if connection is None:
+                break
+            if _still_open(connection.http.sock):
+                return connection
+            connection.http.close()  # the server closed it while it sat idle
+        with self._lock:
+            generation = self._generation
+        return _Connection(self._new_connection(origin, proxy), origin, generation)
+
+    def _release(self, connection: _Connection, response: http.client.HTTPResponse) -> None:
+        """Back to the pool after an exchange whose answer was read to its end."""
+        if connection.http.sock is None or not response.isclosed():
+            self._discard(connection)  # the server said it closes it, or the body is not done
+            return
+        with self._lock:
+            if connection.generation == self._generation:
+                idle = self._idle.setdefault(connection.origin, [])
+                if len(idle) < MAX_IDLE_PER_ORIGIN:
+                    idle.append(connection)
+                    return
+        connection.http.close()
+
+    @staticmethod
+    def _discard(connection: _Connection) -> None:
+        """Close a connection in an unknown state (after a failure, or mid-answer)."""
+        connection.http.close()
+
+    def _new_connection(self, origin: _Origin, proxy: _Proxy | None) -> http.client.HTTPConnection:
+        scheme, host, port = origin
+        timeout = self.connect_timeout
+        if scheme == "http":
+            if not _is_loopback(host):
+                _warn_plain_http_once(origin)
+            if proxy is not None:
+                return _HTTPConnection(proxy.host, proxy.port, timeout=timeout)
+            return _HTTPConnection(host, port, timeout=timeout)
+        if "_HTTPSConnection" not in globals():
+            raise NetworkError(f"https://{host}: this Python has no ssl module")
+        context = self._ssl_context()
+        if proxy is None:
+            return _HTTPSConnection(host, port, timeout=timeout, context=context)
+        conn = _HTTPSConnection(proxy.host, proxy.port, timeout=timeout, context=context)
+        tunnel_headers = {"Proxy-Authorization": proxy.authorization} if proxy.authorization else {}
+        conn.set_tunnel(host, port, headers=tunnel_headers)
+        return conn
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._ssl_context_ is None:
+                import ssl
+
+                context = ssl.create_default_context(cafile=self.ca_file)
+                if self.client_cert is not None:
+                    context.load_cert_chain(self.client_cert, self.client_key)
+                    if context.post_handshake_auth is not None:
+                        context.post_handshake_auth = True
+                context.set_alpn_protocols(["http/1.1"])
+                self._ssl_context_ = context
+            return self._ssl_context_
+
+    def _route(self, origin: _Origin) -> _Proxy | None:
+        """The proxy for ``origin`` (None: direct), looked up once per origin."""
+        with self._lock:
+            if origin in self._routes:
+                return self._routes[origin]
+        proxy = _env_proxy(*origin) if self.trust_env else None
+        with self._lock:
+            self._routes[origin] = proxy
+        return proxy
 
 
-def _origin(url: str) -> tuple[tuple[str, str, int], str]:
+# Failures of a kept-alive connection that the server closed: nothing of the answer came.
+_STALE: tuple[type[BaseException], ...] = (
+    ConnectionResetError,  # also http.client.RemoteDisconnected: closed without an answer
+    ConnectionAbortedError,
+    BrokenPipeError,
+)
+# Writing an upload's body failed because the server stopped reading it.
+_WRITE_REFUSED: tuple[type[BaseException], ...] = (
+    BrokenPipeError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+)
+try:
+    import ssl as _ssl
+except ImportError:  # pragma: no cover - Python without ssl
+    pass
+else:
+    _STALE += (_ssl.SSLEOFError, _ssl.SSLZeroReturnError)
+    _WRITE_REFUSED += (_ssl.SSLEOFError,)
+
+
+def _check_framing(response: http.client.HTTPResponse) -> None:
+    """Refuse a ``Content-Length`` that is not one non-negative number (``http.client`` would
+    quietly read such a body until the connection closes)."""
+    if response.chunked:
+        return
+    length = response.getheader("Content-Length")
+    if length is not None and not (length.strip().isdigit() and length.strip().isascii()):
+        raise _BadFraming(f"bad Content-Length {length!r}")
+
+
+def _read_unsized(response: http.client.HTTPResponse) -> bytearray:
+    """A body of unknown length (chunked, or ended by closing the connection), gathered."""
+    parts = []
+    chunk = bytearray(READ_CHUNK_BYTES)
+    with memoryview(chunk) as view:
+        while n := response.readinto(view):
+            parts.append(bytes(view[:n]))
+    return bytearray().join(parts)
+
+
+def _origin(url: str) -> tuple[_Origin, str]:
     """(scheme, host, port) of ``url``, and its request target (path and query)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -495,17 +693,99 @@ def _origin(url: str) -> tuple[tuple[str, str, int], str]:
     return (parts.scheme, parts.hostname, port), target
 
 
-def _pieces(body: SizedPieces) -> Iterable[bytes | memoryview]:
-    for piece in body:
-        if len(piece):
-            yield piece
-
-
-def _closed_by_peer(sock: socket.socket) -> bool:
-    """Whether an idle kept-alive socket became readable: the server closed it (or broke the
-    protocol by talking unasked); either way it cannot carry the next request."""
+def _still_open(sock: socket.socket | None) -> bool:
+    """Whether an idle kept-alive connection can carry the next request: nothing arrived on it
+    while it sat idle (the server closing it, or breaking the protocol by talking unasked)."""
+    if sock is None:
+        return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        if hasattr(select, "poll"):
+            poller = select.poll()  # not select(): it fails on descriptors above 1023
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            readable = bool(poller.poll(0))
+        else:  # Windows, whose select() has no such limit
+            readable = bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
+        return False
+    if not readable:
         return True
-    return bool(readable)
+    if hasattr(sock, "pending"):  # TLS: the record may carry no data (a session ticket)
+        import ssl
+
+        timeout = sock.gettimeout()
+        try:
+            sock.settimeout(0)
+            sock.recv(1)  # data (unasked) or the end: either way, not reusable
+        except ssl.SSLWantReadError:
+            return True
+        except OSError:
+            pass
+        finally:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
+    return False
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_warned_lock = threading.Lock()
+_warned: set[_Origin] = set()
+
+
+def _warn_plain_http_once(origin: _Origin) -> None:
+    with _warned_lock:
+        if origin in _warned:
+            return
+        _warned.add(origin)
+    scheme, host, port = origin
+    _LOG.warning(
+        "connecting to http://%s:%d without TLS: secrets, tokens and models cross the network "
+        "unencrypted; use an https:// URL",
+        host,
+        port,
+    )
+
+
+def _env_proxy(scheme: str, host: str, port: int) -> _Proxy | None:
+    """The proxy the environment names for ``scheme://host:port``, as :mod:`urllib.request`
+    reads it (``<scheme>_proxy`` or its upper-case form; ``no_proxy``), or None."""
+    if sys.platform not in ("darwin", "win32") and not any(
+        key.lower().endswith("_proxy") for key in os.environ
+    ):
+        return None  # nothing to read: spare the import of urllib.request
+    import urllib.request
+
+    url = urllib.request.getproxies().get(scheme)
+    if not url:
+        return None
+    name = f"[{host}]" if ":" in host else host
+    if urllib.request.proxy_bypass(f"{name}:{port}"):
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise NetworkError(
+            f"the {scheme} proxy {url!r} from the environment is not an http:// proxy, "
+            "the only kind the SDK speaks to"
+        )
+    try:
+        proxy_port = parts.port or 80
+    except ValueError as exc:
+        raise NetworkError(f"bad port in the proxy URL {url!r}") from exc
+    authorization = None
+    if parts.username is not None:
+        import base64
+
+        user_info = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(user_info.encode()).decode("ascii")
+    return _Proxy(parts.hostname, proxy_port, authorization)

@@ -7,4 +7,4 @@ from typing import TypeAlias
 import numpy as np
 
 Weights: TypeAlias = dict[str, np.ndarray]
-"""A model: tensor name -> numpy array (float32, float64 or float16)."""
+"""A model: tensor name -> numpy array (float32, float64, float16, or ``ml_dtypes.bfloat16``)."""

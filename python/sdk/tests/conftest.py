@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +57,13 @@ class FakeRondo:
     forget_heartbeats: set[int] = field(default_factory=set)  # 404 unknown_participant
     drop_heartbeats: set[int] = field(default_factory=set)  # connection closed, no answer
     upload_errors: dict[int, tuple[int, str]] = field(default_factory=dict)
+    # Upload requests (1-based, over all of them) read whole and then left unanswered, the
+    # connection closed; with `accept_dropped`, accepted first (the answer is what is lost).
+    drop_uploads: set[int] = field(default_factory=set)
+    accept_dropped: bool = False
+    close_on_drop: bool = False  # a dropped upload not accepted closes its round at once
+    expire_tokens: bool = False  # an upload for a closed round: 401 token_expired
+    busy_uploads: set[int] = field(default_factory=set)  # answered 409 upload_in_progress
     join_error: tuple[int, str] | None = None
     linger: int = 3
     long_poll: bool = True
@@ -75,8 +83,11 @@ class FakeRondo:
     start_trainings: list[tuple[str, int]] = field(default_factory=list)
     downloads: list[int] = field(default_factory=list)
     uploads: list[Upload] = field(default_factory=list)
+    upload_requests: list[tuple[int, str]] = field(default_factory=list)  # (round, pid), all
+    accepted: set[tuple[int, str]] = field(default_factory=set)
 
     port: int = 0
+    scheme: str = "http"  # "https" when served over TLS
     round: int = 0
     refused_heartbeats_left: int | None = None
     global_model: Weights | None = None
@@ -171,11 +182,34 @@ class FakeRondo:
             self.refused_heartbeats_left = self.linger  # no update will come: close later
         return encode(self.global_model, {"rondo.round": str(r - 1)})
 
-    def update(self, r: int, pid: str, body: bytes, chunked: bool) -> tuple[int, Any]:
+    def update(self, r: int, pid: str, body: bytes, chunked: bool) -> tuple[int, Any] | None:
+        self.upload_requests.append((r, pid))
+        if self.expire_tokens and r != self.round:
+            return _error(401, "token_expired")
+        if (r, pid) in self.accepted:  # as the aggregator: one update per token
+            return _error(409, "duplicate_update")
+        if len(self.upload_requests) in self.busy_uploads:
+            if self.refused_heartbeats_left is None:
+                self.refused_heartbeats_left = self.linger  # if no retry comes, close later
+            return _error(409, "upload_in_progress")
+        if len(self.upload_requests) in self.drop_uploads:
+            if self.accept_dropped:
+                self.update_accepted(r, pid, body, chunked)
+            elif self.close_on_drop:
+                self.round += 1
+                self.changed.notify_all()
+            elif self.refused_heartbeats_left is None:
+                self.refused_heartbeats_left = self.linger  # if no retry comes, close later
+            return None
+        self.refused_heartbeats_left = None
+        return self.update_accepted(r, pid, body, chunked)
+
+    def update_accepted(self, r: int, pid: str, body: bytes, chunked: bool) -> tuple[int, Any]:
         if r in self.upload_errors:
             self.refused_heartbeats_left = self.linger
             return _error(*self.upload_errors[r])
         weights, metadata = decode(body)
+        self.accepted.add((r, pid))
         self.uploads.append(Upload(r, pid, weights, metadata, chunked))
         self.global_model = weights
         self.round += 1
@@ -184,7 +218,7 @@ class FakeRondo:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
 
 def _state(answer: dict[str, Any]) -> str:
@@ -282,6 +316,13 @@ def _handler(fake: FakeRondo) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             parts = self.path.strip("/").split("/")
             with fake.lock:
+                if parts == ["v1", "status"]:  # the coordinator's, reduced to its history
+                    rounds = sorted({r for r, _ in fake.accepted})
+                    history = [
+                        {"round": r, "delivered": [p for q, p in fake.accepted if q == r]}
+                        for r in rounds
+                    ]
+                    return self._answer((200, {"history": history}))
                 if parts[:2] == ["v1", "rounds"] and parts[3] == "model":
                     r = int(parts[2])
                     if fake.tokens.get(self._bearer(), ("", -1))[1] != r:
@@ -293,14 +334,47 @@ def _handler(fake: FakeRondo) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class TlsServer(ThreadingHTTPServer):
+    """An HTTPS server; each connection's TLS handshake is made in the connection's thread.
+    ``handshake_failures`` records the handshakes that failed."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        context: ssl.SSLContext,
+    ) -> None:
+        super().__init__(address, handler)
+        self.context = context
+        self.handshake_failures: list[BaseException] = []
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            self.handshake_failures.append(exc)
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., FakeRondo]]:
-    """Factory: ``serve(port=0, **fake_options)`` starts a FakeRondo and returns it."""
+    """Factory: ``serve(port=0, tls=None, **fake_options)`` starts a FakeRondo (over TLS with
+    ``tls``, a server SSLContext) and returns it."""
     servers: list[ThreadingHTTPServer] = []
 
-    def start(port: int = 0, **options: Any) -> FakeRondo:
+    def start(port: int = 0, tls: ssl.SSLContext | None = None, **options: Any) -> FakeRondo:
         fake = FakeRondo(**options)
-        server = ThreadingHTTPServer(("127.0.0.1", port), _handler(fake))
+        if tls is None:
+            server = ThreadingHTTPServer(("127.0.0.1", port), _handler(fake))
+        else:
+            server = TlsServer(("127.0.0.1", port), _handler(fake), tls)
+            fake.scheme = "https"
         server.daemon_threads = True
         fake.port = server.server_address[1]
         threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from typing import Any
@@ -13,7 +14,15 @@ import pytest
 from conftest import AddOne, FakeRondo, free_port
 
 import rondo
-from rondo import ApiError, CoordinatorUnavailable, ParticipantReport, Weights, run_participant
+import rondo.runner
+from rondo import (
+    ApiError,
+    CoordinatorUnavailable,
+    DTypeUnavailable,
+    ParticipantReport,
+    Weights,
+    run_participant,
+)
 from rondo.runner import LONG_POLL_SECS
 from rondo.transport import HttpClient
 
@@ -327,3 +336,105 @@ def test_weights_a_participant_keeps_are_never_overwritten(serve, monkeypatch) -
     for k, (round_, weights) in enumerate(participant.seen):
         assert round_ == k + 1
         assert_weights_equal(weights, {n: v + v.dtype.type(k) for n, v in initial.items()})
+
+
+@pytest.fixture
+def quick_upload_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rondo.runner, "UPLOAD_RETRY_DELAYS", (0.01, 0.01))
+
+
+def test_an_upload_lost_on_the_network_is_sent_again(serve, quick_upload_retries) -> None:
+    """The transport never re-sends an upload by itself; the runner does, as the aggregator
+    takes one update per token."""
+    fake = serve(rounds=2, drop_uploads={2}, linger=50)
+    report = run(fake)
+    assert report.rounds_trained == [0, 1, 2] and report.rejected_uploads == {}
+    assert fake.upload_requests == [(0, "p1"), (1, "p1"), (1, "p1"), (2, "p1")]
+    assert [u.round for u in fake.uploads] == [0, 1, 2]
+
+
+def test_an_upload_that_got_through_is_not_sent_a_third_time(serve, quick_upload_retries) -> None:
+    """The update was accepted but the answer was lost: the retry is refused as a duplicate,
+    which tells the runner that the update is in."""
+    fake = serve(rounds=2, drop_uploads={2}, accept_dropped=True, linger=50)
+    report = run(fake)
+    assert report.rounds_trained == [0, 1, 2] and report.rejected_uploads == {}
+    assert fake.upload_requests == [(0, "p1"), (1, "p1"), (1, "p1"), (2, "p1")]
+    assert [u.round for u in fake.uploads] == [0, 1, 2]  # round 1's update counted once
+
+
+def test_a_retry_that_finds_the_round_closed_asks_the_history(serve, quick_upload_retries) -> None:
+    """The lost upload was the round's last, so the round closed at once and the retry is
+    refused as token_expired: the coordinator's history tells that the update is in."""
+    fake = serve(rounds=2, drop_uploads={2}, accept_dropped=True, expire_tokens=True)
+    report = run(fake)
+    assert report.rounds_trained == [0, 1, 2] and report.rejected_uploads == {}
+    assert fake.upload_requests == [(0, "p1"), (1, "p1"), (1, "p1"), (2, "p1")]
+
+
+def test_a_retry_too_late_for_its_round_is_a_network_error(
+    serve, quick_upload_retries, monkeypatch
+) -> None:
+    """The lost upload never got in and its round closed without it: reported as the network
+    failure it was (not as token_expired)."""
+    monkeypatch.setattr(rondo.runner, "HISTORY_WAIT_SECS", 0.2)
+    fake = serve(rounds=2, drop_uploads={2}, close_on_drop=True, expire_tokens=True)
+    report = run(fake)
+    assert report.rounds_trained == [0, 2] and report.rejected_uploads == {1: "network_error"}
+    assert fake.upload_requests == [(0, "p1"), (1, "p1"), (1, "p1"), (2, "p1")]
+
+
+def test_a_retry_waits_for_an_attempt_still_being_read(serve, quick_upload_retries) -> None:
+    fake = serve(rounds=1, drop_uploads={2}, busy_uploads={3}, linger=50)
+    report = run(fake)
+    assert report.rounds_trained == [0, 1] and report.rejected_uploads == {}
+    assert fake.upload_requests == [(0, "p1")] + [(1, "p1")] * 3
+
+
+def test_upload_in_progress_without_a_failure_before_is_a_refusal(serve) -> None:
+    fake = serve(rounds=1, busy_uploads={2}, linger=3)
+    report = run(fake)
+    assert report.rejected_uploads == {1: "upload_in_progress"}
+    assert fake.upload_requests.count((1, "p1")) == 1
+
+
+def test_upload_retries_are_bounded(serve, quick_upload_retries) -> None:
+    fake = serve(rounds=2, drop_uploads={2, 3, 4}, linger=50)
+    report = run(fake)
+    assert report.rejected_uploads == {1: "network_error"}
+    assert report.rounds_trained == [0, 2]
+    assert fake.upload_requests.count((1, "p1")) == 1 + len(rondo.runner.UPLOAD_RETRY_DELAYS)
+
+
+def test_a_refused_upload_is_not_sent_again(serve, quick_upload_retries) -> None:
+    fake = serve(rounds=1, upload_errors={1: (400, "model_mismatch")})
+    report = run(fake)
+    assert report.rejected_uploads == {1: "model_mismatch"}
+    assert fake.upload_requests.count((1, "p1")) == 1
+
+
+def bf16_model() -> Weights:
+    import ml_dtypes
+
+    return {"w": np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16)}
+
+
+def test_a_bf16_model_is_trained_and_sent_back_as_bf16(serve) -> None:
+    import ml_dtypes
+
+    fake = serve(rounds=2, round=1, global_model=bf16_model())
+    participant = AddOne()
+    report = run(fake, participant)
+    assert report.rounds_trained == [1, 2] and report.rejected_uploads == {}
+    assert participant.seen[0][1]["w"].dtype == ml_dtypes.bfloat16
+    assert_weights_equal(fake.uploads[-1].weights, {"w": bf16_model()["w"] + 2})
+
+
+def test_a_bf16_model_without_ml_dtypes_stops_before_training(serve, monkeypatch) -> None:
+    fake = serve(rounds=2, round=1, global_model=bf16_model())
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # as if it were not installed
+    participant = AddOne()
+    with pytest.raises(DTypeUnavailable, match=r"'w'.*pip install ml_dtypes"):
+        run(fake, participant)
+    assert participant.seen == []  # train_round was never called
+    assert fake.downloads == [1] and fake.upload_requests == []

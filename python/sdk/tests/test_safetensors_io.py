@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
 
+from rondo import DTypeUnavailable, RondoError
 from rondo.safetensors_io import decode, encode, encode_stream
 
 
-def sample(dtype: str) -> dict[str, np.ndarray]:
+def sample(dtype: str | np.dtype) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
         "dense/kernel": rng.standard_normal((3, 5)).astype(dtype),
@@ -148,15 +152,88 @@ def test_decode_matches_safetensors_on_unaligned_offsets() -> None:
     assert_same(decode(bytearray(data))[0], safetensors.numpy.load(data))
 
 
-def test_decode_converts_bf16_to_float32() -> None:
-    values = np.array([[1.0, -2.5], [0.15625, -(2.0**127)]], dtype=np.float32)  # exact in BF16
-    bits = (values.view(np.uint32) >> 16).astype("<u2")
-    tensor = {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}
-    header = {"__metadata__": {"m": "1"}, "w": tensor}
-    decoded, metadata = decode(build(header, bits.tobytes()))
-    assert decoded["w"].dtype == np.float32
-    np.testing.assert_array_equal(decoded["w"], values)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def bf16_file(values: np.ndarray, name: str = "w") -> bytes:
+    """A safetensors file of one BF16 tensor, built by hand from float32 values that BF16
+    holds exactly (its bits are the top half of theirs)."""
+    bits = (values.astype(np.float32).view(np.uint32) >> 16).astype("<u2")
+    tensor = {"dtype": "BF16", "shape": list(values.shape), "data_offsets": [0, bits.nbytes]}
+    return build({"__metadata__": {"m": "1"}, name: tensor}, bits.tobytes())
+
+
+EXACT_IN_BF16 = np.array([[1.0, -2.5], [0.15625, -(2.0**127)]], dtype=np.float32)
+
+
+def test_decode_keeps_bf16_as_bfloat16_views() -> None:
+    buffer = bytearray(bf16_file(EXACT_IN_BF16))
+    decoded, metadata = decode(buffer)
+    array = decoded["w"]
+    assert array.dtype == BF16 and array.shape == (2, 2)
+    np.testing.assert_array_equal(array.astype(np.float32), EXACT_IN_BF16)
     assert metadata == {"m": "1"}
+    # Zero-copy and writable, like the other dtypes.
+    assert array.flags.writeable
+    assert np.shares_memory(array, np.frombuffer(buffer, np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), BF16])
+def test_half_precision_round_trips_in_its_own_dtype(dtype: np.dtype) -> None:
+    weights = sample(dtype)
+    data = encode(weights, {"rondo.n_samples": "3"})
+    header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+    wire = "F16" if dtype == np.float16 else "BF16"
+    assert {header[name]["dtype"] for name in weights} == {wire}
+    decoded, metadata = decode(bytearray(data))
+    assert_same(decoded, weights)
+    assert metadata == {"rondo.n_samples": "3"}
+    # What a participant does with a downloaded model, and then sends back: still that dtype.
+    trained = {k: v + v.dtype.type(1) for k, v in decoded.items()}
+    again, _ = decode(encode(trained, {}))
+    assert all(again[k].dtype == dtype for k in weights)
+    assert_same(again, trained)
+
+
+def test_bf16_bytes_are_the_top_halves_of_float32() -> None:
+    array = EXACT_IN_BF16.astype(BF16)
+    expected_bits = (EXACT_IN_BF16.view(np.uint32) >> 16).astype("<u2").tobytes()
+    for weights in ({"w": array}, {"w": np.asfortranarray(array)}):  # strided: made C order
+        data = encode(weights, {"m": "1"})
+        header_len = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8 : 8 + header_len])
+        assert header["w"] == {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}
+        assert data[8 + header_len :] == expected_bits
+
+
+def test_bf16_without_ml_dtypes_is_refused_naming_the_tensor(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # `import ml_dtypes` now fails
+    with pytest.raises(DTypeUnavailable) as info:
+        decode(bf16_file(EXACT_IN_BF16, name="layer/kernel"))
+    assert isinstance(info.value, RondoError)
+    assert (info.value.tensor, info.value.dtype) == ("layer/kernel", "BF16")
+    message = str(info.value)
+    assert "'layer/kernel'" in message
+    assert "pip install ml_dtypes" in message and "pip install rondo[bf16]" in message
+    # The other dtypes need nothing more.
+    assert_same(decode(encode(sample("float16"), {}))[0], sample("float16"))
+
+
+def test_a_malformed_bf16_file_is_still_a_value_error_without_ml_dtypes(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    with pytest.raises(ValueError, match="needs 8"):
+        decode(build({"w": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 4]}}, bytes(4)))
+
+
+def test_ml_dtypes_is_imported_only_for_bf16_tensors() -> None:
+    code = (
+        "import sys, numpy as np, rondo\n"
+        "from rondo.safetensors_io import decode, encode\n"
+        "data = encode({'a': np.ones(3, np.float32), 'b': np.ones(2, np.float16)}, {})\n"
+        "decode(bytearray(data))\n"
+        "assert 'ml_dtypes' not in sys.modules, 'imported without a BF16 tensor'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -321,3 +323,288 @@ def test_answers_that_are_not_http_are_network_errors(server) -> None:
             with pytest.raises(NetworkError):
                 http.call("GET", url, timeout=5)
         assert http.call("GET", url, timeout=5) == {}  # and the client recovers
+
+
+# --- regressions of Rondo issue 9: what the hand-written client got wrong ----------------------
+
+
+class RawServer:
+    """A loopback HTTP/1.1 server on plain sockets, scripted per request.
+
+    ``answer(n, conn, method, target, body)`` is called for the ``n``-th request (1-based, over
+    all connections) once it has been read whole; it returns the bytes to answer with, those
+    bytes in a tuple to close the connection after them, or None to close it there without
+    answering (with a reset when ``reset`` is True).
+    ``received`` records every request read: (connection number, method, target, body).
+    """
+
+    def __init__(self, answer: Callable[..., bytes | None], reset: bool = True) -> None:
+        self.answer = answer
+        self.reset = reset
+        self.received: list[tuple[int, str, str, bytes]] = []
+        self.connections = 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                number = self.connections
+            threading.Thread(target=self._serve, args=(sock, number), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, number: int) -> None:
+        reader = sock.makefile("rb")
+        try:
+            while True:
+                line = reader.readline()
+                if not line:
+                    return
+                method, target, _ = line.decode().split(" ", 2)
+                length = 0
+                while (header := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                body = reader.read(length)
+                with self.lock:
+                    self.received.append((number, method, target, body))
+                    n = len(self.received)
+                answer = self.answer(n, number, method, target, body)
+                if answer is None:
+                    if self.reset:  # SO_LINGER 0: close with a reset, as a crashed server does
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+                    return
+                if isinstance(answer, tuple):  # (answer, "then close"): a graceful close
+                    sock.sendall(answer[0])
+                    return
+                sock.sendall(answer)
+        except OSError:
+            return
+        finally:
+            reader.close()
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def bodies(self) -> list[bytes]:
+        return [body for _, _, _, body in self.received]
+
+
+LINGER_0 = struct.pack("ii", 1, 0)
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}"
+
+
+class Pieces:
+    """An upload body in two pieces, one a memoryview."""
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        yield self.text[:3]
+        yield memoryview(bytearray(self.text[3:]))
+
+
+@pytest.mark.parametrize("kind", ["call", "upload"])
+def test_a_post_is_never_sent_twice_when_the_server_drops_it(kind: str) -> None:
+    """The server answers one request on a kept-alive connection, reads the next POST whole
+    and resets the connection without answering (a crash, or an idle timeout racing with the
+    request): whether it acted on that POST is unknown, so the client must not send it again
+    by itself. (The hand-written client took the reset for an idle close and sent it again.)"""
+    server = RawServer(lambda n, *_: OK if n == 1 else None)
+    try:
+        with HttpClient() as http:
+            assert http.call("POST", f"{server.url}/join", body={"n": 1}, timeout=5) == {}
+            with pytest.raises(NetworkError):
+                if kind == "call":
+                    http.call("POST", f"{server.url}/join", body={"n": 2}, timeout=5)
+                else:
+                    http.upload(f"{server.url}/update", Pieces(b"update-2"), timeout=5)
+            time.sleep(0.2)  # anything sent again would have arrived by now
+        second = b'{"n": 2}' if kind == "call" else b"update-2"
+        assert server.bodies() == [b'{"n": 1}', second]
+        assert server.connections == 1
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_an_idempotent_request_is_sent_again_on_a_fresh_connection(reset: bool) -> None:
+    """The same failure for a GET, or a POST declared idempotent (a heartbeat): sent once more,
+    on a new connection, and the caller never sees the stale one."""
+    server = RawServer(lambda n, *_: None if n in (2, 4) else OK, reset=reset)
+    try:
+        with HttpClient() as http:
+            assert http.call("GET", f"{server.url}/a", timeout=5) == {}
+            assert http.call("GET", f"{server.url}/b", timeout=5) == {}  # 2 dropped, 3 answered
+            assert http.call("POST", f"{server.url}/hb", idempotent=True, timeout=5) == {}
+        assert [(c, t) for c, _, t, _ in server.received] == [
+            (1, "/a"),
+            (1, "/b"),
+            (2, "/b"),
+            (2, "/hb"),
+            (3, "/hb"),
+        ]
+    finally:
+        server.close()
+
+
+def test_a_connection_closed_while_idle_is_not_used_for_a_post() -> None:
+    """An idle close that reached the client before its next request (the usual case: a
+    server's keep-alive timeout) is noticed before anything is sent: the POST goes, once, on a
+    fresh connection."""
+    server = RawServer(lambda n, *_: (OK, "then close") if n == 1 else OK)
+    try:
+        with HttpClient() as http:
+            assert http.call("POST", f"{server.url}/x", body={"n": 1}, timeout=5) == {}
+            time.sleep(0.1)  # the close reaches the client while its connection sits idle
+            assert http.call("POST", f"{server.url}/x", body={"n": 2}, timeout=5) == {}
+        assert server.bodies() == [b'{"n": 1}', b'{"n": 2}']
+        assert server.connections == 2
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def high_fds() -> Iterator[None]:
+    """Holds every file descriptor up to above 1023, so that the next socket gets a larger
+    one (raising the soft RLIMIT_NOFILE when it is lower)."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1200
+    if soft != resource.RLIM_INFINITY and soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] <= 1040:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_connections_are_reused_above_file_descriptor_1023(server, high_fds) -> None:
+    """select() cannot watch a descriptor above 1023 (FD_SETSIZE): the hand-written client then
+    took every kept-alive connection for closed and opened a new one per request."""
+    peers: list[tuple[str, int]] = []
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        peers.append(h.client_address)
+        read_request_body(h)
+        reply(h, 200, b'{"ok": 1}')
+
+    url = server(handle)
+    with socket.socket() as probe:
+        assert probe.fileno() > 1023  # and so will the client's be
+    with HttpClient() as http:
+        assert http.call("GET", url, timeout=5) == {"ok": 1}
+        assert http.call("POST", url, body={}, timeout=5) == {"ok": 1}
+        assert bytes(http.download(url, timeout=5)) == b'{"ok": 1}'
+    assert len(peers) == 3 and len(set(peers)) == 1
+
+
+def test_chunked_answers_with_bare_lf_line_endings(server) -> None:
+    """RFC 9112 lets a recipient take a bare LF for a line's end; the hand-written client (and
+    http.client itself) expected CRLF after each chunk's data."""
+    peers: list[tuple[str, int]] = []
+    bare = (
+        b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n"
+        b'5;ext=1\n{"a":\n3\n 1}\n0\nX-Trailer: t\n\n'
+    )
+    long_chunk = b'b": "' + b"x" * 20000 + b'"}'
+    mixed = (  # CRLF and LF in one answer, and one long chunk
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'2\r\n{"\n' + b"%x\n" % len(long_chunk) + long_chunk + b"\r\n0\r\n\r\n"
+    )
+    answers = iter([bare, bare, mixed, bare])
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        peers.append(h.client_address)
+        raw(h, next(answers))
+
+    url = server(handle)
+    with HttpClient() as http:
+        assert http.call("GET", url, timeout=5) == {"a": 1}
+        data = http.download(url, timeout=5)
+        assert data.flags.writeable and bytes(data) == b'{"a": 1}'
+        assert http.call("GET", url, timeout=5) == {"b": "x" * 20000}
+        assert http.call("GET", url, timeout=5) == {"a": 1}
+    assert len(set(peers)) == 1  # each answer read to its end: the connection stays usable
+
+
+def test_empty_answers_leave_the_connection_usable(server) -> None:
+    peers: list[tuple[str, int]] = []
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        peers.append(h.client_address)
+        reply(h, 204 if h.path == "/none" else 200, b"")
+
+    url = server(handle)
+    with HttpClient() as http:
+        assert http.call("POST", f"{url}/none", timeout=5) is None
+        assert http.call("GET", url, timeout=5) is None
+        assert len(http.download(url, timeout=5)) == 0
+    assert len(peers) == 3 and len(set(peers)) == 1
+
+
+def test_one_client_serves_several_threads(server) -> None:
+    """The runner's heartbeat thread and main thread share a client: a long poll in one
+    thread does not hold up, or mix with, the other's requests."""
+    release = threading.Event()
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        if h.path == "/hold":
+            release.wait(5)
+        reply(h, 200, json.dumps({"path": h.path}).encode())
+
+    url = server(handle)
+    with HttpClient() as http:
+        held: dict[str, Any] = {}
+        thread = threading.Thread(
+            target=lambda: held.update(answer=http.call("GET", f"{url}/hold", timeout=10))
+        )
+        thread.start()
+        time.sleep(0.1)
+        for k in range(5):
+            assert http.call("GET", f"{url}/{k}", timeout=5) == {"path": f"/{k}"}
+        release.set()
+        thread.join(5)
+        assert held["answer"] == {"path": "/hold"}
+
+
+def test_plain_http_to_another_host_is_warned_about_once(monkeypatch, caplog) -> None:
+    import rondo.transport as transport
+
+    monkeypatch.setattr(transport, "_warned", set())
+    refused = ConnectionRefusedError("refused by the test")
+
+    def create_connection(*args: Any, **kwargs: Any) -> socket.socket:
+        raise refused
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    with caplog.at_level("WARNING", logger="rondo"), HttpClient() as http:
+        for url in ["http://rondo.example:8081/a", "http://rondo.example:8081/b"]:
+            with pytest.raises(NetworkError, match="refused by the test"):
+                http.call("GET", url, timeout=1)
+        for url in ["http://127.0.0.1:1/", "http://localhost:1/", "http://[::1]:1/"]:
+            with pytest.raises(NetworkError):
+                http.call("GET", url, timeout=1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "http://rondo.example:8081" in warnings[0] and "TLS" in warnings[0]
