@@ -40,6 +40,7 @@ from .participant import Participant, ParticipantReport
 from .safetensors_io import SafetensorsStream, decode, encode_stream
 from .transport import HttpClient, Transport
 from .types import Weights
+from .util import Backoff
 
 CONTROL_TIMEOUT = 10.0
 """Seconds to wait for the coordinator's small JSON answers."""
@@ -51,8 +52,10 @@ MAX_BACKOFF = 2.0
 """Longest pause between two join attempts while the coordinator is unreachable."""
 STOP_CHECK_SECS = 0.25
 """How often the main thread, while waiting for a heartbeat answer, looks at the stop event."""
-UPLOAD_RETRY_DELAYS = (0.5, 2.0)
-"""Pauses before sending an update again after a network failure (one retry per entry)."""
+UPLOAD_RETRIES = 2
+"""How many times an update is sent again after a network failure."""
+UPLOAD_RETRY_DELAY = 0.5
+"""First pause before sending an update again (doubling, jittered, up to ``MAX_BACKOFF``)."""
 HISTORY_WAIT_SECS = 2.0
 """How long to look for a round in the coordinator's history, when a retried upload finds the
 round closed, to tell whether the first attempt had got in."""
@@ -130,7 +133,7 @@ class _Run:
     def join(self) -> tuple[_Identity, float] | None:
         """Join, retrying with backoff while the coordinator is unreachable; None if stopped."""
         deadline = time.monotonic() + self.connect_timeout
-        delay = 0.1
+        backoff = Backoff(0.1, MAX_BACKOFF)
         body = {"name": self.name} if self.name else None
         while True:
             remaining = deadline - time.monotonic()
@@ -159,9 +162,8 @@ class _Run:
                     f"{self.connect_timeout:g} s: {failure}"
                 ) from failure
             self.log.info("%s: coordinator not reachable yet (%s)", self.label, failure)
-            if self.stop.wait(min(delay, remaining)):
+            if self.stop.wait(min(backoff.next_delay() or MAX_BACKOFF, remaining)):
                 return None
-            delay = min(2 * delay, MAX_BACKOFF)
         if not self.name:
             self.label = identity.participant_id
         self.report.participant_ids.append(identity.participant_id)
@@ -425,7 +427,7 @@ class _Run:
             ApiError: the aggregator refused the update.
         """
         headers = {**_bearer(token), "Content-Type": "application/octet-stream"}
-        delays = iter(UPLOAD_RETRY_DELAYS)
+        backoff = Backoff(UPLOAD_RETRY_DELAY, MAX_BACKOFF, attempts=UPLOAD_RETRIES)
         failure: RondoError | None = None  # the network failure that led to retrying
         while True:
             try:
@@ -448,7 +450,7 @@ class _Run:
                     return
                 if exc.code == "token_expired":
                     raise failure from exc  # the round closed without it: that lost attempt
-            delay = next(delays, None)
+            delay = backoff.next_delay()
             if delay is None:
                 raise failure
             self.log.warning(

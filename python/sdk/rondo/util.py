@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from decimal import Decimal
 
@@ -38,3 +39,31 @@ def parse_size(text: str) -> int:
         )
     # Decimal, not float, so that e.g. 0.1MB is exactly 100000 bytes.
     return int(Decimal(match.group(1)) * _UNITS[unit])
+
+
+class Backoff:
+    """The SDK's one retry policy: exponential backoff with jitter.
+
+    Delays start at ``initial`` seconds (or ``maximum``, if smaller) and double up to
+    ``maximum``; each is drawn uniformly
+    from the upper half of the current step, so that many participants that lost the
+    coordinator together do not come back in lock-step. With ``attempts``, :meth:`next_delay`
+    returns ``None`` once that many delays were handed out.
+    """
+
+    def __init__(self, initial: float, maximum: float, attempts: int | None = None) -> None:
+        if not (initial > 0 and maximum > 0):
+            raise ValueError(f"delays must be positive, got {initial} and {maximum}")
+        self._step = min(initial, maximum)
+        self._maximum = maximum
+        self._left = attempts
+
+    def next_delay(self) -> float | None:
+        """The pause before the next attempt, or ``None`` when no attempt is left."""
+        if self._left is not None:
+            if self._left <= 0:
+                return None
+            self._left -= 1
+        step = self._step
+        self._step = min(2 * step, self._maximum)
+        return random.uniform(step / 2, step)

@@ -340,7 +340,8 @@ def test_weights_a_participant_keeps_are_never_overwritten(serve, monkeypatch) -
 
 @pytest.fixture
 def quick_upload_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rondo.runner, "UPLOAD_RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(rondo.runner, "UPLOAD_RETRY_DELAY", 0.01)
+    monkeypatch.setattr(rondo.runner, "MAX_BACKOFF", 0.01)
 
 
 def test_an_upload_lost_on_the_network_is_sent_again(serve, quick_upload_retries) -> None:
@@ -403,7 +404,7 @@ def test_upload_retries_are_bounded(serve, quick_upload_retries) -> None:
     report = run(fake)
     assert report.rejected_uploads == {1: "network_error"}
     assert report.rounds_trained == [0, 2]
-    assert fake.upload_requests.count((1, "p1")) == 1 + len(rondo.runner.UPLOAD_RETRY_DELAYS)
+    assert fake.upload_requests.count((1, "p1")) == 1 + rondo.runner.UPLOAD_RETRIES
 
 
 def test_a_refused_upload_is_not_sent_again(serve, quick_upload_retries) -> None:

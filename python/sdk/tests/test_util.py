@@ -39,3 +39,16 @@ def test_report_defaults_are_independent() -> None:
     a.rejected_uploads[2] = "token_expired"
     assert b == ParticipantReport([], [], {}, None)
     assert a.final_action is None
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap_and_stops_after_its_attempts() -> None:
+    from rondo.util import Backoff
+
+    backoff = Backoff(0.1, 0.4, attempts=4)
+    delays = [backoff.next_delay() for _ in range(5)]
+    assert delays[4] is None
+    for delay, step in zip(delays[:4], [0.1, 0.2, 0.4, 0.4], strict=True):
+        assert delay is not None and step / 2 <= delay <= step
+    assert len({Backoff(1.0, 1.0).next_delay() for _ in range(20)}) > 1, "jittered"
+    with pytest.raises(ValueError):
+        Backoff(0.0, 1.0)

@@ -260,6 +260,9 @@ fn json_parse_error(head: &[u8], head_max: usize) -> Option<Vec<u8>> {
     Some(answer.into_bytes())
 }
 
+/// hyper's own error answers are a status line and three short headers.
+const HYPER_ERROR_HEAD_MAX: usize = 256;
+
 impl JsonParseErrors {
     /// Writes what is left of the replacement answer, if any.
     fn poll_replacement(
@@ -288,7 +291,14 @@ impl JsonParseErrors {
     /// Whether a write of `total` bytes starting with `first` is hyper's own error answer, now
     /// replaced (hyper's answer is written as one buffer, so `first` must be all of it).
     fn replaces(&mut self, first: &[u8], total: usize) -> bool {
-        if self.replacement.is_some() || first.len() != total {
+        // Checked before anything else, as every write of every answer passes here: a write
+        // that is not a short 4xx head is let through without reading it (a model download
+        // is written in large pieces, and re-writes of what a full socket did not take).
+        if self.replacement.is_some()
+            || first.len() != total
+            || total > HYPER_ERROR_HEAD_MAX
+            || !first.starts_with(b"HTTP/1.1 4")
+        {
             return false;
         }
         self.replacement = json_parse_error(first, self.head_max).map(|answer| (answer, 0));
