@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import requests
 from safetensors.numpy import save_file
+from test_bad_input import SHAPES, Person, weights
 
 from rondo.safetensors_io import decode, encode
 
-SHAPES = {"w": (4, 3), "b": (3,)}
 MAX_BODY = 64 << 20
 U64_MAX = 2**64 - 1
 # The defaults of `[limits]` in configs/dev-aggregator.toml.
@@ -28,10 +28,6 @@ MAX_N_SAMPLES = 1_000_000_000
 MAX_METRICS = 64
 MAX_METRIC_KEY_BYTES = 128
 MAX_METRICS_BYTES = 16 * 1024
-
-
-def weights(value: float) -> dict[str, np.ndarray]:
-    return {name: np.full(shape, value, np.float32) for name, shape in SHAPES.items()}
 
 
 def upload_bytes(tensors: dict[str, np.ndarray], n_samples: str = "1", **metadata: str) -> bytes:
@@ -54,21 +50,10 @@ def header_of(file: bytes) -> dict:
     return json.loads(file[8 : 8 + length])
 
 
-class Person:
-    def __init__(self, coordinator_url: str, name: str) -> None:
-        self.url = coordinator_url
-        answer = requests.post(f"{coordinator_url}/v1/participants", json={"name": name}).json()
-        self.id = answer["participant_id"]
-        self.secret = answer["secret"]
-
-    def start_training(self) -> dict:
-        answer = requests.post(
-            f"{self.url}/v1/participants/{self.id}/start_training",
-            headers={"Authorization": f"Bearer {self.secret}"},
-            timeout=10,
-        )
-        assert answer.status_code == 200, answer.text
-        return answer.json()
+def start_training(person: Person) -> dict:
+    answer = person.post("start_training")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
 
 
 def upload(ticket: dict, body: bytes) -> requests.Response:
@@ -116,7 +101,7 @@ def round_one(start_federation, tmp_path):
     a = Person(federation.coordinator_url, "a")
     b = Person(federation.coordinator_url, "b")
     federation.wait_for(lambda s: s["phase"] == "training", what="round 1 to open")
-    return federation, a.start_training(), b.start_training()
+    return federation, start_training(a), start_training(b)
 
 
 def accepted(federation) -> list[str]:
@@ -243,14 +228,14 @@ def test_a_scalar_tensor_keeps_its_empty_shape_end_to_end(start_federation):
     )
     person = Person(federation.coordinator_url, "p")
     federation.wait_for(lambda s: s["phase"] == "training", what="round 0 to open")
-    ticket = person.start_training()
+    ticket = start_training(person)
     assert ticket["round"] == 0
     initial = {"s": np.array(2.0, np.float32), "v": np.array([1.0, 2.0], np.float32)}
     ok = upload(ticket, upload_bytes(initial))
     assert ok.status_code == 200, ok.text
 
     federation.wait_for(lambda s: s["round"] == 1 and s["phase"] == "training", what="round 1")
-    ticket = person.start_training()
+    ticket = start_training(person)
     download = requests.get(
         ticket["model_url"], headers={"Authorization": f"Bearer {ticket['token']}"}, timeout=10
     )

@@ -182,15 +182,7 @@ mod tests {
 
     /// The defaults with `overrides` (TOML) laid over them, as the binary would read them.
     fn load(overrides: &str) -> Result<CoordinatorSettings, ConfigError> {
-        let dir = std::env::temp_dir().join(format!(
-            "rondo-coordinator-config-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        let file = dir.join("override.toml");
-        std::fs::write(&file, overrides).expect("writing the override");
-        rondo_net::boot::load_settings(DEFAULTS, Some(&file))
+        rondo_net::boot::load_settings_with(DEFAULTS, overrides)
     }
 
     fn error(overrides: &str) -> String {

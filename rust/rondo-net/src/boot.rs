@@ -46,6 +46,25 @@ pub fn load_settings<S: FromConfig>(defaults: &str, file: Option<&Path>) -> Resu
     S::from_config(load_config(defaults, file)?)
 }
 
+/// [`load_settings`] with `overrides` (TOML text) as the config file, written to a temporary
+/// file of the calling thread's own: how the services' config tests read a config exactly as
+/// the binary would.
+pub fn load_settings_with<S: FromConfig>(
+    defaults: &str,
+    overrides: &str,
+) -> Result<S, ConfigError> {
+    let dir = std::env::temp_dir().join(format!(
+        "rondo-config-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let file = dir.join("override.toml");
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&file, overrides))
+        .map_err(|err| ConfigError::unreadable(format!("writing {}: {err}", file.display())))?;
+    load_settings(defaults, Some(&file))
+}
+
 /// Logs to stderr; `RUST_LOG` overrides the default filter (`info`, with tarpc's per-call
 /// spans kept quiet).
 pub fn init_tracing() {
