@@ -310,6 +310,9 @@ def test_answers_that_are_not_http_are_network_errors(server) -> None:
             b"HTTP/1.1 200 OK\r\nContent-Length: -4\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
             b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * 70000 + b"\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1e3\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
         ]
     )
@@ -319,10 +322,28 @@ def test_answers_that_are_not_http_are_network_errors(server) -> None:
 
     url = server(handle)
     with HttpClient() as http:
-        for _ in range(4):
+        for _ in range(7):
             with pytest.raises(NetworkError):
                 http.call("GET", url, timeout=5)
         assert http.call("GET", url, timeout=5) == {}  # and the client recovers
+
+
+def test_header_names_match_in_any_case_and_folded_values_are_joined(server) -> None:
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        raw(
+            h,
+            b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 8\r\nX-Folded: a\r\n  b\r\n"
+            b"TRANSFER-encoding: identity\r\n\r\n{\"a\": 1}",
+        )
+
+    url = server(handle)
+    with HttpClient() as http:
+        assert http.call("GET", url, timeout=5) == {"a": 1}
+        connection, response = http._exchange("GET", url, {}, None, 5, True)
+        assert response.getheader("x-folded") == "a b"
+        assert response.getheader("Content-Length") == "8" and response.length == 8
+        assert not response.chunked and not response.will_close
+        assert response.read() == b'{"a": 1}'
 
 
 # --- regressions of Rondo issue 9: what the hand-written client got wrong ----------------------
