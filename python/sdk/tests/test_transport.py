@@ -333,7 +333,7 @@ def test_header_names_match_in_any_case_and_folded_values_are_joined(server) -> 
         raw(
             h,
             b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 8\r\nX-Folded: a\r\n  b\r\n"
-            b"TRANSFER-encoding: identity\r\n\r\n{\"a\": 1}",
+            b'TRANSFER-encoding: identity\r\n\r\n{"a": 1}',
         )
 
     url = server(handle)
