@@ -679,6 +679,7 @@ mod tests {
             spec: update.spec.clone(),
             data: Bytes::copy_from_slice(&update.data),
             weight: update.n_samples as f64,
+            metrics: Default::default(),
         });
         drop(sum);
         let recorded = book.finish_commit(grant, folded.is_ok().then_some(update.n_samples));
@@ -829,6 +830,7 @@ mod tests {
             spec: staged.spec.clone(),
             data: Bytes::copy_from_slice(&staged.data),
             weight: 1.0,
+            metrics: Default::default(),
         })
         .unwrap();
         drop(sum);

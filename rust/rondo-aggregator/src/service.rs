@@ -217,6 +217,7 @@ impl Aggregator {
             spec,
             data,
             weight: n_samples as f64,
+            metrics: metrics.clone(),
         });
         // A close waits until no fold holds the sum.
         drop(sum);

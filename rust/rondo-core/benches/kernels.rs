@@ -205,6 +205,7 @@ fn modes(c: &mut Criterion) {
                         spec: spec.clone(),
                         data: bytes::Bytes::from(data.clone()),
                         weight: (k + 1) as f64,
+                        metrics: Default::default(),
                     })
                     .collect();
                 (acc, owned)

@@ -57,6 +57,9 @@ pub struct Update {
     /// whichever thread folds the update.
     pub data: Bytes,
     pub weight: f64,
+    /// The participant's reported metrics (`rondo.metrics`), for rules that use them (a
+    /// Python plug-in sees them); the native rules ignore them.
+    pub metrics: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Debug)]
@@ -536,6 +539,7 @@ mod tests {
             spec: spec.clone(),
             data: encode_values(dtype, values).into(),
             weight,
+            metrics: Default::default(),
         }
     }
 
@@ -693,6 +697,7 @@ mod tests {
             spec: reordered,
             data: encode_values(DType::F32, &[2.0, 3.0, 1.0]).into(),
             weight: 1.0,
+            metrics: Default::default(),
         })
         .unwrap();
         assert_eq!(finalize(acc), vec![1.0, 2.0, 3.0]);
@@ -747,6 +752,7 @@ mod tests {
                     spec: spec.clone(),
                     data: Bytes::copy_from_slice(&bytes),
                     weight: 2.0,
+                    metrics: Default::default(),
                 })
                 .unwrap();
                 let mut buffer = acc.finalize().unwrap();

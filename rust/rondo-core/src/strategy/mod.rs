@@ -8,12 +8,42 @@
 //!
 //! The book never looks inside: FedAvg's streaming sum ([`crate::aggregate`]) is the first
 //! implementation, and rules that hold every update of a round, or a Python plug-in, fit the
-//! same two calls.
+//! same two calls. [`build`] makes the native rule a config names, from its
+//! [`options::Options`].
+
+pub mod options;
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use crate::aggregate::{AccumulatorOptions, FedAvgAccumulator, ModelBuffer, Update};
 use crate::model::{ModelMismatch, ModelSpec};
+pub use options::{OptionError, Options};
+
+/// The names of the native strategies, as the config selects them.
+pub const NATIVE: &[&str] = &["fedavg"];
+
+/// The native strategy called `name`, with its `options` (every one of which it must know).
+/// `accumulation` says how the rules that fold updates as they arrive meet concurrent uploads.
+pub fn build(
+    name: &str,
+    options: Options,
+    accumulation: AccumulatorOptions,
+) -> Result<Arc<dyn Strategy>, OptionError> {
+    let strategy: Arc<dyn Strategy> = match name {
+        "fedavg" => Arc::new(FedAvg {
+            options: accumulation,
+        }),
+        other => {
+            return Err(OptionError::strategy(
+                other,
+                format!("is not a native strategy (one of {})", NATIVE.join(", ")),
+            ));
+        }
+    };
+    options.finish(name)?;
+    Ok(strategy)
+}
 
 /// One round's aggregation in progress.
 pub trait RoundAggregation: Send + Sync + Debug {
@@ -153,6 +183,7 @@ mod tests {
             spec: spec(),
             data: encode_values(DType::F32, values).into(),
             weight,
+            metrics: Default::default(),
         }
     }
 
