@@ -5,9 +5,12 @@
 //! [`AggregatorSettings::from_config`] checks every value and gives what the aggregator runs
 //! with.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rondo_core::aggregate::{AccumulationMode, AccumulatorOptions};
+use rondo_core::strategy::{self as strategies, Options, Strategy};
 use rondo_net::settings::{self, ConfigError, FromConfig};
 use serde::Deserialize;
 
@@ -19,6 +22,8 @@ const MAX_BYTES: u64 = 1 << 40;
 const CALL_TIMEOUT_SECS: (f64, f64) = (0.001, 3600.0);
 /// Silence allowed during an upload: from 1 ms to a day.
 const IDLE_TIMEOUT_SECS: (f64, f64) = (0.001, 86_400.0);
+/// A call into a Python aggregator: from 1 ms to a day.
+const PYTHON_TIMEOUT_SECS: (f64, f64) = (0.001, 86_400.0);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,11 +67,53 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregationConfig {
+    pub strategy: String,
     pub mode: AccumulationMode,
     #[serde(deserialize_with = "settings::boolean")]
     pub deterministic: bool,
     #[serde(deserialize_with = "settings::integer")]
     pub staging_memory_bytes: u64,
+    /// The strategy's knobs, each a number (`[aggregation.options]`).
+    #[serde(default)]
+    pub options: BTreeMap<String, OptionValue>,
+    pub python: PythonConfig,
+}
+
+/// One `[aggregation.options]` value: a number, nothing else.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(transparent)]
+pub struct OptionValue(#[serde(deserialize_with = "settings::number")] pub f64);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PythonConfig {
+    pub module: String,
+    pub class: String,
+    #[serde(deserialize_with = "settings::number")]
+    pub timeout_secs: f64,
+    pub venv: String,
+}
+
+/// A Python aggregator, as `[aggregation.python]` names it (`strategy = "python"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PythonSettings {
+    /// The module to import (e.g. `rondo_aggregators.weighted_average`).
+    pub module: String,
+    /// The class in it, instantiated once with `[aggregation.options]` as keyword arguments.
+    pub class: String,
+    /// Longest any one call into it may take; past it, the round fails.
+    pub timeout: Duration,
+    /// A virtual environment whose packages the interpreter sees (its `site-packages` put in
+    /// front of `sys.path`). Empty: `$VIRTUAL_ENV` when set, else the interpreter's own.
+    pub venv: String,
+    pub options: BTreeMap<String, f64>,
+}
+
+/// How the aggregator aggregates: a native rule, or a Python one.
+#[derive(Debug, Clone)]
+pub enum StrategyChoice {
+    Native(Arc<dyn Strategy>),
+    Python(PythonSettings),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +136,7 @@ pub struct AggregatorSettings {
     pub rpc: RpcConfig,
     pub model: ModelConfig,
     pub aggregation: AggregationConfig,
+    pub strategy: StrategyChoice,
     pub link: LinkSettings,
     pub runtime: RuntimeConfig,
     pub limits: crate::wire::UploadLimits,
@@ -127,7 +175,9 @@ impl FromConfig for AggregatorSettings {
             1,
             MAX_BYTES,
         )?;
+        let strategy = strategy_choice(&aggregation)?;
         Ok(Self {
+            strategy,
             api: ApiSettings {
                 host: settings::non_empty("api.host", raw.api.host)?,
                 port: raw.api.port,
@@ -168,6 +218,63 @@ impl FromConfig for AggregatorSettings {
     }
 }
 
+/// The rule `[aggregation]` names, with its options checked (a native rule is built here, so
+/// that a bad option stops the aggregator at start-up).
+fn strategy_choice(aggregation: &AggregationConfig) -> Result<StrategyChoice, ConfigError> {
+    let options: BTreeMap<String, f64> = aggregation
+        .options
+        .iter()
+        .map(|(name, value)| (name.clone(), value.0))
+        .collect();
+    if aggregation.strategy != "python" {
+        return strategies::build(
+            &aggregation.strategy,
+            Options::new(options),
+            aggregation.accumulator_options(),
+        )
+        .map(StrategyChoice::Native)
+        .map_err(|e| ConfigError::unreadable(e.to_string()));
+    }
+    let python = &aggregation.python;
+    for (key, value) in [
+        ("aggregation.python.module", &python.module),
+        ("aggregation.python.class", &python.class),
+    ] {
+        let dotted = value.split('.').all(|part| {
+            part.chars()
+                .next()
+                .is_some_and(|c| c.is_alphabetic() || c == '_')
+                && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+        });
+        if !dotted || (key.ends_with("class") && value.contains('.')) {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{value:?}"),
+                "must be a Python name (a dotted module path for the module)",
+            ));
+        }
+    }
+    if let Some((name, value)) = options.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(ConfigError::invalid(
+            &format!("aggregation.options.{name}"),
+            value,
+            "must be a finite number",
+        ));
+    }
+    Ok(StrategyChoice::Python(PythonSettings {
+        module: python.module.clone(),
+        class: python.class.clone(),
+        timeout: settings::secs(
+            "aggregation.python.timeout_secs",
+            python.timeout_secs,
+            PYTHON_TIMEOUT_SECS.0,
+            PYTHON_TIMEOUT_SECS.1,
+        )?,
+        venv: python.venv.clone(),
+        options,
+    }))
+}
+
 impl AggregationConfig {
     pub fn accumulator_options(&self) -> AccumulatorOptions {
         AccumulatorOptions {
@@ -198,6 +305,46 @@ mod tests {
         assert_eq!(settings.link.call_timeout, Duration::from_secs(5));
         assert_eq!(settings.api.upload_idle_timeout, Duration::from_secs(30));
         assert_eq!(settings.api.max_body_bytes, 4 << 30);
+    }
+
+    #[test]
+    fn the_strategy_and_its_options_are_checked_at_start_up() {
+        let settings = load("").expect("the defaults are valid");
+        assert!(matches!(&settings.strategy, StrategyChoice::Native(s) if s.name() == "fedavg"));
+        assert_eq!(
+            error("[aggregation]\nstrategy = \"fedsgd\"\n"),
+            "invalid config: aggregation.strategy = \"fedsgd\": is not a native strategy (one of fedavg)"
+        );
+        assert_eq!(
+            error("[aggregation.options]\nbeta = 0.2\n"),
+            "invalid config: aggregation.options.beta: is not an option of strategy \"fedavg\""
+        );
+        assert!(error("[aggregation.options]\nbeta = \"high\"\n").contains("a number"));
+        let python = load(
+            "[aggregation]\nstrategy = \"python\"\n[aggregation.options]\nlr = 0.5\n\
+             [aggregation.python]\ntimeout_secs = 2.5\n",
+        )
+        .expect("a python strategy");
+        let StrategyChoice::Python(python) = python.strategy else {
+            panic!("python strategy expected");
+        };
+        assert_eq!(python.module, "rondo_aggregators.weighted_average");
+        assert_eq!(python.timeout, Duration::from_millis(2500));
+        assert_eq!(python.options, BTreeMap::from([("lr".to_string(), 0.5)]));
+        for (key, bad) in [
+            ("module", "\"os; import x\""),
+            ("module", "\"\""),
+            ("class", "\"a.B\""),
+            ("timeout_secs", "0"),
+        ] {
+            let text = error(&format!(
+                "[aggregation]\nstrategy = \"python\"\n[aggregation.python]\n{key} = {bad}\n"
+            ));
+            assert!(
+                text.contains(&format!("aggregation.python.{key}")),
+                "{text}"
+            );
+        }
     }
 
     #[test]

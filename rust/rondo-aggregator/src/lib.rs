@@ -19,6 +19,7 @@
 pub mod config;
 pub mod http;
 pub mod link;
+pub mod python;
 pub mod rounds;
 pub mod run;
 pub mod service;

@@ -18,7 +18,9 @@ use bytes::Bytes;
 use rondo_core::aggregate::ModelBuffer;
 use rondo_core::federation::{self, AggregationResult, constant_time_eq};
 use rondo_core::model::ModelSpec;
-use rondo_core::strategy::{NOT_FINITE, RoundAggregation, Strategy, model_is_finite};
+use rondo_core::strategy::{
+    FedAvg, NOT_FINITE, RoundAggregation, RoundStart, Strategy, model_is_finite,
+};
 
 use crate::spare::{Recycled, SpareSum, release};
 use crate::wire;
@@ -168,11 +170,20 @@ impl ClosingRound {
 /// The data section of a model file laid out by [`wire::model_header`] (8-byte length, JSON
 /// header, tensors).
 fn model_data(file: &[u8]) -> &[u8] {
+    &file[model_data_offset(file)..]
+}
+
+/// [`model_data`] as shared bytes (no copy).
+fn model_data_bytes(file: &Bytes) -> Bytes {
+    file.slice(model_data_offset(file)..)
+}
+
+fn model_data_offset(file: &[u8]) -> usize {
     let header_len = file
         .get(..8)
         .and_then(|n| <[u8; 8]>::try_from(n).ok())
         .map_or(0, |n| u64::from_le_bytes(n) as usize);
-    file.get(8 + header_len..).unwrap_or(&[])
+    (8 + header_len).min(file.len())
 }
 
 #[derive(Debug)]
@@ -255,12 +266,18 @@ impl RoundBook {
         &self,
         round: u32,
     ) -> Option<impl FnOnce() -> Box<dyn RoundAggregation> + use<>> {
-        let spec = self.model.as_ref().filter(|_| round > 0)?.spec.clone();
+        let model = self.model.as_ref().filter(|_| round > 0)?;
+        let (spec, previous) = (model.spec.clone(), model_data_bytes(&model.file));
         let strategy = self.strategy.clone();
         let spare = self.spare.clone();
         Some(move || {
-            let prefix = wire::model_header(&spec, round).len();
-            strategy.begin_round((*spec).clone(), prefix, spare.take())
+            strategy.begin_round(RoundStart {
+                round,
+                prefix: wire::model_header(&spec, round).len(),
+                spec: (*spec).clone(),
+                spare: spare.take(),
+                previous: Some(previous),
+            })
         })
     }
 
@@ -419,7 +436,10 @@ impl RoundBook {
         grant: &Grant,
         spec: &ModelSpec,
     ) -> Result<RoundSum, CommitError> {
-        let global_spec = self.model.as_ref().map(|m| m.spec.clone());
+        let global = self
+            .model
+            .as_ref()
+            .map(|m| (m.spec.clone(), model_data_bytes(&m.file)));
         let strategy = self.strategy.clone();
         let open = match self.open.as_mut() {
             Some(open)
@@ -439,13 +459,22 @@ impl RoundBook {
             release(self.spare.set_sum_in_use(true));
         }
         let sum = open.sum.get_or_insert_with(|| {
-            let spec = match (&global_spec, round) {
-                (Some(global), r) if r > 0 => (**global).clone(),
-                _ => spec.clone(),
-            };
             // Room for the next model file's header, so the sum can become that file in place.
-            let prefix = wire::model_header(&spec, round).len();
-            Arc::new(strategy.begin_round(spec, prefix, None))
+            let start = |spec: ModelSpec, previous| RoundStart {
+                round,
+                prefix: wire::model_header(&spec, round).len(),
+                spec,
+                spare: None,
+                previous,
+            };
+            Arc::new(match global {
+                Some((global_spec, previous)) if round > 0 => {
+                    strategy.begin_round(start((*global_spec).clone(), Some(previous)))
+                }
+                // Round 0 makes the initial model: the first upload as it is, whatever rule
+                // the training rounds use.
+                _ => FedAvg::default().begin_round(start(spec.clone(), None)),
+            })
         });
         sum.spec()
             .check_update(spec)

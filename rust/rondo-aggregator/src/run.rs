@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rondo_core::strategy::{FedAvg, Strategy};
+use rondo_core::strategy::Strategy;
 use rondo_net::boot;
 use rondo_net::link::AggregatorRpc;
 use rondo_net::shutdown::Shutdown;
 
-use crate::config::AggregatorSettings;
+use crate::config::{AggregatorSettings, StrategyChoice};
 use crate::link::{AggregatorRpcServer, Outbox};
 use crate::rounds::RoundBook;
 use crate::service::Aggregator;
@@ -18,9 +18,10 @@ use crate::wire;
 
 /// The round book, with the configured initial model when there is one.
 fn round_book(config: &AggregatorSettings) -> anyhow::Result<RoundBook> {
-    let strategy: Arc<dyn Strategy> = Arc::new(FedAvg {
-        options: config.aggregation.accumulator_options(),
-    });
+    let strategy: Arc<dyn Strategy> = match &config.strategy {
+        StrategyChoice::Native(strategy) => strategy.clone(),
+        StrategyChoice::Python(python) => crate::python::strategy(python)?,
+    };
     let path = config.model.initial_model.as_str();
     if path.is_empty() {
         return Ok(RoundBook::new(None, strategy));

@@ -16,6 +16,8 @@ pub mod options;
 use std::fmt::Debug;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::aggregate::{AccumulatorOptions, FedAvgAccumulator, ModelBuffer, Update};
 use crate::model::{ModelMismatch, ModelSpec};
 pub use options::{OptionError, Options};
@@ -79,19 +81,43 @@ pub trait Strategy: Send + Sync + Debug {
     /// The name the config selects it by.
     fn name(&self) -> &'static str;
 
-    /// A round's aggregation for `spec`, whose finalized buffer leaves `prefix` bytes (a
-    /// multiple of 8) for the model file's header. `spare` is model-sized memory from an
-    /// earlier round that the rule may build its state in instead of mapping fresh memory.
-    fn begin_round(
-        &self,
-        spec: ModelSpec,
-        prefix: usize,
-        spare: Option<Vec<u64>>,
-    ) -> Box<dyn RoundAggregation>;
+    /// A training round's aggregation (see [`RoundStart`]). Called off the book's lock; the
+    /// book makes round 0 (the initial model) with plain [`FedAvg`], whatever the strategy.
+    fn begin_round(&self, start: RoundStart) -> Box<dyn RoundAggregation>;
 
     /// Whether updates are kept in memory until the round closes (so the staging buffers
     /// they arrived in cannot be reused for the next upload).
     fn holds_updates(&self) -> bool;
+}
+
+/// What a round's aggregation starts from.
+#[derive(Debug)]
+pub struct RoundStart {
+    pub round: u32,
+    /// The model every update must match.
+    pub spec: ModelSpec,
+    /// Bytes (a multiple of 8) the finalized buffer leaves for the model file's header.
+    pub prefix: usize,
+    /// Model-sized memory from an earlier round that the rule may build its state in instead
+    /// of mapping fresh memory.
+    pub spare: Option<Vec<u64>>,
+    /// The data section of the global model the round starts from (`None` in round 0); the
+    /// same bytes [`RoundAggregation::finalize`] gets.
+    pub previous: Option<Bytes>,
+}
+
+impl RoundStart {
+    /// A round of `spec` with no header room, no spare memory and no previous model: for
+    /// tests and benchmarks.
+    pub fn bare(round: u32, spec: ModelSpec) -> Self {
+        Self {
+            round,
+            spec,
+            prefix: 0,
+            spare: None,
+            previous: None,
+        }
+    }
 }
 
 /// Weighted FedAvg (McMahan et al. 2017): `Σ nᵢ·wᵢ / Σ nᵢ`, folded as updates arrive.
@@ -105,17 +131,12 @@ impl Strategy for FedAvg {
         "fedavg"
     }
 
-    fn begin_round(
-        &self,
-        spec: ModelSpec,
-        prefix: usize,
-        spare: Option<Vec<u64>>,
-    ) -> Box<dyn RoundAggregation> {
+    fn begin_round(&self, start: RoundStart) -> Box<dyn RoundAggregation> {
         Box::new(FedAvgAccumulator::with_prefix_reusing(
-            spec,
+            start.spec,
             self.options,
-            prefix,
-            spare,
+            start.prefix,
+            start.spare,
         ))
     }
 
@@ -189,7 +210,10 @@ mod tests {
 
     #[test]
     fn fedavg_through_the_seam_is_the_weighted_average() {
-        let round = FedAvg::default().begin_round(spec(), 8, None);
+        let round = FedAvg::default().begin_round(RoundStart {
+            prefix: 8,
+            ..RoundStart::bare(1, spec())
+        });
         round.add(update(&[1.0, 2.0], 1.0)).unwrap();
         round.add(update(&[4.0, 8.0], 3.0)).unwrap();
         assert_eq!(round.updates(), 2);
@@ -199,7 +223,7 @@ mod tests {
 
     #[test]
     fn an_empty_round_names_why_it_has_no_model() {
-        let round = FedAvg::default().begin_round(spec(), 0, None);
+        let round = FedAvg::default().begin_round(RoundStart::bare(1, spec()));
         assert!(round.finalize(None).unwrap_err().contains("no update"));
     }
 
@@ -211,7 +235,7 @@ mod tests {
                 mode,
                 deterministic: false,
             };
-            let round = FedAvg { options }.begin_round(spec(), 0, None);
+            let round = FedAvg { options }.begin_round(RoundStart::bare(1, spec()));
             round.add(update(&[3e38, 1.0], 1e9)).unwrap();
             round.add(update(&[3e38, 1.0], 1e9)).unwrap();
             assert_eq!(round.finalize(None).unwrap_err(), NOT_FINITE, "{mode:?}");
