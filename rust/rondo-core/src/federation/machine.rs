@@ -5,15 +5,16 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 use super::selection::{choose, selection_size, token_from};
 use super::{
     AggregationResult, Command, Delivery, Federation, MAX_METRIC_NAME_BYTES,
     MAX_METRICS_PER_DELIVERY, MAX_REJECTION_REASON_BYTES, MAX_REJECTIONS_PER_PARTICIPANT,
-    MAX_REJECTIONS_PER_ROUND, OpenRound, ParticipantId, Rejection, RoundRecord, Timestamp,
+    MAX_REJECTIONS_PER_ROUND, OpenRound, Outcome, ParticipantId, Rejection, RoundRecord, Timestamp,
 };
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(super) struct ActiveRound {
     pub(super) record: RoundRecord,
     pub(super) tokens: BTreeMap<ParticipantId, String>,
@@ -147,7 +148,7 @@ impl ActiveRound {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(super) enum Phase {
     WaitingForAggregator,
     WaitingForParticipants,
@@ -167,7 +168,7 @@ pub struct RoundClosed {
 
 /// Contributors of the round closed last whose "accepted" notice had not arrived yet: if it
 /// comes late, its metrics still reach the history.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(super) struct AwaitingNotices {
     round: u32,
     attempt: u32,
@@ -210,7 +211,7 @@ impl Federation {
                 | Phase::Training(mut active)
                 | Phase::Closing(mut active) = phase
                 {
-                    active.record.outcome = Some("failed");
+                    active.record.outcome = Some(Outcome::Failed);
                     active.record.reason = Some(reason);
                     active.record.duration_secs = Some(now.since(active.opened_at).as_secs_f64());
                     self.push_history(active.record);
@@ -370,7 +371,7 @@ impl Federation {
                         ids: unheard,
                     });
                 }
-                active.record.outcome = Some("aggregated");
+                active.record.outcome = Some(Outcome::Aggregated);
                 active.record.reason = Some(close_reason);
                 if self.round >= self.settings.rounds {
                     self.phase = Phase::Finished;
@@ -380,7 +381,7 @@ impl Federation {
                 }
             }
             AggregationResult::Failed { reason } => {
-                active.record.outcome = Some("failed");
+                active.record.outcome = Some(Outcome::Failed);
                 active.record.reason = Some(format!("{close_reason}; {reason}; round is rerun"));
                 self.attempt += 1;
             }

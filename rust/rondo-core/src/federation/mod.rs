@@ -43,7 +43,7 @@ mod tests;
 pub use machine::RoundClosed;
 pub use selection::token_from;
 pub use status::{
-    Delivery, FederationStatus, ParticipantState, ParticipantStatus, PhaseName, Rejection,
+    Delivery, FederationStatus, Outcome, ParticipantState, ParticipantStatus, PhaseName, Rejection,
     RoundRecord,
 };
 
@@ -102,7 +102,7 @@ impl std::ops::Add<Duration> for Timestamp {
 }
 
 /// Knobs of a federation, read from the coordinator's config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FederationSettings {
     /// Training rounds to run (round 0, which only establishes the initial model, not counted).
     pub rounds: u32,
@@ -182,8 +182,10 @@ pub enum AggregationResult {
     },
 }
 
-/// The whole federation as the coordinator sees it.
-#[derive(Debug)]
+/// The whole federation as the coordinator sees it: plain data (times as [`Timestamp`]s, no
+/// handles), so that a store can save it whole (`serde`) and a restarted coordinator carry on
+/// from it (tested by `a_federation_saved_mid_round_carries_on_where_it_was`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Federation {
     settings: FederationSettings,
     participants: HashMap<ParticipantId, Participant>,

@@ -1,11 +1,13 @@
 //! Participants: joining, proving who they are, and heartbeating.
 
+use serde::{Deserialize, Serialize};
+
 use super::machine::Phase;
 use super::{
     Action, Federation, FederationError, ParticipantId, Timestamp, TrainingGrant, constant_time_eq,
 };
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(super) struct Participant {
     pub(super) name: Option<String>,
     pub(super) secret: String,

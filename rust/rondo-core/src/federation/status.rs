@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::machine::Phase;
 use super::{Federation, ParticipantId, Timestamp};
@@ -29,7 +29,15 @@ pub enum ParticipantState {
     Dropped,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// How a round attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Aggregated,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delivery {
     pub participant_id: ParticipantId,
     pub n_samples: u64,
@@ -38,14 +46,14 @@ pub struct Delivery {
     pub metrics_dropped: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejection {
     pub participant_id: ParticipantId,
     pub reason: String,
 }
 
 /// One attempt at one round, as the status shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub round: u32,
     pub attempt: u32,
@@ -59,7 +67,7 @@ pub struct RoundRecord {
     /// Rejections not kept (beyond the per-participant cap).
     pub rejections_dropped: usize,
     /// `None` while the round runs; `aggregated` or `failed` once closed.
-    pub outcome: Option<&'static str>,
+    pub outcome: Option<Outcome>,
     /// Why the round closed (or failed), in words.
     pub reason: Option<String>,
     pub duration_secs: Option<f64>,

@@ -151,8 +151,46 @@ fn round_zero_selects_one_then_rounds_select_all() {
         status
             .history
             .iter()
-            .all(|r| r.outcome == Some("aggregated"))
+            .all(|r| r.outcome == Some(Outcome::Aggregated))
     );
+}
+
+#[test]
+fn a_federation_saved_mid_round_carries_on_where_it_was() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    let grants = w.open();
+    let (id, secret) = w.people[0].clone();
+    w.fed.start_training(&id, &secret, w.now).unwrap();
+    w.deliver(0, 10);
+    // What a store would write and a restarted coordinator read back.
+    let saved = serde_json::to_string(&w.fed).expect("the federation serializes");
+    let restored: Federation = serde_json::from_str(&saved).expect("and reads back");
+    assert_eq!(restored, w.fed);
+    let mut copy = World {
+        fed: restored,
+        now: w.now,
+        people: w.people.clone(),
+        rng: StdRng::seed_from_u64(7),
+    };
+    let (other, other_secret) = w.people[1].clone();
+    for world in [&mut w, &mut copy] {
+        assert_eq!(world.fed.current_round(), (1, 0));
+        let grant = world.fed.start_training(&other, &other_secret, world.now);
+        assert_eq!(grant.unwrap().token, grants[&other], "the grant survives");
+        let again = world.fed.start_training(&id, &secret, world.now);
+        assert!(again.is_err(), "p0 has delivered");
+        world.deliver(1, 20);
+        world.close(agreed(&world.fed));
+        assert_eq!(world.fed.current_round(), (2, 0));
+    }
+    assert_eq!(
+        copy.fed.status(copy.now).history,
+        w.fed.status(w.now).history
+    );
+    let last = &copy.fed.status(copy.now).history[0];
+    assert_eq!(last.delivered, vec!["p0".to_string(), "p1".to_string()]);
 }
 
 #[test]
@@ -258,7 +296,7 @@ fn deadline_closes_round_and_empty_round_is_rerun() {
     );
     assert_eq!(w.fed.current_round(), (1, 1));
     let status = w.fed.status(w.now);
-    assert_eq!(status.history[0].outcome, Some("failed"));
+    assert_eq!(status.history[0].outcome, Some(Outcome::Failed));
     assert!(
         status.history[0]
             .reason
@@ -342,7 +380,7 @@ fn a_restarted_aggregator_that_lost_rounds_rewinds_the_federation() {
     assert_eq!(w.fed.current_round(), (1, 1));
     let status = w.fed.status(w.now);
     let last = status.history.last().unwrap();
-    assert_eq!((last.round, last.outcome), (2, Some("failed")));
+    assert_eq!((last.round, last.outcome), (2, Some(Outcome::Failed)));
     assert!(last.reason.as_deref().unwrap().contains("restarted"));
     assert_eq!(w.open().len(), 2);
 }
