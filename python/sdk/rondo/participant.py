@@ -43,6 +43,24 @@ class Participant(ABC):
         this update in the federated average); and metrics such as ``{"loss": 0.31}``.
         """
 
+    def evaluate(self, weights: Weights, round: int) -> tuple[float, int, dict[str, float]]:
+        """Score the global model of round ``round`` on local data (federated evaluation).
+
+        Optional: a participant that overrides it tells the coordinator at join that it can
+        evaluate, and is then asked to (``federation.evaluate_every``, ``evaluate_fraction``):
+        before training a round, on the model it was given to train from, and once the last
+        round closed, on the final model. ``weights`` must not be modified (training starts
+        from the same arrays). Return ``(loss, n_samples, metrics)``: the loss on the data it
+        scored, how many samples that was (>= 1, its weight in the federation's mean), and
+        other metrics such as ``{"rmse": 0.12}``.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def can_evaluate(cls) -> bool:
+        """Whether this class implements :meth:`evaluate`."""
+        return cls.evaluate is not Participant.evaluate
+
 
 @dataclass
 class ParticipantReport:
@@ -52,6 +70,8 @@ class ParticipantReport:
     """Every id the coordinator gave this participant, in order (a rejection means a new one)."""
     rounds_trained: list[int] = field(default_factory=list)
     """Rounds whose update was accepted by the aggregator (round 0: the initial weights)."""
+    evaluated: list[int] = field(default_factory=list)
+    """Rounds whose global model this participant scored and reported (federated evaluation)."""
     rejected_uploads: dict[int, str] = field(default_factory=dict)
     """Rounds whose update was not accepted -> error code (e.g. ``"token_expired"``, or
     ``"network_error"`` when the aggregator could not be reached)."""

@@ -134,14 +134,16 @@ class _Run:
         """Join, retrying with backoff while the coordinator is unreachable; None if stopped."""
         deadline = time.monotonic() + self.connect_timeout
         backoff = Backoff(0.1, MAX_BACKOFF)
-        body = {"name": self.name} if self.name else None
+        body: dict[str, Any] = {"name": self.name} if self.name else {}
+        if self.participant.can_evaluate():
+            body["can_evaluate"] = True
         while True:
             remaining = deadline - time.monotonic()
             try:
                 answer = self.http.call(
                     "POST",
                     f"{self.base}/v1/participants",
-                    body=body,
+                    body=body or None,
                     timeout=max(0.1, min(CONTROL_TIMEOUT, remaining)),
                 )
                 identity = _Identity(str(answer["participant_id"]), str(answer["secret"]))
@@ -238,7 +240,7 @@ class _Run:
         with link.cond:
             # `attempt` tells a rerun of a failed round from the run before it.
             key = (action, answer.get("round"), answer.get("attempt"))
-            if action == "train" and key != link.last_answer:
+            if action in ("train", "evaluate") and key != link.last_answer:
                 link.episode += 1
             link.last_answer = key
             link.action = answer
@@ -310,6 +312,10 @@ class _Run:
                 with link.cond:
                     link.identity = joined[0]
                     link.cond.notify_all()
+            elif kind == "evaluate" and episode != handled_episode:
+                # The final model: heartbeats repeat `evaluate` until the report is in.
+                handled_episode = episode
+                self._evaluate_final(identity, int(action["round"]), str(action["model_url"]))
             elif kind == "train" and episode != handled_episode:
                 handled_episode = episode
                 if not self._train(identity, int(action["round"])):
@@ -349,7 +355,14 @@ class _Run:
                 if not self.stop.is_set():  # a set stop event plays a crash: no upload
                     self._upload(upload_url, token, round_, weights, 1, {})
             else:
-                self._train_on(str(ticket["model_url"]), upload_url, token, round_)
+                evaluate = ticket.get("evaluate_round")
+                self._train_on(
+                    str(ticket["model_url"]),
+                    upload_url,
+                    token,
+                    round_,
+                    (identity, int(evaluate)) if evaluate is not None else None,
+                )
         except ApiError as exc:
             self.log.warning("%s: round %d: %s", self.label, round_, exc)
             self.report.rejected_uploads[round_] = exc.code
@@ -358,8 +371,16 @@ class _Run:
             self.report.rejected_uploads[round_] = "network_error"
         return True
 
-    def _train_on(self, model_url: str, upload_url: str, token: str, round_: int) -> None:
-        """Download the global model, let the participant train on it, upload the result."""
+    def _train_on(
+        self,
+        model_url: str,
+        upload_url: str,
+        token: str,
+        round_: int,
+        evaluate: tuple[_Identity, int] | None = None,
+    ) -> None:
+        """Download the global model, let the participant train on it, upload the result; when
+        ``evaluate`` says so, score the downloaded model first and report it."""
         data = self.http.download(
             model_url, headers=_bearer(token), timeout=DATA_TIMEOUT, into=self.spare
         )
@@ -370,6 +391,8 @@ class _Run:
             weights, _ = decode(data)
         except ValueError as exc:
             raise NetworkError(f"download of {model_url} is not a valid model: {exc}") from exc
+        if evaluate is not None:
+            self._evaluate(evaluate[0], evaluate[1], weights)
         new_weights, n_samples, metrics = self.participant.train_round(weights, round_)
         del weights
         if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
@@ -383,6 +406,48 @@ class _Run:
         # then the buffer is theirs, and the next download gets a new one.
         if getattr(sys, "getrefcount", lambda _: 0)(data) == 2:
             self.spare = data
+
+    # --- federated evaluation -----------------------------------------------------------------
+
+    def _evaluate_final(self, identity: _Identity, round_: int, model_url: str) -> None:
+        """Download the final global model and score it."""
+        try:
+            data = self.http.download(model_url, timeout=DATA_TIMEOUT)
+            weights, _ = decode(data)
+        except (ApiError, NetworkError, ValueError) as exc:
+            self.log.warning("%s: final model not downloaded for evaluation: %s", self.label, exc)
+            return
+        self._evaluate(identity, round_, weights)
+
+    def _evaluate(self, identity: _Identity, round_: int, weights: Weights) -> None:
+        """Let the participant score ``weights`` (the model of ``round_``) and report it. A
+        failure is logged, never raised: evaluation must not cost the round."""
+        try:
+            loss, n_samples, metrics = self.participant.evaluate(weights, round_)
+            body = {
+                "round": round_,
+                "loss": float(loss),
+                "n_samples": int(n_samples),
+                "metrics": {str(k): float(v) for k, v in metrics.items()},
+            }
+        except Exception as exc:  # the participant's code: report nothing, keep training
+            self.log.warning("%s: evaluate(round %d) failed: %r", self.label, round_, exc)
+            return
+        try:
+            self.http.call(
+                "POST",
+                f"{self.base}/v1/participants/{identity.participant_id}/evaluation",
+                body=body,
+                headers=_bearer(identity.secret),
+                timeout=CONTROL_TIMEOUT,
+                # A second copy is refused as already_reported: safe to send again.
+                idempotent=True,
+            )
+        except (ApiError, NetworkError) as exc:
+            self.log.warning("%s: evaluation of round %d not reported: %s", self.label, round_, exc)
+            return
+        self.report.evaluated.append(round_)
+        self.log.info("%s: evaluated the model of round %d: loss %.4g", self.label, round_, loss)
 
     def _upload(
         self,

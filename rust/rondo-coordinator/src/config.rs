@@ -72,6 +72,10 @@ pub struct FederationConfig {
     pub heartbeat_timeout_secs: f64,
     #[serde(deserialize_with = "settings::number")]
     pub round_timeout_secs: f64,
+    #[serde(deserialize_with = "settings::integer")]
+    pub evaluate_every: u32,
+    #[serde(deserialize_with = "settings::number")]
+    pub evaluate_fraction: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -168,6 +172,16 @@ impl FromConfig for CoordinatorSettings {
                     f.round_timeout_secs,
                     ROUND_TIMEOUT_SECS.0,
                     ROUND_TIMEOUT_SECS.1,
+                )?,
+                evaluate_every: settings::int(
+                    "federation.evaluate_every",
+                    f.evaluate_every,
+                    0,
+                    MAX_ROUNDS,
+                )?,
+                evaluate_fraction: settings::ratio(
+                    "federation.evaluate_fraction",
+                    f.evaluate_fraction,
                 )?,
             },
             heartbeat_period,

@@ -10,7 +10,11 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use rondo_core::federation::{Action, FederationError};
+use std::collections::BTreeMap;
+
+use rondo_core::federation::{
+    Action, EvaluationError, EvaluationReport, FederationError, PhaseName,
+};
 use rondo_net::api::{self, ApiError, bearer_token};
 use serde::Deserialize;
 use serde_json::json;
@@ -27,7 +31,10 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/participants", post(join))
         .route("/v1/participants/{id}/heartbeat", post(heartbeat))
         .route("/v1/participants/{id}/start_training", post(start_training))
+        .route("/v1/participants/{id}/evaluation", post(evaluation))
         .route("/v1/status", get(status))
+        .route("/v1/history", get(history))
+        .route("/v1/history.csv", get(history_csv))
         .route("/metrics", get(metrics));
     api::with_common_routes(routes, OPENAPI)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
@@ -52,6 +59,9 @@ fn federation_error(err: FederationError) -> ApiError {
 #[serde(deny_unknown_fields)]
 struct JoinRequest {
     name: Option<String>,
+    /// Whether it can score a model on its data (federated evaluation).
+    #[serde(default)]
+    can_evaluate: bool,
 }
 
 async fn join(
@@ -67,7 +77,7 @@ async fn join(
         serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request(
                 "invalid_body",
-                format!("expected {{\"name\": string}}: {e}"),
+                format!("expected {{\"name\": string, \"can_evaluate\": boolean}}: {e}"),
             )
         })?
     };
@@ -77,7 +87,7 @@ async fn join(
             "`name` must be at most 256 bytes",
         ));
     }
-    let (participant_id, secret) = coordinator.join(request.name.clone());
+    let (participant_id, secret) = coordinator.join(request.name.clone(), request.can_evaluate);
     coordinator.metrics.joins.inc();
     tracing::info!(%participant_id, name = ?request.name, "participant joined");
     coordinator.wake.notify_one();
@@ -106,6 +116,7 @@ fn action_state(action: &Action) -> String {
     match action {
         Action::Standby => "standby".into(),
         Action::Train { round, attempt } => format!("train:{round}:{attempt}"),
+        Action::Evaluate { round } => format!("evaluate:{round}"),
         Action::Finish => "finish".into(),
         Action::Rejected { .. } => "rejected".into(),
     }
@@ -152,16 +163,23 @@ async fn heartbeat(
     let (name, round, attempt, reason) = match action {
         Action::Standby => ("standby", None, None, None),
         Action::Train { round, attempt } => ("train", Some(round), Some(attempt), None),
+        Action::Evaluate { round } => ("evaluate", Some(round), None, None),
         Action::Finish => ("finish", None, None, None),
         Action::Rejected { reason } => ("rejected", None, None, Some(reason)),
     };
-    Ok(Json(json!({
+    let mut answer = json!({
         "action": name,
         "round": round,
         "attempt": attempt,
         "reason": reason,
         "state": state,
-    })))
+    });
+    if name == "evaluate" {
+        // The final model: nothing replaces it any more, so the latest is the one meant.
+        let base = coordinator.aggregator_url().unwrap_or_default();
+        answer["model_url"] = json!(format!("{base}/v1/model"));
+    }
+    Ok(Json(answer))
 }
 
 async fn start_training(
@@ -190,7 +208,94 @@ async fn start_training(
         "model_url": model_url,
         "upload_url": format!("{base}/v1/rounds/{round}/update"),
         "token": grant.token,
+        "evaluate_round": grant.evaluate_round,
     })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvaluationBody {
+    round: u32,
+    loss: f64,
+    n_samples: u64,
+    #[serde(default)]
+    metrics: BTreeMap<String, f64>,
+}
+
+/// A participant's score of the model of a round it was asked to evaluate.
+async fn evaluation(
+    State(coordinator): State<Arc<Coordinator>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let secret = bearer_token(&headers, "missing_secret")?;
+    let body = body.map_err(|rejection| {
+        ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
+    })?;
+    let request: EvaluationBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_body",
+            format!(
+                "expected {{\"round\": integer, \"loss\": number, \"n_samples\": integer, \
+                 \"metrics\": {{name: number}}}}: {e}"
+            ),
+        )
+    })?;
+    let report = EvaluationReport {
+        participant_id: id.clone(),
+        loss: request.loss,
+        n_samples: request.n_samples,
+        metrics: request.metrics,
+    };
+    let now = coordinator.now();
+    let mut federation = coordinator.federation();
+    let summary = federation
+        .evaluation_reported(&id, secret, report, request.round, now)
+        .map_err(|err| match err {
+            EvaluationError::Federation(err) => federation_error(err),
+            EvaluationError::NotAsked(..) => ApiError::conflict("not_asked", err.to_string()),
+            EvaluationError::AlreadyReported(..) => {
+                ApiError::conflict("already_reported", err.to_string())
+            }
+            EvaluationError::Invalid(message) => ApiError::bad_request("invalid_body", message),
+        })?;
+    let finished = federation.phase_name() == PhaseName::Finished;
+    drop(federation);
+    if finished {
+        // Its held heartbeat should hear "finish" now, not when the hold runs out.
+        coordinator.changed();
+    }
+    coordinator
+        .metrics
+        .observe_evaluation(request.round, &summary);
+    tracing::info!(
+        participant = %id,
+        round = request.round,
+        loss = summary.loss,
+        reports = summary.participants,
+        "evaluation reported"
+    );
+    Ok(Json(
+        json!({ "round": request.round, "evaluation": summary }),
+    ))
+}
+
+/// Every closed round attempt, one object each.
+async fn history(State(coordinator): State<Arc<Coordinator>>) -> Json<serde_json::Value> {
+    let federation = coordinator.federation();
+    Json(json!({ "rounds": federation.round_summaries() }))
+}
+
+/// [`history`] as CSV: one row per attempt; a column per training metric (`train_<name>`)
+/// and evaluation metric (`eval_<name>`) any round reported.
+async fn history_csv(State(coordinator): State<Arc<Coordinator>>) -> Response {
+    let text = crate::history::csv(coordinator.federation().round_summaries());
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        text,
+    )
+        .into_response()
 }
 
 async fn status(State(coordinator): State<Arc<Coordinator>>) -> Json<serde_json::Value> {

@@ -5,11 +5,12 @@
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::time::{Instant, SystemTime};
 
-use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use rand::TryRngCore;
 use rand::rngs::OsRng;
 use rondo_core::federation::{
-    Federation, FederationError, FederationStatus, ParticipantId, Timestamp, token_from,
+    EvaluationSummary, Federation, FederationError, FederationStatus, MAX_METRICS_PER_DELIVERY,
+    ParticipantId, Timestamp, token_from,
 };
 use tokio::sync::{Notify, watch};
 
@@ -55,6 +56,10 @@ pub struct Metrics {
     pub rounds_closed: IntCounter,
     pub round: IntGauge,
     pub participants: IntGaugeVec,
+    pub evaluation_reports: IntCounter,
+    pub evaluation_round: IntGauge,
+    pub evaluation_loss: Gauge,
+    pub evaluation_metric: GaugeVec,
 }
 
 impl Metrics {
@@ -69,6 +74,29 @@ impl Metrics {
             &["state"],
         )
         .expect("valid");
+        let evaluation_reports = IntCounter::new(
+            "evaluation_reports_total",
+            "Evaluations of a global model reported by participants",
+        )
+        .expect("valid");
+        let evaluation_round = IntGauge::new(
+            "evaluation_round",
+            "Round of the global model evaluated last",
+        )
+        .expect("valid");
+        let evaluation_loss = Gauge::new(
+            "evaluation_loss",
+            "Sample-weighted mean loss that participants reported for the model evaluated last",
+        )
+        .expect("valid");
+        let evaluation_metric = GaugeVec::new(
+            Opts::new(
+                "evaluation_metric",
+                "Sample-weighted mean of each metric reported for the model evaluated last",
+            ),
+            &["name"],
+        )
+        .expect("valid");
         let registry = rondo_net::api::registry(
             "rondo_coordinator",
             vec![
@@ -77,6 +105,10 @@ impl Metrics {
                 Box::new(rounds_closed.clone()),
                 Box::new(round.clone()),
                 Box::new(participants.clone()),
+                Box::new(evaluation_reports.clone()),
+                Box::new(evaluation_round.clone()),
+                Box::new(evaluation_loss.clone()),
+                Box::new(evaluation_metric.clone()),
             ],
         );
         Self {
@@ -86,6 +118,30 @@ impl Metrics {
             rounds_closed,
             round,
             participants,
+            evaluation_reports,
+            evaluation_round,
+            evaluation_loss,
+            evaluation_metric,
+        }
+    }
+
+    /// A participant reported its evaluation of the model of `round`; `summary` is that
+    /// model's evaluation so far.
+    pub fn observe_evaluation(&self, round: u32, summary: &EvaluationSummary) {
+        self.evaluation_reports.inc();
+        if i64::from(round) < self.evaluation_round.get() {
+            return; // a late report for an older model: the gauges show the newest
+        }
+        if i64::from(round) > self.evaluation_round.get() {
+            self.evaluation_metric.reset();
+        }
+        self.evaluation_round.set(i64::from(round));
+        self.evaluation_loss.set(summary.loss);
+        // Metric names come from participants: a bounded number of series, whatever they send.
+        for (name, value) in summary.metrics.iter().take(MAX_METRICS_PER_DELIVERY) {
+            self.evaluation_metric
+                .with_label_values(&[name])
+                .set(*value);
         }
     }
 
@@ -133,12 +189,18 @@ impl Coordinator {
     }
 
     /// Registers a participant under a fresh random id and secret; returns them.
-    pub fn join(&self, name: Option<String>) -> (ParticipantId, String) {
+    pub fn join(&self, name: Option<String>, can_evaluate: bool) -> (ParticipantId, String) {
         let mut federation = self.federation();
         loop {
             let id = uuid::Uuid::new_v4().to_string();
             let secret = random_token();
-            match federation.join(id.clone(), secret.clone(), name.clone(), self.now()) {
+            match federation.join(
+                id.clone(),
+                secret.clone(),
+                name.clone(),
+                can_evaluate,
+                self.now(),
+            ) {
                 Ok(()) => return (id, secret),
                 // 122 random bits collided: draw again.
                 Err(FederationError::AlreadyJoined(_)) => continue,

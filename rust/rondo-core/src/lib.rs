@@ -8,7 +8,7 @@
 //!   with [`federation::Command`]s ("open round r with these tokens" — the
 //!   [`federation::OpenRound`] message the RPC carries as is — and "close round r") that the
 //!   coordinator's edge sends to the aggregator. Its files split it by concern: the participant
-//!   registry, selection, the round phases, the status view.
+//!   registry, selection, the round phases, federated evaluation, the status view.
 //! - [`model`] says what a model is: named tensors with a dtype and a shape, and whether an
 //!   update fits the global model.
 //! - [`aggregate`] is FedAvg: a running weighted sum that updates are folded into as they are

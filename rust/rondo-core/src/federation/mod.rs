@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod evaluation;
 mod machine;
 mod registry;
 mod selection;
@@ -40,6 +41,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
+pub use evaluation::{EvaluationError, EvaluationReport, EvaluationSummary, RoundSummary};
 pub use machine::RoundClosed;
 pub use selection::token_from;
 pub use status::{
@@ -47,6 +49,7 @@ pub use status::{
     RoundRecord,
 };
 
+use evaluation::Evaluation;
 use machine::{AwaitingNotices, Phase};
 use registry::Participant;
 
@@ -113,8 +116,13 @@ pub struct FederationSettings {
     pub participants_ratio: f64,
     /// A participant silent for longer than this is dropped.
     pub heartbeat_timeout: Duration,
-    /// A round closes with what it has after this long.
+    /// A round closes with what it has after this long (and participants asked to evaluate
+    /// the final model are asked for this long after the last round).
     pub round_timeout: Duration,
+    /// Evaluate the model of every round divisible by this, and the final one (0: never).
+    pub evaluate_every: u32,
+    /// Share of the participants able to evaluate that are asked to (rounded up).
+    pub evaluate_fraction: f64,
 }
 
 /// What a heartbeat tells a participant to do.
@@ -122,9 +130,18 @@ pub struct FederationSettings {
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
     Standby,
-    Train { round: u32, attempt: u32 },
+    Train {
+        round: u32,
+        attempt: u32,
+    },
+    /// Score the final global model (of `round`) and report it.
+    Evaluate {
+        round: u32,
+    },
     Finish,
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
 }
 
 /// What a selected participant needs to take part in a round.
@@ -135,6 +152,9 @@ pub struct TrainingGrant {
     pub token: String,
     /// `false` in round 0: the participant uploads its initial weights and downloads nothing.
     pub has_global_model: bool,
+    /// The round of the downloaded model, when the participant is asked to evaluate it (and
+    /// report) before training.
+    pub evaluate_round: Option<u32>,
 }
 
 /// "Round `round` (attempt `attempt`) is open for these participants": the one message that
@@ -199,6 +219,12 @@ pub struct Federation {
     /// Closed records dropped off the front of `history`.
     history_forgotten: u64,
     awaiting_notices: Option<AwaitingNotices>,
+    /// Models being evaluated, by round.
+    evaluations: BTreeMap<u32, Evaluation>,
+    /// Whether the final model's evaluators were chosen.
+    final_planned: bool,
+    /// One line per closed attempt, every one.
+    summaries: Vec<RoundSummary>,
 }
 
 impl Federation {
@@ -213,6 +239,9 @@ impl Federation {
             history: VecDeque::new(),
             history_forgotten: 0,
             awaiting_notices: None,
+            evaluations: BTreeMap::new(),
+            final_planned: false,
+            summaries: Vec::new(),
         }
     }
 
@@ -226,6 +255,7 @@ impl Federation {
     }
 
     fn push_history(&mut self, record: RoundRecord) {
+        self.summaries.push(RoundSummary::of(&record));
         self.history.push_back(record);
         while self.history.len() > HISTORY_ROUNDS {
             self.history.pop_front();

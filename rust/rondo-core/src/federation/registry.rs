@@ -13,6 +13,8 @@ pub(super) struct Participant {
     pub(super) secret: String,
     pub(super) last_seen: Timestamp,
     pub(super) dropped: bool,
+    /// Said at join: it can score a model on its data (federated evaluation).
+    pub(super) can_evaluate: bool,
 }
 
 impl Federation {
@@ -24,6 +26,7 @@ impl Federation {
         id: ParticipantId,
         secret: String,
         name: Option<String>,
+        can_evaluate: bool,
         now: Timestamp,
     ) -> Result<(), FederationError> {
         if self.participants.contains_key(&id) {
@@ -36,13 +39,14 @@ impl Federation {
                 secret,
                 last_seen: now,
                 dropped: false,
+                can_evaluate,
             },
         );
         self.join_order.push(id);
         Ok(())
     }
 
-    fn authenticate(
+    pub(super) fn authenticate(
         &mut self,
         id: &str,
         secret: &str,
@@ -71,7 +75,7 @@ impl Federation {
         }
         participant.last_seen = now;
         Ok(match &self.phase {
-            Phase::Finished => Action::Finish,
+            Phase::Finished => self.finished_action(id, now),
             Phase::Training(active) if active.is_selected(id) && !active.has_delivered(id) => {
                 Action::Train {
                     round: self.round,
@@ -110,6 +114,7 @@ impl Federation {
             attempt,
             token,
             has_global_model: round > 0,
+            evaluate_round: self.evaluation_due(id, round),
         })
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::machine::Phase;
-use super::{Federation, ParticipantId, Timestamp};
+use super::{EvaluationSummary, Federation, ParticipantId, Timestamp};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -71,6 +71,9 @@ pub struct RoundRecord {
     /// Why the round closed (or failed), in words.
     pub reason: Option<String>,
     pub duration_secs: Option<f64>,
+    /// How participants scored the model this attempt made (aggregated rounds that were
+    /// evaluated), weighted by their sample counts.
+    pub evaluation: Option<EvaluationSummary>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +81,7 @@ pub struct ParticipantStatus {
     pub participant_id: ParticipantId,
     pub name: Option<String>,
     pub state: ParticipantState,
+    pub can_evaluate: bool,
     pub last_heartbeat_secs_ago: f64,
 }
 
@@ -118,6 +122,7 @@ impl Federation {
                     participant_id: id.clone(),
                     name: p.name.clone(),
                     state,
+                    can_evaluate: p.can_evaluate,
                     last_heartbeat_secs_ago: now.since(p.last_seen).as_secs_f64(),
                 })
             })

@@ -11,6 +11,8 @@ fn settings() -> FederationSettings {
         participants_ratio: 1.0,
         heartbeat_timeout: Duration::from_secs(5),
         round_timeout: Duration::from_secs(60),
+        evaluate_every: 0,
+        evaluate_fraction: 1.0,
     }
 }
 
@@ -38,7 +40,7 @@ impl World {
         let id = format!("p{}", self.people.len());
         let secret = token_from(&mut self.rng);
         self.fed
-            .join(id.clone(), secret.clone(), None, self.now)
+            .join(id.clone(), secret.clone(), None, true, self.now)
             .unwrap();
         self.people.push((id, secret));
         self.people.len() - 1
@@ -641,8 +643,13 @@ fn joining_under_a_taken_id_is_refused_and_changes_nothing() {
     w.join();
     let (id, secret) = w.people[0].clone();
     assert_eq!(
-        w.fed
-            .join(id.clone(), "other".into(), Some("impostor".into()), w.now),
+        w.fed.join(
+            id.clone(),
+            "other".into(),
+            Some("impostor".into()),
+            false,
+            w.now
+        ),
         Err(FederationError::AlreadyJoined(id.clone()))
     );
     let status = w.fed.status(w.now);
@@ -718,4 +725,150 @@ fn rejections_are_capped_per_round_and_repeats_count_once() {
         record.rejections_dropped,
         2 * (20 * MAX_REJECTIONS_PER_PARTICIPANT - MAX_REJECTIONS_PER_ROUND)
     );
+}
+
+fn report(loss: f64, n_samples: u64, metrics: &[(&str, f64)]) -> EvaluationReport {
+    EvaluationReport {
+        participant_id: String::new(),
+        loss,
+        n_samples,
+        metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+    }
+}
+
+impl World {
+    fn evaluate(
+        &mut self,
+        i: usize,
+        round: u32,
+        r: EvaluationReport,
+    ) -> Result<EvaluationSummary, EvaluationError> {
+        let (id, secret) = self.people[i].clone();
+        self.fed
+            .evaluation_reported(&id, &secret, r, round, self.now)
+    }
+
+    fn grant(&mut self, i: usize) -> TrainingGrant {
+        let (id, secret) = self.people[i].clone();
+        self.fed.start_training(&id, &secret, self.now).unwrap()
+    }
+}
+
+#[test]
+fn each_model_is_evaluated_by_the_asked_participants_and_the_mean_is_weighted() {
+    let mut s = settings();
+    s.evaluate_every = 1;
+    let mut w = World::new(s, Some(0));
+    w.join();
+    w.join();
+    w.open();
+    // Round 1 trains from the model of round 0: both are asked to score it first.
+    assert_eq!(w.grant(0).evaluate_round, Some(0));
+    assert_eq!(w.grant(1).evaluate_round, Some(0));
+    w.evaluate(0, 0, report(2.0, 10, &[("mae", 1.0)])).unwrap();
+    let summary = w
+        .evaluate(1, 0, report(5.0, 30, &[("mae", 3.0), ("r2", 0.5)]))
+        .unwrap();
+    assert_eq!(
+        (summary.participants, summary.asked, summary.n_samples),
+        (2, 2, 40)
+    );
+    assert!((summary.loss - (2.0 * 10.0 + 5.0 * 30.0) / 40.0).abs() < 1e-12);
+    assert!((summary.metrics["mae"] - 2.5).abs() < 1e-12);
+    assert_eq!(
+        summary.metrics["r2"], 0.5,
+        "a metric only one reported: its value"
+    );
+    assert_eq!(w.grant(0).evaluate_round, None, "reported: not asked again");
+    assert!(matches!(
+        w.evaluate(0, 0, report(1.0, 1, &[])),
+        Err(EvaluationError::AlreadyReported(..))
+    ));
+    assert!(matches!(
+        w.evaluate(0, 1, report(1.0, 1, &[])),
+        Err(EvaluationError::NotAsked(..))
+    ));
+    for bad in [
+        report(f64::NAN, 1, &[]),
+        report(1.0, 0, &[]),
+        report(1.0, 1, &[("x", f64::INFINITY)]),
+    ] {
+        assert!(matches!(
+            w.evaluate(1, 0, bad),
+            Err(EvaluationError::Invalid(_))
+        ));
+    }
+    w.deliver(0, 10);
+    w.deliver(1, 20);
+    w.close(agreed(&w.fed));
+    // Round 2 (the last) trains from round 1's model.
+    w.open();
+    assert_eq!(w.grant(1).evaluate_round, Some(1));
+    w.evaluate(1, 1, report(1.5, 3, &[])).unwrap();
+    w.deliver(0, 10);
+    w.deliver(1, 20);
+    w.close(agreed(&w.fed));
+    assert_eq!(w.fed.phase_name(), PhaseName::Finished);
+    // The final model: heartbeats ask for it until reported, then say finish.
+    assert!(w.fed.evaluation_pending(w.now));
+    assert_eq!(w.beat(0), Action::Evaluate { round: 2 });
+    assert_eq!(
+        w.beat(0),
+        Action::Evaluate { round: 2 },
+        "asked again until it reports"
+    );
+    w.evaluate(0, 2, report(0.5, 4, &[])).unwrap();
+    assert_eq!(w.beat(0), Action::Finish);
+    assert_eq!(w.beat(1), Action::Evaluate { round: 2 });
+    // One that never reports is let go after round_timeout.
+    w.advance(61);
+    assert_eq!(w.beat(1), Action::Finish);
+    assert!(!w.fed.evaluation_pending(w.now));
+
+    let status = w.fed.status(w.now);
+    let evaluated = |round: u32| {
+        status
+            .history
+            .iter()
+            .find(|r| r.round == round)
+            .and_then(|r| r.evaluation.clone())
+    };
+    assert_eq!(evaluated(1).unwrap().loss, 1.5);
+    assert_eq!(evaluated(2).unwrap().participants, 1);
+    let lines = w.fed.round_summaries();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1].evaluation.as_ref().unwrap().loss, 0.5);
+    assert_eq!(lines[1].total_samples, 30);
+}
+
+#[test]
+fn only_a_share_of_those_able_to_evaluate_is_asked() {
+    let mut s = settings();
+    s.evaluate_every = 2;
+    s.evaluate_fraction = 0.5;
+    s.rounds = 3;
+    s.min_clients = 5;
+    let mut w = World::new(s, Some(0));
+    for _ in 0..4 {
+        w.join();
+    }
+    // One that cannot evaluate is never asked.
+    let secret = token_from(&mut w.rng);
+    w.fed
+        .join("mute".into(), secret.clone(), None, false, w.now)
+        .unwrap();
+    w.people.push(("mute".into(), secret));
+    w.open();
+    let asked: Vec<usize> = (0..5)
+        .filter(|&i| w.grant(i).evaluate_round == Some(0))
+        .collect();
+    assert_eq!(asked.len(), 2, "half of the 4 able, rounded up");
+    assert!(!asked.contains(&4));
+    for i in 0..5 {
+        w.deliver(i, 1);
+    }
+    w.close(agreed(&w.fed));
+    w.open();
+    // The model of round 1 is not evaluated with evaluate_every = 2.
+    assert!((0..5).all(|i| w.grant(i).evaluate_round.is_none()));
 }
