@@ -125,3 +125,29 @@ def test_a_report_nobody_asked_for_is_refused(start_federation):
     assert requests.get(f"{federation.coordinator_url}/v1/history", timeout=5).json() == {
         "rounds": []
     }
+
+
+def test_the_final_model_is_written_where_the_user_said(start_federation, tmp_path):
+    path = tmp_path / "out" / "final.safetensors"
+    path.parent.mkdir()
+    federation = start_federation(
+        coordinator={"federation.rounds": 3, "federation.min_clients": 2},
+        aggregator={"model.output_path": path},
+    )
+    results: dict = {}
+    threads = [
+        run_in_thread(Adder(d, 10), federation.coordinator_url, f"p{d}", results) for d in (1, 2)
+    ]
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(r.final_action == "finish" for r in results.values()), results
+    final = requests.get(f"{federation.aggregator_url}/v1/model", timeout=5)
+    assert final.headers["x-rondo-round"] == "3"
+    federation.aggregator.stop()  # SIGTERM waits for a write in progress
+    assert path.read_bytes() == final.content
+    tensors, metadata = rondo.safetensors_io.decode(
+        np.frombuffer(path.read_bytes(), np.uint8).copy()
+    )
+    assert metadata["rondo.round"] == "3"
+    assert all(np.all(t == 4.5) for t in tensors.values()), "three rounds of +1.5"
+    assert not path.with_name("final.safetensors.tmp").exists()

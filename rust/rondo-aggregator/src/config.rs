@@ -62,6 +62,7 @@ pub struct RpcConfig {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub initial_model: String,
+    pub output_path: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,7 +200,10 @@ impl FromConfig for AggregatorSettings {
                 host: settings::non_empty("rpc.host", raw.rpc.host)?,
                 port: raw.rpc.port,
             },
-            model: raw.model,
+            model: ModelConfig {
+                output_path: output_path("model.output_path", raw.model.output_path)?,
+                ..raw.model
+            },
             aggregation,
             link: LinkSettings {
                 call_timeout: settings::secs(
@@ -216,6 +220,26 @@ impl FromConfig for AggregatorSettings {
             },
         })
     }
+}
+
+/// Empty, or a file path whose directory exists (the file itself is written later).
+fn output_path(key: &str, value: String) -> Result<String, ConfigError> {
+    if value.is_empty() {
+        return Ok(value);
+    }
+    let path = std::path::Path::new(&value);
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    if path.file_name().is_none() || value.ends_with('/') || path.is_dir() || !dir.is_dir() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{value:?}"),
+            "must name a file in an existing directory",
+        ));
+    }
+    Ok(value)
 }
 
 /// The rule `[aggregation]` names, with its options checked (a native rule is built here, so
@@ -305,6 +329,19 @@ mod tests {
         assert_eq!(settings.link.call_timeout, Duration::from_secs(5));
         assert_eq!(settings.api.upload_idle_timeout, Duration::from_secs(30));
         assert_eq!(settings.api.max_body_bytes, 4 << 30);
+    }
+
+    #[test]
+    fn the_output_path_must_be_in_an_existing_directory() {
+        let text = error("[model]\noutput_path = \"/no/such/dir/model.safetensors\"\n");
+        assert!(text.contains("model.output_path"), "{text}");
+        assert!(text.contains("existing directory"), "{text}");
+        let dir = std::env::temp_dir().display().to_string();
+        let ok = load(&format!(
+            "[model]\noutput_path = \"{dir}/model.safetensors\"\n"
+        ));
+        assert!(ok.is_ok(), "{ok:?}");
+        assert!(error(&format!("[model]\noutput_path = \"{dir}/\"\n")).contains("a file"));
     }
 
     #[test]

@@ -14,11 +14,13 @@
 //! - [`service`]: the shared [`service::Aggregator`] (book + staging pool + outbox + metrics).
 //! - [`http`]: the participants' HTTP API (axum).
 //! - [`link`]: the tarpc side — serving the coordinator's calls, and the outbox of notices back.
+//! - [`output`]: each new global model written to `model.output_path`, atomically.
 //! - [`run`]: start-up, used by `main`.
 
 pub mod config;
 pub mod http;
 pub mod link;
+pub mod output;
 pub mod python;
 pub mod rounds;
 pub mod run;

@@ -12,6 +12,7 @@ use rondo_net::shutdown::Shutdown;
 
 use crate::config::{AggregatorSettings, StrategyChoice};
 use crate::link::{AggregatorRpcServer, Outbox};
+use crate::output::ModelOutput;
 use crate::rounds::RoundBook;
 use crate::service::Aggregator;
 use crate::wire;
@@ -61,6 +62,8 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
         CLOSE_WAIT,
         shutdown.clone(),
         config.limits,
+        (!config.model.output_path.is_empty())
+            .then(|| ModelOutput::new(config.model.output_path.clone().into())),
     );
     if let Some(bytes) = upload_bytes {
         // While participants are still starting up, rather than during the first round.

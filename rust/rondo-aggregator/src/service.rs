@@ -23,6 +23,7 @@ use rondo_net::shutdown::Shutdown;
 use rondo_net::link::Notice;
 
 use crate::link::Outbox;
+use crate::output::ModelOutput;
 use crate::rounds::{Closing, CommitError, Grant, RoundBook, RoundSum};
 use crate::staging::StagingPool;
 use crate::wire::UploadLimits;
@@ -118,6 +119,8 @@ pub struct Aggregator {
     pub close_wait: Duration,
     pub shutdown: Shutdown,
     pub limits: UploadLimits,
+    /// Where each new global model is written (`model.output_path`), if anywhere.
+    pub output: Option<Arc<ModelOutput>>,
 }
 
 /// An update read, validated and granted a commit, ready to fold.
@@ -160,6 +163,7 @@ impl Aggregator {
         close_wait: Duration,
         shutdown: Shutdown,
         limits: UploadLimits,
+        output: Option<Arc<ModelOutput>>,
     ) -> Arc<Self> {
         let metrics = Metrics::new();
         if let Some(model) = book.model() {
@@ -185,6 +189,7 @@ impl Aggregator {
             close_wait,
             shutdown,
             limits,
+            output,
         })
     }
 
@@ -322,6 +327,9 @@ impl Aggregator {
             .inc();
         if let Some(model) = book.model() {
             self.metrics.model_bytes.set(model.file.len() as i64);
+            if let (Some(output), AggregationResult::Aggregated { .. }) = (&self.output, &result) {
+                output.publish(model.round, model.file.clone(), &self.shutdown);
+            }
         }
         drop(book);
         tracing::info!(
