@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use rondo_core::aggregate::{AccumulationMode, AccumulatorOptions};
 use rondo_core::strategy::{self as strategies, Options, Strategy};
+use rondo_net::link_key::LinkKey;
 use rondo_net::settings::{self, ConfigError, FromConfig};
 use serde::Deserialize;
 
@@ -56,6 +57,7 @@ pub struct RpcConfig {
     pub host: String,
     #[serde(deserialize_with = "settings::integer")]
     pub port: u16,
+    pub key_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,6 +140,8 @@ pub struct AggregatorSettings {
     pub model: ModelConfig,
     pub aggregation: AggregationConfig,
     pub strategy: StrategyChoice,
+    /// The key both RPC directions prove (`rpc.key_file`); `None`: an open link.
+    pub link_key: Option<LinkKey>,
     pub link: LinkSettings,
     pub runtime: RuntimeConfig,
     pub limits: crate::wire::UploadLimits,
@@ -177,8 +181,10 @@ impl FromConfig for AggregatorSettings {
             MAX_BYTES,
         )?;
         let strategy = strategy_choice(&aggregation)?;
+        let link_key = settings::link_key("rpc.key_file", &raw.rpc.key_file)?;
         Ok(Self {
             strategy,
+            link_key,
             api: ApiSettings {
                 host: settings::non_empty("api.host", raw.api.host)?,
                 port: raw.api.port,
@@ -198,7 +204,7 @@ impl FromConfig for AggregatorSettings {
             },
             rpc: RpcConfig {
                 host: settings::non_empty("rpc.host", raw.rpc.host)?,
-                port: raw.rpc.port,
+                ..raw.rpc
             },
             model: ModelConfig {
                 output_path: output_path("model.output_path", raw.model.output_path)?,

@@ -10,6 +10,7 @@ use rondo_net::link::{
     AggregatorInfo, AggregatorRpc, AggregatorStatus, CoordinatorRpcClient, Notice,
     connect_coordinator, deadline, link_is_broken,
 };
+use rondo_net::link_key::LinkKey;
 use rondo_net::retry::Backoff;
 use rondo_net::shutdown::Shutdown;
 use tarpc::context::Context;
@@ -92,10 +93,16 @@ pub struct Outbox {
 
 impl Outbox {
     /// Starts the delivery task, tracked by `shutdown`.
-    pub fn start(call_timeout: Duration, shutdown: &Shutdown) -> Self {
+    pub fn start(call_timeout: Duration, key: Option<LinkKey>, shutdown: &Shutdown) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (coordinator, address) = watch::channel(None);
-        shutdown.spawn(deliver(rx, address, call_timeout, shutdown.signalled()));
+        shutdown.spawn(deliver(
+            rx,
+            address,
+            call_timeout,
+            key,
+            shutdown.signalled(),
+        ));
         Self { tx, coordinator }
     }
 
@@ -119,6 +126,7 @@ async fn deliver(
     mut rx: mpsc::UnboundedReceiver<Notice>,
     mut address: watch::Receiver<Option<String>>,
     call_timeout: Duration,
+    key: Option<LinkKey>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut client: Option<(String, CoordinatorRpcClient)> = None;
@@ -152,7 +160,7 @@ async fn deliver(
                 continue;
             };
             if client.as_ref().is_none_or(|(a, _)| *a != addr) {
-                match connect_coordinator(&addr).await {
+                match connect_coordinator(&addr, key.as_ref()).await {
                     Ok(c) => client = Some((addr.clone(), c)),
                     Err(err) => {
                         tracing::warn!(%addr, %err, "coordinator unreachable; retrying");

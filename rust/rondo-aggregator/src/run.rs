@@ -51,7 +51,7 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
         config.api.public_url.trim_end_matches('/').to_string()
     };
     let shutdown = Shutdown::new();
-    let outbox = Outbox::start(config.link.call_timeout, &shutdown);
+    let outbox = Outbox::start(config.link.call_timeout, config.link_key.clone(), &shutdown);
     let aggregator = Aggregator::new(
         book,
         config.aggregation.staging_memory_bytes,
@@ -79,7 +79,8 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
     let rpc_addr = rondo_net::serve_rpc!(
         rpc_listener,
         AggregatorRpcServer::new(&aggregator).serve(),
-        shutdown.signalled()
+        shutdown.signalled(),
+        config.link_key.clone()
     )
     .await?;
     tracing::info!(%api_addr, %rpc_addr, %public_url, "aggregator listening");

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use rondo_core::federation::FederationSettings;
+use rondo_net::link_key::LinkKey;
 use rondo_net::settings::{self, ConfigError, FromConfig};
 use serde::Deserialize;
 
@@ -47,6 +48,7 @@ pub struct RpcEndpoint {
     #[serde(deserialize_with = "settings::integer")]
     pub port: u16,
     pub advertise_address: String,
+    pub key_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +95,8 @@ pub struct CoordinatorSettings {
     pub federation: FederationSettings,
     pub heartbeat_period: Duration,
     pub runtime: RuntimeConfig,
+    /// The key both RPC directions prove (`rpc.key_file`); `None`: an open link.
+    pub link_key: Option<LinkKey>,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +110,7 @@ impl FromConfig for CoordinatorSettings {
 
     fn from_config(raw: CoordinatorConfig) -> Result<Self, ConfigError> {
         let f = raw.federation;
+        let link_key = settings::link_key("rpc.key_file", &raw.rpc.key_file)?;
         let heartbeat_period = settings::secs(
             "federation.heartbeat_period_secs",
             f.heartbeat_period_secs,
@@ -141,6 +146,7 @@ impl FromConfig for CoordinatorSettings {
                 host: settings::non_empty("rpc.host", raw.rpc.host)?,
                 port: raw.rpc.port,
                 advertise_address,
+                key_file: raw.rpc.key_file,
             },
             aggregator: AggregatorSettings {
                 rpc_address: settings::host_port(
@@ -186,6 +192,7 @@ impl FromConfig for CoordinatorSettings {
             },
             heartbeat_period,
             runtime: raw.runtime,
+            link_key,
         })
     }
 }

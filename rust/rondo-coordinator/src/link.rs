@@ -13,6 +13,7 @@ use rondo_core::federation::{AggregationResult, Command, OpenRound};
 use rondo_net::link::{
     AggregatorRpcClient, CoordinatorRpc, Notice, connect_aggregator, deadline, link_is_broken,
 };
+use rondo_net::link_key::LinkKey;
 use rondo_net::retry::Backoff;
 use tarpc::context::Context;
 
@@ -114,6 +115,7 @@ pub async fn drive(
     aggregator_rpc: String,
     own_rpc: String,
     call_timeout: Duration,
+    key: Option<LinkKey>,
 ) {
     let mut client: Option<AggregatorRpcClient> = None;
     let mut acked: Option<(Command, Instant)> = None;
@@ -121,7 +123,15 @@ pub async fn drive(
     let mut backoff = Backoff::link();
     loop {
         if client.is_none() {
-            match attach(&coordinator, &aggregator_rpc, &own_rpc, call_timeout).await {
+            match attach(
+                &coordinator,
+                &aggregator_rpc,
+                &own_rpc,
+                call_timeout,
+                key.as_ref(),
+            )
+            .await
+            {
                 Ok(c) => {
                     client = Some(c);
                     acked = None;
@@ -203,8 +213,9 @@ async fn attach(
     aggregator_rpc: &str,
     own_rpc: &str,
     call_timeout: Duration,
+    key: Option<&LinkKey>,
 ) -> anyhow::Result<AggregatorRpcClient> {
-    let client = connect_aggregator(aggregator_rpc).await?;
+    let client = connect_aggregator(aggregator_rpc, key).await?;
     let info = client
         .attach(deadline(call_timeout), own_rpc.to_string())
         .await?;

@@ -28,7 +28,8 @@ pub async fn run(config: CoordinatorSettings) -> anyhow::Result<()> {
             coordinator: coordinator.clone()
         }
         .serve(),
-        shutdown.signalled()
+        shutdown.signalled(),
+        config.link_key.clone()
     )
     .await?;
     tracing::info!(%api_addr, %rpc_addr, aggregator = %config.aggregator.rpc_address, "coordinator listening");
@@ -45,6 +46,7 @@ pub async fn run(config: CoordinatorSettings) -> anyhow::Result<()> {
         config.aggregator.rpc_address.clone(),
         advertised,
         config.aggregator.call_timeout,
+        config.link_key.clone(),
     );
     // The driver keeps no work of its own (every command is resent from the state machine),
     // so it simply stops at shutdown, between two of its steps.

@@ -5,6 +5,8 @@
 //! - [`link`] is the tarpc link between the coordinator and the aggregator: the two service
 //!   traits (one per direction), the messages they carry, and helpers to serve and to connect
 //!   with explicit deadlines.
+//! - [`link_key`] is the proof of a shared key that every RPC connection starts with (when
+//!   `rpc.key_file` is set), so that a stranger cannot drive either service.
 //! - [`api`] is what every HTTP API of Rondo answers the same way: the JSON error body (also
 //!   for unknown paths and methods), bearer tokens, `/openapi.json`, `/healthz`, and the
 //!   Prometheus registry and `/metrics` rendering.
@@ -22,6 +24,7 @@
 pub mod api;
 pub mod boot;
 pub mod link;
+pub mod link_key;
 pub mod retry;
 pub mod settings;
 pub mod shutdown;

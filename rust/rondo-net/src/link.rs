@@ -21,6 +21,8 @@ use tarpc::tokio_util::codec::LengthDelimitedCodec;
 use tarpc::{client, context};
 use tokio::net::TcpStream;
 
+use crate::link_key::{self, LinkKey};
+
 /// What the aggregator tells a coordinator that attaches.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AggregatorInfo {
@@ -120,43 +122,61 @@ where
     ))
 }
 
-/// Connects an [`AggregatorRpcClient`] to `addr`.
-pub async fn connect_aggregator(addr: &str) -> io::Result<AggregatorRpcClient> {
-    let stream = TcpStream::connect(addr).await?;
+/// A TCP connection to `addr` that passed the link handshake ([`crate::link_key`]).
+async fn connect_proven(addr: &str, key: Option<&LinkKey>) -> io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await?;
+    link_key::connect(&mut stream, key)
+        .await
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, format!("{addr}: {e}")))?;
+    Ok(stream)
+}
+
+/// Connects an [`AggregatorRpcClient`] to `addr`, proving `key` when there is one.
+pub async fn connect_aggregator(
+    addr: &str,
+    key: Option<&LinkKey>,
+) -> io::Result<AggregatorRpcClient> {
+    let stream = connect_proven(addr, key).await?;
     Ok(AggregatorRpcClient::new(client::Config::default(), transport(stream)?).spawn())
 }
 
-/// Connects a [`CoordinatorRpcClient`] to `addr`.
-pub async fn connect_coordinator(addr: &str) -> io::Result<CoordinatorRpcClient> {
-    let stream = TcpStream::connect(addr).await?;
+/// Connects a [`CoordinatorRpcClient`] to `addr`, proving `key` when there is one.
+pub async fn connect_coordinator(
+    addr: &str,
+    key: Option<&LinkKey>,
+) -> io::Result<CoordinatorRpcClient> {
+    let stream = connect_proven(addr, key).await?;
     Ok(CoordinatorRpcClient::new(client::Config::default(), transport(stream)?).spawn())
 }
 
 /// Serves a tarpc service on a bound `tokio::net::TcpListener` in the background, one task per
 /// connection and per request, until `shutdown` (a future) resolves; evaluates to
-/// `io::Result<SocketAddr>` (the bound address).
+/// `io::Result<SocketAddr>` (the bound address). With a [`LinkKey`] (`Option<LinkKey>`), a
+/// connection is served only once its peer passed the handshake ([`crate::link_key`]); one
+/// that fails is closed before any request is read.
 ///
 /// A macro rather than a generic function: tarpc's service futures are only known to be `Send`
 /// for a concrete server type, which the caller has.
 ///
 /// ```ignore
-/// let addr = rondo_net::serve_rpc!(listener, MyServer { .. }.serve(), shutdown.signalled()).await?;
+/// let addr = rondo_net::serve_rpc!(listener, MyServer { .. }.serve(), shutdown.signalled(), key).await?;
 /// ```
 #[macro_export]
 macro_rules! serve_rpc {
-    ($listener:expr, $serve:expr, $shutdown:expr) => {
+    ($listener:expr, $serve:expr, $shutdown:expr, $key:expr) => {
         async {
             use $crate::link::__private::*;
             let listener: tokio::net::TcpListener = $listener;
             let addr = listener.local_addr()?;
             let serve = $serve;
             let shutdown = $shutdown;
+            let key: Option<$crate::link_key::LinkKey> = $key;
             tokio::spawn(async move {
                 tokio::pin!(shutdown);
                 loop {
-                    let stream = tokio::select! {
+                    let (mut stream, peer) = tokio::select! {
                         accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => stream,
+                            Ok(accepted) => accepted,
                             Err(err) => {
                                 // e.g. out of file descriptors: pause rather than spin.
                                 tracing::warn!(%err, "accepting an RPC connection failed");
@@ -166,17 +186,25 @@ macro_rules! serve_rpc {
                         },
                         () = &mut shutdown => break,
                     };
-                    let Ok(transport) = $crate::link::transport(stream) else {
-                        continue;
-                    };
                     let serve = serve.clone();
-                    tokio::spawn(
+                    let key = key.clone();
+                    // The handshake in the connection's own task: a silent stranger must not
+                    // hold up the accept loop.
+                    tokio::spawn(async move {
+                        if let Err(err) = $crate::link_key::accept(&mut stream, key.as_ref()).await {
+                            tracing::warn!(%peer, %err, "refused an RPC connection");
+                            return;
+                        }
+                        let Ok(transport) = $crate::link::transport(stream) else {
+                            return;
+                        };
                         BaseChannel::with_defaults(transport)
                             .execute(serve)
                             .for_each(|response| async move {
                                 tokio::spawn(response);
-                            }),
-                    );
+                            })
+                            .await;
+                    });
                 }
             });
             std::io::Result::<std::net::SocketAddr>::Ok(addr)

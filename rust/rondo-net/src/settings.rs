@@ -111,6 +111,16 @@ pub fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Er
     deserializer.deserialize_any(Boolean)
 }
 
+/// The link key in the file `path` (`rpc.key_file`), or `None` when the path is empty.
+pub fn link_key(key: &str, path: &str) -> Result<Option<crate::link_key::LinkKey>, ConfigError> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    crate::link_key::LinkKey::from_file(std::path::Path::new(path))
+        .map(Some)
+        .map_err(|e| ConfigError::invalid(key, format!("{path:?}"), e))
+}
+
 /// `value` seconds as a [`Duration`], if finite and within `min..=max` seconds.
 pub fn secs(key: &str, value: f64, min: f64, max: f64) -> Result<Duration, ConfigError> {
     if value.is_finite() && (min..=max).contains(&value) {
