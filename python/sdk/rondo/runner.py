@@ -127,6 +127,7 @@ class _Run:
         # next download of the same size is read into it (no new allocation to fault in).
         self.spare: np.ndarray | None = None
         self.training_as = ""  # the participant id of the round being trained
+        self.join_secret: str | None = None  # presented at join, as the bearer token
 
     # --- joining -------------------------------------------------------------------------------
 
@@ -144,6 +145,7 @@ class _Run:
                     "POST",
                     f"{self.base}/v1/participants",
                     body=body or None,
+                    headers=_bearer(self.join_secret) if self.join_secret else None,
                     timeout=max(0.1, min(CONTROL_TIMEOUT, remaining)),
                 )
                 identity = _Identity(str(answer["participant_id"]), str(answer["secret"]))
@@ -561,6 +563,7 @@ def run_participant(
     ca_file: str | os.PathLike[str] | None = None,
     client_cert: str | os.PathLike[str] | None = None,
     client_key: str | os.PathLike[str] | None = None,
+    join_secret: str | None = None,
 ) -> ParticipantReport:
     """Take part in federated learning until the coordinator says all rounds are done.
 
@@ -604,6 +607,11 @@ def run_participant(
             the system's.
         client_cert: PEM certificate (chain) to present for mutual TLS; it may include the key.
         client_key: PEM private key of ``client_cert``, when it is a file of its own.
+        join_secret: the federation's join secret, when it has one (``federation.join_secret``);
+            ``None`` reads ``$RONDO_JOIN_SECRET`` (unset: none). A wrong or missing one is
+            refused at join with :class:`~rondo.errors.ApiError` (``invalid_join_secret``,
+            ``missing_join_secret``), and so is a name the federation does not allow
+            (``not_allowed``).
 
     Returns:
         A :class:`ParticipantReport` of what happened.
@@ -637,6 +645,9 @@ def run_participant(
             "(call, download, upload)"
         )
     run = _Run(participant, coordinator_url, name, connect_timeout, log or _LOG, stop, transport)
+    run.join_secret = (
+        join_secret if join_secret is not None else os.environ.get("RONDO_JOIN_SECRET")
+    )
     try:
         return run.run(heartbeat_period)
     finally:

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use rondo_core::federation::FederationSettings;
+use rondo_core::federation::{JoinPolicy, SecretHash};
 use rondo_net::link_key::LinkKey;
 use rondo_net::settings::{self, ConfigError, FromConfig};
 use serde::Deserialize;
@@ -78,7 +79,68 @@ pub struct FederationConfig {
     pub evaluate_every: u32,
     #[serde(deserialize_with = "settings::number")]
     pub evaluate_fraction: f64,
+    pub join_secret: String,
+    pub join_secret_file: String,
+    #[serde(deserialize_with = "names")]
+    pub allowed_participants: Vec<String>,
 }
+
+/// A list of names: a TOML array of strings, or (from an environment variable) one string of
+/// comma-separated names.
+fn names<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Names {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Names::deserialize(deserializer)? {
+        Names::List(list) => list,
+        Names::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+/// The join secret, from `federation.join_secret` or the file `federation.join_secret_file`
+/// (not both), at least 16 bytes; `None` when neither is set.
+fn join_secret(inline: &str, file: &str) -> Result<Option<SecretHash>, ConfigError> {
+    let (key, secret) = match (inline.is_empty(), file.is_empty()) {
+        (true, true) => return Ok(None),
+        (false, false) => {
+            return Err(ConfigError::invalid(
+                "federation.join_secret_file",
+                format!("{file:?}"),
+                "cannot be combined with federation.join_secret",
+            ));
+        }
+        (false, true) => ("federation.join_secret", inline.to_string()),
+        (true, false) => (
+            "federation.join_secret_file",
+            std::fs::read_to_string(file)
+                .map_err(|e| {
+                    ConfigError::invalid("federation.join_secret_file", format!("{file:?}"), e)
+                })?
+                .trim()
+                .to_string(),
+        ),
+    };
+    if secret.len() < MIN_JOIN_SECRET_BYTES {
+        // The secret itself is never echoed: only where it came from.
+        return Err(ConfigError::invalid(
+            key,
+            "(hidden)",
+            format!("must be at least {MIN_JOIN_SECRET_BYTES} bytes"),
+        ));
+    }
+    Ok(Some(SecretHash::of(&secret)))
+}
+
+/// A join secret shorter than this could be guessed.
+const MIN_JOIN_SECRET_BYTES: usize = 16;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,6 +251,10 @@ impl FromConfig for CoordinatorSettings {
                     "federation.evaluate_fraction",
                     f.evaluate_fraction,
                 )?,
+                join: JoinPolicy {
+                    secret_hash: join_secret(&f.join_secret, &f.join_secret_file)?,
+                    allowed_names: f.allowed_participants.iter().cloned().collect(),
+                },
             },
             heartbeat_period,
             runtime: raw.runtime,
@@ -210,6 +276,31 @@ mod tests {
         load(overrides)
             .expect_err(&format!("{overrides} is refused"))
             .to_string()
+    }
+
+    #[test]
+    fn the_join_secret_and_allowed_names_are_read_and_checked() {
+        let settings = load(
+            "[federation]\njoin_secret = \"0123456789abcdef\"\nallowed_participants = [\"a\", \"b\"]\n",
+        )
+        .expect("valid");
+        let join = settings.federation.join;
+        assert_eq!(join.secret_hash, Some(SecretHash::of("0123456789abcdef")));
+        assert_eq!(join.allowed_names.len(), 2);
+        let short = error("[federation]\njoin_secret = \"short-one\"\n");
+        assert!(
+            short.contains("federation.join_secret = (hidden): must be at least 16"),
+            "{short}"
+        );
+        assert!(!short.contains("short-one"), "the secret is never echoed");
+        let both =
+            error("[federation]\njoin_secret = \"0123456789abcdef\"\njoin_secret_file = \"/x\"\n");
+        assert!(both.contains("cannot be combined"), "{both}");
+        let missing = error("[federation]\njoin_secret_file = \"/no/such/file\"\n");
+        assert!(missing.contains("federation.join_secret_file"), "{missing}");
+        let text = load("[federation]\nallowed_participants = \"x, y ,,z\"\n").expect("valid");
+        let names: Vec<_> = text.federation.join.allowed_names.into_iter().collect();
+        assert_eq!(names, ["x", "y", "z"]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use std::collections::BTreeMap;
 
 use rondo_core::federation::{
-    Action, EvaluationError, EvaluationReport, FederationError, PhaseName,
+    Action, EvaluationError, EvaluationReport, FederationError, Joining, PhaseName,
 };
 use rondo_net::api::{self, ApiError, bearer_token};
 use serde::Deserialize;
@@ -52,6 +52,15 @@ fn federation_error(err: FederationError) -> ApiError {
         FederationError::NotSelected(_) => ApiError::conflict("not_selected", message),
         // `Coordinator::join` draws ids until one is free; no request can reach this.
         FederationError::AlreadyJoined(_) => ApiError::conflict("already_joined", message),
+        FederationError::MissingJoinSecret => {
+            ApiError::unauthorized("missing_join_secret", message)
+        }
+        FederationError::InvalidJoinSecret => {
+            ApiError::unauthorized("invalid_join_secret", message)
+        }
+        FederationError::NotAllowed(_) => {
+            ApiError::new(StatusCode::FORBIDDEN, "not_allowed", message)
+        }
     }
 }
 
@@ -66,6 +75,7 @@ struct JoinRequest {
 
 async fn join(
     State(coordinator): State<Arc<Coordinator>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
@@ -87,7 +97,19 @@ async fn join(
             "`name` must be at most 256 bytes",
         ));
     }
-    let (participant_id, secret) = coordinator.join(request.name.clone(), request.can_evaluate);
+    // The join secret, when the federation has one, comes as the bearer token.
+    let join_secret = bearer_token(&headers, "missing_join_secret")
+        .ok()
+        .map(str::to_string);
+    let joined = coordinator.join(Joining {
+        name: request.name.clone(),
+        can_evaluate: request.can_evaluate,
+        join_secret,
+    });
+    let (participant_id, secret) = joined.map_err(|refused| {
+        tracing::info!(name = ?request.name, %refused, "join refused");
+        federation_error(refused)
+    })?;
     coordinator.metrics.joins.inc();
     tracing::info!(%participant_id, name = ?request.name, "participant joined");
     coordinator.wake.notify_one();

@@ -9,8 +9,8 @@ use prometheus::{Gauge, GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Regis
 use rand::TryRngCore;
 use rand::rngs::OsRng;
 use rondo_core::federation::{
-    EvaluationSummary, Federation, FederationError, FederationStatus, MAX_METRICS_PER_DELIVERY,
-    ParticipantId, Timestamp, token_from,
+    EvaluationSummary, Federation, FederationError, FederationStatus, Joining,
+    MAX_METRICS_PER_DELIVERY, ParticipantId, Timestamp, token_from,
 };
 use tokio::sync::{Notify, watch};
 
@@ -188,23 +188,18 @@ impl Coordinator {
         self.clock.now()
     }
 
-    /// Registers a participant under a fresh random id and secret; returns them.
-    pub fn join(&self, name: Option<String>, can_evaluate: bool) -> (ParticipantId, String) {
+    /// Registers a participant under a fresh random id and secret, if the federation's join
+    /// policy lets it in; returns them.
+    pub fn join(&self, joining: Joining) -> Result<(ParticipantId, String), FederationError> {
         let mut federation = self.federation();
         loop {
             let id = uuid::Uuid::new_v4().to_string();
             let secret = random_token();
-            match federation.join(
-                id.clone(),
-                secret.clone(),
-                name.clone(),
-                can_evaluate,
-                self.now(),
-            ) {
-                Ok(()) => return (id, secret),
+            match federation.join(id.clone(), &secret, joining.clone(), self.now()) {
+                Ok(()) => return Ok((id, secret)),
                 // 122 random bits collided: draw again.
                 Err(FederationError::AlreadyJoined(_)) => continue,
-                Err(other) => unreachable!("join refuses only a taken id, got {other}"),
+                Err(refused) => return Err(refused),
             }
         }
     }

@@ -28,7 +28,7 @@
 //! aggregator's list of contributors, not the notices that happened to arrive, says who
 //! delivered.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -123,6 +123,50 @@ pub struct FederationSettings {
     pub evaluate_every: u32,
     /// Share of the participants able to evaluate that are asked to (rounded up).
     pub evaluate_fraction: f64,
+    /// Who may join.
+    pub join: JoinPolicy,
+}
+
+/// Who may join a federation: the holders of its join secret (when it has one), under a name
+/// from its list (when it has one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinPolicy {
+    /// SHA-256 of the join secret; `None`: anyone may join. The secret itself is not kept.
+    pub secret_hash: Option<SecretHash>,
+    /// Names allowed to join; empty: any name (or none).
+    pub allowed_names: BTreeSet<String>,
+}
+
+/// SHA-256 of a secret: what is kept of secrets that are only ever checked, never shown.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretHash([u8; 32]);
+
+impl SecretHash {
+    pub fn of(secret: &str) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(secret.as_bytes()).into())
+    }
+
+    /// Whether `secret` hashes to this, comparing without an early exit.
+    pub fn matches(&self, secret: &str) -> bool {
+        constant_time_eq(&Self::of(secret).0, &self.0)
+    }
+}
+
+impl std::fmt::Debug for SecretHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretHash(..)")
+    }
+}
+
+/// What a participant says when it joins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Joining {
+    pub name: Option<String>,
+    /// It can score a model on its data (federated evaluation).
+    pub can_evaluate: bool,
+    /// The federation's join secret, as the participant presents it.
+    pub join_secret: Option<String>,
 }
 
 /// What a heartbeat tells a participant to do.
@@ -185,6 +229,12 @@ pub enum FederationError {
     NotSelected(ParticipantId),
     #[error("a participant with id `{0}` has already joined")]
     AlreadyJoined(ParticipantId),
+    #[error("joining needs the federation's join secret")]
+    MissingJoinSecret,
+    #[error("the join secret is wrong")]
+    InvalidJoinSecret,
+    #[error("the name {0:?} is not among the federation's allowed participants")]
+    NotAllowed(Option<String>),
 }
 
 /// How the aggregator finished a round.

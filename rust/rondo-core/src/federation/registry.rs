@@ -4,13 +4,15 @@ use serde::{Deserialize, Serialize};
 
 use super::machine::Phase;
 use super::{
-    Action, Federation, FederationError, ParticipantId, Timestamp, TrainingGrant, constant_time_eq,
+    Action, Federation, FederationError, Joining, ParticipantId, SecretHash, Timestamp,
+    TrainingGrant,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(super) struct Participant {
     pub(super) name: Option<String>,
-    pub(super) secret: String,
+    /// Only its hash: a secret is checked, never shown again.
+    pub(super) secret: SecretHash,
     pub(super) last_seen: Timestamp,
     pub(super) dropped: bool,
     /// Said at join: it can score a model on its data (federated evaluation).
@@ -19,24 +21,45 @@ pub(super) struct Participant {
 
 impl Federation {
     /// Registers a participant under `id` with `secret`, both made by the caller (the
-    /// coordinator draws them from the OS's random source). An `id` already taken is refused
-    /// and changes nothing.
+    /// coordinator draws them from the OS's random source), if the federation's
+    /// [`JoinPolicy`] lets it in. An `id` already taken, a missing or wrong join secret and a
+    /// name not allowed are refused and change nothing.
     pub fn join(
         &mut self,
         id: ParticipantId,
-        secret: String,
-        name: Option<String>,
-        can_evaluate: bool,
+        secret: &str,
+        joining: Joining,
         now: Timestamp,
     ) -> Result<(), FederationError> {
+        let policy = &self.settings.join;
+        if let Some(hash) = &policy.secret_hash {
+            match &joining.join_secret {
+                None => return Err(FederationError::MissingJoinSecret),
+                Some(given) if !hash.matches(given) => {
+                    return Err(FederationError::InvalidJoinSecret);
+                }
+                Some(_) => {}
+            }
+        }
+        if !policy.allowed_names.is_empty()
+            && !joining
+                .name
+                .as_ref()
+                .is_some_and(|n| policy.allowed_names.contains(n))
+        {
+            return Err(FederationError::NotAllowed(joining.name));
+        }
         if self.participants.contains_key(&id) {
             return Err(FederationError::AlreadyJoined(id));
         }
+        let Joining {
+            name, can_evaluate, ..
+        } = joining;
         self.participants.insert(
             id.clone(),
             Participant {
                 name,
-                secret,
+                secret: SecretHash::of(secret),
                 last_seen: now,
                 dropped: false,
                 can_evaluate,
@@ -55,7 +78,7 @@ impl Federation {
             .participants
             .get_mut(id)
             .ok_or_else(|| FederationError::UnknownParticipant(id.to_string()))?;
-        if !constant_time_eq(participant.secret.as_bytes(), secret.as_bytes()) {
+        if !participant.secret.matches(secret) {
             return Err(FederationError::InvalidSecret(id.to_string()));
         }
         Ok(participant)

@@ -13,6 +13,7 @@ fn settings() -> FederationSettings {
         round_timeout: Duration::from_secs(60),
         evaluate_every: 0,
         evaluate_fraction: 1.0,
+        join: JoinPolicy::default(),
     }
 }
 
@@ -40,7 +41,15 @@ impl World {
         let id = format!("p{}", self.people.len());
         let secret = token_from(&mut self.rng);
         self.fed
-            .join(id.clone(), secret.clone(), None, true, self.now)
+            .join(
+                id.clone(),
+                &secret,
+                Joining {
+                    can_evaluate: true,
+                    ..Joining::default()
+                },
+                self.now,
+            )
             .unwrap();
         self.people.push((id, secret));
         self.people.len() - 1
@@ -645,9 +654,11 @@ fn joining_under_a_taken_id_is_refused_and_changes_nothing() {
     assert_eq!(
         w.fed.join(
             id.clone(),
-            "other".into(),
-            Some("impostor".into()),
-            false,
+            "other",
+            Joining {
+                name: Some("impostor".into()),
+                ..Joining::default()
+            },
             w.now
         ),
         Err(FederationError::AlreadyJoined(id.clone()))
@@ -659,6 +670,50 @@ fn joining_under_a_taken_id_is_refused_and_changes_nothing() {
     assert_eq!(
         w.fed.heartbeat(&id, "other", w.now),
         Err(FederationError::InvalidSecret(id))
+    );
+}
+
+#[test]
+fn only_holders_of_the_join_secret_under_an_allowed_name_join() {
+    let mut s = settings();
+    s.join = JoinPolicy {
+        secret_hash: Some(SecretHash::of("sesame-0123456789")),
+        allowed_names: ["hospital-a".to_string()].into(),
+    };
+    let mut w = World::new(s, Some(0));
+    let joining = |name: &str, secret: Option<&str>| Joining {
+        name: Some(name.into()),
+        join_secret: secret.map(str::to_string),
+        ..Joining::default()
+    };
+    let now = w.now;
+    let fed = &mut w.fed;
+    let mut try_join = |j: Joining| fed.join("x".into(), "their-secret", j, now);
+    assert_eq!(
+        try_join(joining("hospital-a", None)),
+        Err(FederationError::MissingJoinSecret)
+    );
+    assert_eq!(
+        try_join(joining("hospital-a", Some("sesame"))),
+        Err(FederationError::InvalidJoinSecret)
+    );
+    assert_eq!(
+        try_join(joining("hospital-b", Some("sesame-0123456789"))),
+        Err(FederationError::NotAllowed(Some("hospital-b".into())))
+    );
+    assert_eq!(
+        try_join(joining("hospital-a", Some("sesame-0123456789"))),
+        Ok(())
+    );
+    assert_eq!(
+        w.fed.heartbeat("x", "their-secret", w.now),
+        Ok(Action::Standby)
+    );
+    // Only hashes are kept: neither secret appears in what a store would save.
+    let saved = serde_json::to_string(&w.fed).unwrap();
+    assert!(
+        !saved.contains("sesame") && !saved.contains("their-secret"),
+        "{saved}"
     );
 }
 
@@ -855,7 +910,7 @@ fn only_a_share_of_those_able_to_evaluate_is_asked() {
     // One that cannot evaluate is never asked.
     let secret = token_from(&mut w.rng);
     w.fed
-        .join("mute".into(), secret.clone(), None, false, w.now)
+        .join("mute".into(), &secret, Joining::default(), w.now)
         .unwrap();
     w.people.push(("mute".into(), secret));
     w.open();
