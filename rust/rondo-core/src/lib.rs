@@ -18,6 +18,10 @@
 //!   [`strategy::RoundAggregation`] (add an update; finalize into the next model, with the
 //!   previous one at hand). FedAvg is its first implementation; `model_is_finite` is the check
 //!   every finalized model passes before it is published.
+//! - [`strategy::robust`] holds the Byzantine-robust rules that need the whole round before they
+//!   decide: coordinate-wise median and trimmed mean, Krum, Multi-Krum and Bulyan. They ignore
+//!   sample counts, do not depend on arrival order, and hold every update until the round
+//!   closes (`n × model`), with a bounded working set on top.
 //! - [`kernels`] are the loops underneath, over raw little-endian bytes, shaped for memory
 //!   bandwidth, with the read-only baseline they are measured against.
 //! - [`memory`] asks for huge pages for model-sized buffers, so that mapping them in costs a

@@ -12,6 +12,7 @@
 //! [`options::Options`].
 
 pub mod options;
+pub mod robust;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -23,19 +24,31 @@ use crate::model::{ModelMismatch, ModelSpec};
 pub use options::{OptionError, Options};
 
 /// The names of the native strategies, as the config selects them.
-pub const NATIVE: &[&str] = &["fedavg"];
+pub const NATIVE: &[&str] = &[
+    "fedavg",
+    "median",
+    "trimmed_mean",
+    "krum",
+    "multi_krum",
+    "bulyan",
+];
 
 /// The native strategy called `name`, with its `options` (every one of which it must know).
 /// `accumulation` says how the rules that fold updates as they arrive meet concurrent uploads.
 pub fn build(
     name: &str,
-    options: Options,
+    mut options: Options,
     accumulation: AccumulatorOptions,
 ) -> Result<Arc<dyn Strategy>, OptionError> {
     let strategy: Arc<dyn Strategy> = match name {
         "fedavg" => Arc::new(FedAvg {
             options: accumulation,
         }),
+        "median" => Arc::new(robust::Median::from_options(&mut options)?),
+        "trimmed_mean" => Arc::new(robust::TrimmedMean::from_options(&mut options)?),
+        "krum" => Arc::new(robust::Krum::from_options(&mut options)?),
+        "multi_krum" => Arc::new(robust::MultiKrum::from_options(&mut options)?),
+        "bulyan" => Arc::new(robust::Bulyan::from_options(&mut options)?),
         other => {
             return Err(OptionError::strategy(
                 other,
