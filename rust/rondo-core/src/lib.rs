@@ -18,6 +18,9 @@
 //!   [`strategy::RoundAggregation`] (add an update; finalize into the next model, with the
 //!   previous one at hand). FedAvg is its first implementation; `model_is_finite` is the check
 //!   every finalized model passes before it is published.
+//! - [`strategy::server_opt`] is the server optimizers (fedavgm, fedadam, fedyogi, fedadagrad):
+//!   FedAvg's streaming round, then one step from the previous model along the round's average,
+//!   with moments kept across rounds (O(model) memory) and left untouched by a failed step.
 //! - [`kernels`] are the loops underneath, over raw little-endian bytes, shaped for memory
 //!   bandwidth, with the read-only baseline they are measured against.
 //! - [`memory`] asks for huge pages for model-sized buffers, so that mapping them in costs a

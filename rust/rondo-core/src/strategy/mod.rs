@@ -12,6 +12,7 @@
 //! [`options::Options`].
 
 pub mod options;
+pub mod server_opt;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -21,19 +22,22 @@ use crate::model::{ModelMismatch, ModelSpec};
 pub use options::{OptionError, Options};
 
 /// The names of the native strategies, as the config selects them.
-pub const NATIVE: &[&str] = &["fedavg"];
+pub const NATIVE: &[&str] = &["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"];
 
 /// The native strategy called `name`, with its `options` (every one of which it must know).
 /// `accumulation` says how the rules that fold updates as they arrive meet concurrent uploads.
 pub fn build(
     name: &str,
-    options: Options,
+    mut options: Options,
     accumulation: AccumulatorOptions,
 ) -> Result<Arc<dyn Strategy>, OptionError> {
     let strategy: Arc<dyn Strategy> = match name {
         "fedavg" => Arc::new(FedAvg {
             options: accumulation,
         }),
+        "fedavgm" | "fedadam" | "fedyogi" | "fedadagrad" => {
+            server_opt::build(name, &mut options, accumulation)?
+        }
         other => {
             return Err(OptionError::strategy(
                 other,
