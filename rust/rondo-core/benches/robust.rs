@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rondo_core::aggregate::{AccumulatorOptions, Update};
 use rondo_core::model::{DType, ModelSpec, TensorSpec};
-use rondo_core::strategy::{self, Options, RoundAggregation};
+use rondo_core::strategy::{self, Options, RoundAggregation, RoundStart};
 
 fn model_mb() -> f64 {
     std::env::var("RONDO_BENCH_MB")
@@ -67,7 +67,10 @@ fn robust(c: &mut Criterion) {
                 .expect("valid options");
             // Untimed: a round holding every update (shared, not copied).
             let setup = || {
-                let round = rule.begin_round(spec.clone(), 0, None);
+                let round = rule.begin_round(RoundStart {
+                    prefix: 0,
+                    ..RoundStart::bare(1, spec.clone())
+                });
                 for (k, data) in updates.iter().enumerate() {
                     round
                         .add(Update {

@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rondo_core::aggregate::{AccumulatorOptions, Update};
 use rondo_core::model::{DType, ModelSpec, TensorSpec};
-use rondo_core::strategy::{self, Options};
+use rondo_core::strategy::{self, Options, RoundStart};
 
 struct Args {
     rule: String,
@@ -129,7 +129,10 @@ fn run() -> Result<(), String> {
     let mut times = Vec::new();
     let mut result = None;
     for _ in 0..3 {
-        let round = rule.begin_round(spec.clone(), 0, None);
+        let round = rule.begin_round(RoundStart {
+            prefix: 0,
+            ..RoundStart::bare(1, spec.clone())
+        });
         for (k, data) in updates.iter().enumerate() {
             round
                 .add(Update {

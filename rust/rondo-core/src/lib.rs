@@ -22,6 +22,9 @@
 //!   decide: coordinate-wise median and trimmed mean, Krum, Multi-Krum and Bulyan. They ignore
 //!   sample counts, do not depend on arrival order, and hold every update until the round
 //!   closes (`n × model`), with a bounded working set on top.
+//! - [`strategy::server_opt`] is the server optimizers (fedavgm, fedadam, fedyogi, fedadagrad):
+//!   FedAvg's streaming round, then one step from the previous model along the round's average,
+//!   with moments kept across rounds (O(model) memory) and left untouched by a failed step.
 //! - [`kernels`] are the loops underneath, over raw little-endian bytes, shaped for memory
 //!   bandwidth, with the read-only baseline they are measured against.
 //! - [`memory`] asks for huge pages for model-sized buffers, so that mapping them in costs a

@@ -13,6 +13,7 @@
 
 pub mod options;
 pub mod robust;
+pub mod server_opt;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -26,6 +27,10 @@ pub use options::{OptionError, Options};
 /// The names of the native strategies, as the config selects them.
 pub const NATIVE: &[&str] = &[
     "fedavg",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
     "median",
     "trimmed_mean",
     "krum",
@@ -49,6 +54,9 @@ pub fn build(
         "krum" => Arc::new(robust::Krum::from_options(&mut options)?),
         "multi_krum" => Arc::new(robust::MultiKrum::from_options(&mut options)?),
         "bulyan" => Arc::new(robust::Bulyan::from_options(&mut options)?),
+        "fedavgm" | "fedadam" | "fedyogi" | "fedadagrad" => {
+            server_opt::build(name, &mut options, accumulation)?
+        }
         other => {
             return Err(OptionError::strategy(
                 other,

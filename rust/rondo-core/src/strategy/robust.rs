@@ -57,7 +57,7 @@ use half::slice::HalfFloatSliceExt;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::{Finalized, NOT_FINITE, OptionError, Options, RoundAggregation, Strategy};
+use super::{Finalized, NOT_FINITE, OptionError, Options, RoundAggregation, RoundStart, Strategy};
 use crate::aggregate::{ModelBuffer, Update};
 use crate::kernels;
 use crate::model::{DType, ModelMismatch, ModelSpec};
@@ -237,16 +237,11 @@ macro_rules! robust_strategy {
                 $rule.name()
             }
 
-            /// `spare` is dropped: the next model is written block by block from the held
-            /// updates, not built up in a sum.
-            fn begin_round(
-                &self,
-                spec: ModelSpec,
-                prefix: usize,
-                _spare: Option<Vec<u64>>,
-            ) -> Box<dyn RoundAggregation> {
+            /// `start.spare` is dropped: the next model is written block by block from the
+            /// held updates, not built up in a sum.
+            fn begin_round(&self, start: RoundStart) -> Box<dyn RoundAggregation> {
                 let $self = self;
-                Box::new(RobustRound::new($rule, spec, prefix))
+                Box::new(RobustRound::new($rule, start.spec, start.prefix))
             }
 
             fn holds_updates(&self) -> bool {
@@ -1223,7 +1218,10 @@ mod tests {
         spec: &ModelSpec,
         updates: Vec<Update>,
     ) -> Result<Vec<f64>, String> {
-        let round = strategy.begin_round(spec.clone(), 16, None);
+        let round = strategy.begin_round(RoundStart {
+            prefix: 16,
+            ..RoundStart::bare(1, spec.clone())
+        });
         for u in updates {
             round.add(u).map_err(|e| e.to_string())?;
         }
@@ -1790,7 +1788,8 @@ mod tests {
 
     #[test]
     fn every_robust_rule_is_built_by_its_name_and_holds_updates() {
-        for &name in crate::strategy::NATIVE.iter().filter(|n| **n != "fedavg") {
+        for name in ["median", "trimmed_mean", "krum", "multi_krum", "bulyan"] {
+            assert!(crate::strategy::NATIVE.contains(&name), "{name}");
             let strategy = strategy(name, &[]);
             assert_eq!(strategy.name(), name);
             assert!(strategy.holds_updates(), "{name}");
@@ -1800,7 +1799,10 @@ mod tests {
     #[test]
     fn an_update_that_does_not_fit_is_refused_and_not_held() {
         let global = spec(&[("w", DType::F32, &[3])]);
-        let round = strategy("median", &[]).begin_round(global.clone(), 0, None);
+        let round = strategy("median", &[]).begin_round(RoundStart {
+            prefix: 0,
+            ..RoundStart::bare(1, global.clone())
+        });
         let wrong_shape = spec(&[("w", DType::F32, &[4])]);
         assert!(
             round
