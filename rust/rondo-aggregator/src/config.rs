@@ -356,7 +356,8 @@ mod tests {
         assert!(matches!(&settings.strategy, StrategyChoice::Native(s) if s.name() == "fedavg"));
         assert_eq!(
             error("[aggregation]\nstrategy = \"fedsgd\"\n"),
-            "invalid config: aggregation.strategy = \"fedsgd\": is not a native strategy (one of fedavg)"
+            "invalid config: aggregation.strategy = \"fedsgd\": is not a native strategy (one of fedavg, \
+             fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed_mean, krum, multi_krum, bulyan)"
         );
         assert_eq!(
             error("[aggregation.options]\nbeta = 0.2\n"),

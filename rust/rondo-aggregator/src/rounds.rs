@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rondo_core::aggregate::ModelBuffer;
-use rondo_core::federation::{self, AggregationResult, constant_time_eq};
+use rondo_core::federation::{self, AggregationResult, SecretHash};
 use rondo_core::model::ModelSpec;
 use rondo_core::strategy::{
     FedAvg, NOT_FINITE, RoundAggregation, RoundStart, Strategy, model_is_finite,
@@ -37,10 +37,11 @@ pub struct GlobalModel {
 struct OpenRound {
     round: u32,
     attempt: u32,
-    /// participant id → token, as the coordinator sent them.
-    grants: BTreeMap<String, String>,
-    /// token → participant id.
-    tokens: HashMap<String, String>,
+    /// participant id → its token's hash. Tokens are only ever checked here, never handed
+    /// out, so only their hashes are kept.
+    grants: Grants,
+    /// token hash → participant id.
+    tokens: HashMap<SecretHash, String>,
     accepted: BTreeMap<String, u64>,
     uploading: HashSet<String>,
     /// Participants whose validated update is being folded into `sum` right now.
@@ -55,6 +56,17 @@ struct OpenRound {
 /// A round's aggregation, shared by the folds in flight (boxed so that the last owner can
 /// consume it in [`RoundAggregation::finalize`]).
 pub type RoundSum = Arc<Box<dyn RoundAggregation>>;
+
+/// participant id → the SHA-256 of its one-round token.
+type Grants = BTreeMap<String, SecretHash>;
+
+/// The grants of an opening, hashed.
+fn hashed(grants: &BTreeMap<String, String>) -> Grants {
+    grants
+        .iter()
+        .map(|(participant, token)| (participant.clone(), SecretHash::of(token)))
+        .collect()
+}
 
 /// A token resolved to what it grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +127,7 @@ pub enum Closing {
 pub struct ClosingRound {
     round: u32,
     attempt: u32,
-    grants: BTreeMap<String, String>,
+    grants: Grants,
     accepted: BTreeMap<String, u64>,
     sum: Option<RoundSum>,
     /// Set when the round cannot produce a model whatever its sum holds.
@@ -194,10 +206,10 @@ pub struct RoundBook {
     /// `(round, attempt)` of a round being finalized off the lock.
     closing: Option<(u32, u32)>,
     /// Tokens of closed rounds, so that late callers hear "expired" rather than "invalid".
-    retired_tokens: HashSet<String>,
+    retired_tokens: HashSet<SecretHash>,
     /// Results (and grants) of closed rounds, for idempotent `close_round` and `open_round`
     /// retries.
-    closed: BTreeMap<(u32, u32), (AggregationResult, BTreeMap<String, String>)>,
+    closed: BTreeMap<(u32, u32), (AggregationResult, Grants)>,
     spare: Arc<SpareSum>,
 }
 
@@ -305,18 +317,19 @@ impl RoundBook {
         sum: Option<Box<dyn RoundAggregation>>,
     ) -> Result<(), String> {
         let id = (opening.round, opening.attempt);
+        let grants = hashed(&opening.grants);
         // The same opening again is a retry. A different one with the same number comes from a
         // coordinator that restarted and lost count: it replaces whatever this round was.
         if self
             .closed
             .get(&id)
-            .is_some_and(|(_, grants)| *grants == opening.grants)
+            .is_some_and(|(_, closed)| *closed == grants)
         {
             return Ok(());
         }
         self.closed.remove(&id);
         if let Some(open) = &self.open {
-            if (open.round, open.attempt) == id && open.grants == opening.grants {
+            if (open.round, open.attempt) == id && open.grants == grants {
                 return Ok(());
             }
             // Updates folded so far belong to participants the coordinator no longer knows
@@ -338,12 +351,11 @@ impl RoundBook {
         self.open = Some(OpenRound {
             round: opening.round,
             attempt: opening.attempt,
-            grants: opening.grants.clone(),
-            tokens: opening
-                .grants
+            tokens: grants
                 .iter()
-                .map(|(participant, token)| (token.clone(), participant.clone()))
+                .map(|(participant, hash)| (*hash, participant.clone()))
                 .collect(),
+            grants,
             accepted: BTreeMap::new(),
             uploading: HashSet::new(),
             committing: HashSet::new(),
@@ -363,11 +375,12 @@ impl RoundBook {
             .open
             .as_ref()
             .ok_or_else(|| self.unknown_token(token))?;
+        // A lookup by the token's hash: what the map's probing could reveal is about hashes,
+        // not about the token.
         let participant = open
             .tokens
-            .iter()
-            .find(|(t, _)| constant_time_eq(t.as_bytes(), token.as_bytes()))
-            .map(|(_, p)| p.clone())
+            .get(&SecretHash::of(token))
+            .cloned()
             .ok_or_else(|| self.unknown_token(token))?;
         Ok(Grant {
             participant_id: participant,
@@ -377,7 +390,7 @@ impl RoundBook {
     }
 
     fn unknown_token(&self, token: &str) -> GrantError {
-        if self.retired_tokens.contains(token) {
+        if self.retired_tokens.contains(&SecretHash::of(token)) {
             GrantError::TokenExpired
         } else {
             GrantError::InvalidToken
@@ -809,22 +822,30 @@ mod tests {
     #[test]
     fn tokens_are_checked_and_nothing_counts_twice() {
         let mut book = RoundBook::new(None, fedavg());
-        book.open_round(&opening(0, 0, &[("p", "t0"), ("q", "u0")]), None)
+        book.open_round(&opening(0, 0, &[("p", "t0-secret"), ("q", "u0")]), None)
             .unwrap();
+        // Only the tokens' hashes are kept: nothing of the book shows one.
+        assert!(!format!("{book:?}").contains("t0-secret"));
         assert_eq!(book.begin_upload("nope", 0), Err(GrantError::InvalidToken));
         assert_eq!(
-            book.begin_upload("t0", 1),
+            book.begin_upload("t0-secret", 1),
             Err(GrantError::WrongRound { token_round: 0 })
         );
-        let g = book.begin_upload("t0", 0).unwrap();
-        assert_eq!(book.begin_upload("t0", 0), Err(GrantError::InProgress));
+        let g = book.begin_upload("t0-secret", 0).unwrap();
+        assert_eq!(
+            book.begin_upload("t0-secret", 0),
+            Err(GrantError::InProgress)
+        );
         commit(&mut book, &g, &update(&[1.0, 1.0], 1)).unwrap();
         assert_eq!(
             commit(&mut book, &g, &update(&[9.0, 9.0], 1)),
             Err(CommitError::Duplicate)
         );
         book.end_upload(&g);
-        assert_eq!(book.begin_upload("t0", 0), Err(GrantError::Duplicate));
+        assert_eq!(
+            book.begin_upload("t0-secret", 0),
+            Err(GrantError::Duplicate)
+        );
         let late = book.begin_upload("u0", 0).unwrap();
         let first = closed(book.close_round(0, 0));
         assert_eq!(closed(book.close_round(0, 0)), first, "close is idempotent");
@@ -832,7 +853,10 @@ mod tests {
             commit(&mut book, &late, &update(&[5.0, 5.0], 1)),
             Err(CommitError::RoundClosed)
         );
-        assert_eq!(book.begin_upload("t0", 0), Err(GrantError::TokenExpired));
+        assert_eq!(
+            book.begin_upload("t0-secret", 0),
+            Err(GrantError::TokenExpired)
+        );
         assert_eq!(model_values(&book), vec![1.0, 1.0]);
     }
 

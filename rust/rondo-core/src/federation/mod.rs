@@ -138,7 +138,7 @@ pub struct JoinPolicy {
 }
 
 /// SHA-256 of a secret: what is kept of secrets that are only ever checked, never shown.
-#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SecretHash([u8; 32]);
 
 impl SecretHash {
