@@ -84,6 +84,11 @@ impl CoordinatorRpcServer {
             } => format!("aggregated {updates} updates of {total_samples} samples"),
             AggregationResult::Failed { reason } => format!("failed: {reason}"),
         };
+        // A notice is the aggregator alive, and "aggregated" says which model it now holds
+        // (busy rounds leave no quiet second for a status probe to learn it).
+        let aggregated = matches!(result, AggregationResult::Aggregated { .. });
+        self.coordinator
+            .aggregator_answered(aggregated.then_some(Some(round)));
         let now = self.coordinator.now();
         let closed = self
             .coordinator
@@ -129,6 +134,7 @@ pub async fn drive(
                 }
                 Err(err) => {
                     tracing::warn!(%aggregator_rpc, %err, "aggregator unreachable; retrying");
+                    coordinator.aggregator_failed(format!("unreachable: {err}"), true);
                     backoff.wait().await;
                     continue;
                 }
@@ -158,15 +164,21 @@ pub async fn drive(
                     }
                     acked = Some((command, Instant::now()));
                     last_heard = Instant::now();
+                    coordinator.aggregator_answered(None);
                 }
-                Ok(Err(refused)) => tracing::warn!(?command, %refused, "aggregator refused"),
+                Ok(Err(refused)) => {
+                    tracing::warn!(?command, %refused, "aggregator refused");
+                    coordinator.aggregator_answered(None);
+                }
                 // A call past its deadline (a busy aggregator) is resent on the next tick;
                 // only a broken connection is reconnected.
                 Err(err) if !link_is_broken(&err) => {
                     tracing::warn!(%err, ?command, "the aggregator did not answer in time; resending");
+                    coordinator.aggregator_failed(format!("call timed out: {err}"), false);
                 }
                 Err(err) => {
                     tracing::warn!(%err, "link to the aggregator broke; reconnecting");
+                    coordinator.aggregator_failed(format!("link broke: {err}"), true);
                     client = None;
                 }
             }
@@ -178,14 +190,19 @@ pub async fn drive(
             && let Some(c) = client.as_ref()
         {
             match c.status(deadline(call_timeout)).await {
-                Ok(_) => last_heard = Instant::now(),
+                Ok(status) => {
+                    last_heard = Instant::now();
+                    coordinator.aggregator_answered(Some(status.model_round));
+                }
                 // A restart breaks the connection; a slow answer does not mean one.
                 Err(err) if !link_is_broken(&err) => {
                     tracing::warn!(%err, "the aggregator's status came too late");
+                    coordinator.aggregator_failed(format!("status timed out: {err}"), false);
                     last_heard = Instant::now();
                 }
                 Err(err) => {
                     tracing::warn!(%err, "the aggregator stopped answering; reconnecting");
+                    coordinator.aggregator_failed(format!("stopped answering: {err}"), true);
                     client = None;
                     continue;
                 }
@@ -210,6 +227,7 @@ async fn attach(
         .await?;
     tracing::info!(public_url = %info.public_url, model_round = ?info.model_round, "attached to the aggregator");
     coordinator.set_aggregator_url(info.public_url);
+    coordinator.aggregator_attached(info.model_round);
     let resend = {
         let mut federation = coordinator.federation();
         if let Some(round) = federation.aggregator_attached(info.model_round, coordinator.now()) {

@@ -156,9 +156,34 @@ impl Metrics {
     }
 }
 
+/// The aggregator's health as the coordinator sees it over the link (`aggregator` in the
+/// status): the status page shows it, since a browser may not reach the aggregator itself (its
+/// API sends no CORS headers, and in a container network its URL resolves only inside).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AggregatorHealth {
+    /// The link is up: the last call was answered or only timed out, none broke it.
+    pub connected: bool,
+    /// Since the aggregator last answered a call; `None` before it ever did.
+    pub last_answer_secs_ago: Option<f64>,
+    /// Round of its global model at its last status answer (probed every second when the
+    /// link is otherwise quiet); `None` when it has none.
+    pub model_round: Option<u32>,
+    /// The last failed call or connection attempt since the link was last attached.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct LinkHealth {
+    connected: bool,
+    last_answer: Option<Instant>,
+    model_round: Option<u32>,
+    last_error: Option<String>,
+}
+
 pub struct Coordinator {
     federation: Mutex<Federation>,
     aggregator_url: RwLock<Option<String>>,
+    link_health: Mutex<LinkHealth>,
     /// Pokes the driver to run a tick now (after an event that may close or open a round).
     pub wake: Notify,
     /// Bumped when a round opens or closes, which is when heartbeat answers change for
@@ -175,6 +200,7 @@ impl Coordinator {
         Self {
             federation: Mutex::new(federation),
             aggregator_url: RwLock::new(None),
+            link_health: Mutex::new(LinkHealth::default()),
             wake: Notify::new(),
             changes: watch::Sender::new(0),
             heartbeat_period_secs,
@@ -228,5 +254,40 @@ impl Coordinator {
 
     pub fn set_aggregator_url(&self, url: String) {
         *self.aggregator_url.write() = Some(url);
+    }
+
+    /// The aggregator answered a call; `model_round` when the answer said which model it has.
+    pub fn aggregator_answered(&self, model_round: Option<Option<u32>>) {
+        let mut health = self.link_health.lock();
+        health.connected = true;
+        health.last_answer = Some(Instant::now());
+        if let Some(round) = model_round {
+            health.model_round = round;
+        }
+    }
+
+    /// The link was (re)attached: earlier errors are history.
+    pub fn aggregator_attached(&self, model_round: Option<u32>) {
+        self.aggregator_answered(Some(model_round));
+        self.link_health.lock().last_error = None;
+    }
+
+    /// A call failed; `broken` when the link is down (a timeout leaves it up).
+    pub fn aggregator_failed(&self, error: String, broken: bool) {
+        let mut health = self.link_health.lock();
+        health.last_error = Some(error);
+        if broken {
+            health.connected = false;
+        }
+    }
+
+    pub fn aggregator_health(&self) -> AggregatorHealth {
+        let health = self.link_health.lock();
+        AggregatorHealth {
+            connected: health.connected,
+            last_answer_secs_ago: health.last_answer.map(|at| at.elapsed().as_secs_f64()),
+            model_round: health.model_round,
+            last_error: health.last_error.clone(),
+        }
     }
 }
