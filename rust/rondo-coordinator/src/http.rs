@@ -49,9 +49,15 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/history", get(history))
         .route("/v1/history.csv", get(history_csv))
         .route("/metrics", get(metrics));
+    let refused = coordinator.metrics.refused.clone();
     api::with_common_routes(routes, OPENAPI)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(api::reject_oversized(MAX_JSON_BODY as u64, "invalid_body"))
+        // Outermost, so that refusals by the layers above are counted too.
+        .layer(axum::middleware::map_response_with_state(
+            refused,
+            api::count_refused,
+        ))
         .with_state(coordinator)
 }
 
@@ -171,7 +177,6 @@ async fn heartbeat(
             _ => break action,
         }
     };
-    coordinator.metrics.heartbeats.inc();
     let state = action_state(&action);
     let (name, round, attempt, reason) = match action {
         Action::Standby => ("standby", None, None, None),
@@ -180,6 +185,11 @@ async fn heartbeat(
         Action::Finish => ("finish", None, None, None),
         Action::Rejected { reason } => ("rejected", None, None, Some(reason)),
     };
+    coordinator
+        .metrics
+        .heartbeats
+        .with_label_values(&[name])
+        .inc();
     let mut answer = json!({
         "action": name,
         "round": round,
@@ -322,7 +332,9 @@ async fn status(State(coordinator): State<Arc<Coordinator>>) -> Json<serde_json:
 async fn metrics(State(coordinator): State<Arc<Coordinator>>) -> Response {
     // The gauges are read off the federation when scraped, not kept up to date on every tick.
     let status = coordinator.federation().status(coordinator.now());
-    coordinator.metrics.observe(&status);
+    coordinator
+        .metrics
+        .observe(&status, &coordinator.aggregator_health());
     api::metrics_response(&coordinator.metrics.registry)
 }
 

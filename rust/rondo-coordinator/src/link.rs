@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rondo_core::federation::{AggregationResult, Command, OpenRound};
+use rondo_core::federation::{AggregationResult, Command, OpenRound, Outcome};
 use rondo_net::link::{
     AggregatorRpcClient, CoordinatorRpc, Notice, connect_aggregator, deadline, link_is_broken,
 };
@@ -90,16 +90,33 @@ impl CoordinatorRpcServer {
         self.coordinator
             .aggregator_answered(aggregated.then_some(Some(round)));
         let now = self.coordinator.now();
-        let closed = self
-            .coordinator
-            .federation()
-            .round_aggregated(round, attempt, result, now);
+        let (closed, summary_of_close) = {
+            let mut federation = self.coordinator.federation();
+            let closed = federation.round_aggregated(round, attempt, result, now);
+            // The attempt just closed is the newest summary.
+            let last = closed
+                .as_ref()
+                .and_then(|_| federation.round_summaries().last())
+                .map(|s| (s.outcome, s.duration_secs));
+            self.coordinator
+                .metrics
+                .observe_phase(federation.phase_name());
+            (closed, last)
+        };
+        if let Some((outcome, duration_secs)) = summary_of_close {
+            let outcome = match outcome {
+                Some(Outcome::Failed) => "failed",
+                _ => "aggregated",
+            };
+            self.coordinator
+                .metrics
+                .observe_round_closed(outcome, duration_secs);
+        }
         if let Some(closed) = closed {
             tracing::info!(round, attempt, %summary, "round closed");
             for discrepancy in &closed.discrepancies {
                 tracing::warn!(round, attempt, %discrepancy, "the round's record follows the aggregator");
             }
-            self.coordinator.metrics.rounds_closed.inc();
         }
         self.coordinator.changed();
         self.coordinator.wake.notify_one();
@@ -141,7 +158,12 @@ pub async fn drive(
             }
         }
         let now = coordinator.now();
-        let commands = coordinator.federation().tick(now, &mut os_rng());
+        let commands = {
+            let mut federation = coordinator.federation();
+            let commands = federation.tick(now, &mut os_rng());
+            coordinator.metrics.observe_phase(federation.phase_name());
+            commands
+        };
         for command in commands {
             if acked
                 .as_ref()
@@ -160,6 +182,7 @@ pub async fn drive(
                     {
                         tracing::info!(round, attempt, selected = grants.len(), "round open");
                         coordinator.federation().round_opened(*round, *attempt);
+                        coordinator.observe_phase();
                         coordinator.changed();
                     }
                     acked = Some((command, Instant::now()));
