@@ -28,6 +28,9 @@ METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
 # The routes that rust/rondo-<service>/src/http.rs registers.
 ROUTES = {
     "coordinator": {
+        ("get", "/"),
+        ("get", "/static/status.js"),
+        ("get", "/static/status.css"),
         ("post", "/v1/participants"),
         ("post", "/v1/participants/{id}/heartbeat"),
         ("post", "/v1/participants/{id}/start_training"),

@@ -1,6 +1,7 @@
 //! The aggregator's HTTP API: model downloads and update uploads (see `docs/wire-format.md`).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
@@ -15,6 +16,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::rounds::{CommitError, Grant, GrantError};
 use crate::service::{Aggregator, Commit};
+use crate::staging::STAGING_UNIT;
 use crate::wire::{self, BodyError, UploadError};
 
 const OPENAPI: &str = include_str!("../../../docs/openapi/aggregator.json");
@@ -40,9 +42,14 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route("/v1/model", get(download_latest_model))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics));
+    let refused = aggregator.metrics.refused.clone();
     api::with_common_routes(routes, OPENAPI)
         // Uploads are streamed and limited by `api.max_body_bytes` in `wire::read_update`.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response_with_state(
+            refused,
+            api::count_refused,
+        ))
         .with_state(aggregator)
 }
 
@@ -95,7 +102,71 @@ fn round_param(uri: &axum::http::Uri) -> Result<u32, ApiError> {
     raw.parse().map_err(|_| invalid())
 }
 
-fn model_response(file: bytes::Bytes, round: u32) -> Response {
+/// A download is handed to hyper in slices of this size, so that its progress is seen: hyper
+/// asks for the next slice once it has written the previous one (or most of it).
+const DOWNLOAD_SLICE: usize = 256 << 10;
+
+/// A model file as a response body that counts itself: the bytes handed to the connection and,
+/// once the last slice is handed over, the download's duration; dropped before that (the
+/// client went away), an aborted download. One atomic add per slice, and no copy: slices share
+/// the file's memory. The size is exact, so hyper still sends a `Content-Length`.
+struct Download {
+    file: bytes::Bytes,
+    offset: usize,
+    started: Instant,
+    aggregator: Arc<Aggregator>,
+}
+
+impl hyper::body::Body for Download {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        if this.offset >= this.file.len() {
+            return std::task::Poll::Ready(None);
+        }
+        let end = (this.offset + DOWNLOAD_SLICE).min(this.file.len());
+        let slice = this.file.slice(this.offset..end);
+        let metrics = &this.aggregator.metrics;
+        metrics.download_bytes.inc_by((end - this.offset) as u64);
+        this.offset = end;
+        // hyper asks no further once `is_end_stream` says so: the last slice is the end.
+        if end == this.file.len() {
+            metrics
+                .download_seconds
+                .observe(this.started.elapsed().as_secs_f64());
+        }
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(slice))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.offset >= self.file.len()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.file.len().saturating_sub(self.offset) as u64)
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        if self.offset < self.file.len() {
+            self.aggregator.metrics.downloads_aborted.inc();
+        }
+    }
+}
+
+fn model_response(aggregator: &Arc<Aggregator>, file: bytes::Bytes, round: u32) -> Response {
+    let body = Download {
+        file,
+        offset: 0,
+        started: Instant::now(),
+        aggregator: aggregator.clone(),
+    };
     (
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
@@ -104,7 +175,7 @@ fn model_response(file: bytes::Bytes, round: u32) -> Response {
                 round.to_string(),
             ),
         ],
-        Body::from(file),
+        Body::new(body),
     )
         .into_response()
 }
@@ -121,7 +192,7 @@ async fn download_round_model(
     let model = book.model().ok_or_else(|| {
         ApiError::not_found("no_model", "round 0 has no global model to download")
     })?;
-    Ok(model_response(model.file.clone(), model.round))
+    Ok(model_response(&aggregator, model.file.clone(), model.round))
 }
 
 async fn download_latest_model(
@@ -131,7 +202,7 @@ async fn download_latest_model(
     let model = book.model().ok_or_else(|| {
         ApiError::not_found("no_model", "no global model yet: round 0 has not closed")
     })?;
-    Ok(model_response(model.file.clone(), model.round))
+    Ok(model_response(&aggregator, model.file.clone(), model.round))
 }
 
 /// Ends the participant's upload slot whatever happens to the request.
@@ -161,8 +232,29 @@ async fn upload_update(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let round = round_param(&uri)?;
-    let token = bearer_token(&headers, "missing_token")?;
+    let started = Instant::now();
+    let answer = receive_update(&aggregator, &uri, &headers, body).await;
+    let outcome = if answer.is_ok() {
+        "accepted"
+    } else {
+        "refused"
+    };
+    aggregator
+        .metrics
+        .upload_seconds
+        .with_label_values(&[outcome])
+        .observe(started.elapsed().as_secs_f64());
+    answer
+}
+
+async fn receive_update(
+    aggregator: &Arc<Aggregator>,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let round = round_param(uri)?;
+    let token = bearer_token(headers, "missing_token")?;
     let (grant, expected) = {
         let mut book = aggregator.book();
         let grant = book.begin_upload(token, round).map_err(|e| {
@@ -283,5 +375,16 @@ async fn status(State(aggregator): State<Arc<Aggregator>>) -> Json<serde_json::V
 }
 
 async fn metrics(State(aggregator): State<Arc<Aggregator>>) -> Response {
-    api::metrics_response(&aggregator.metrics.registry)
+    // The staging gauges are read off the pool when scraped, not kept up to date per upload.
+    let staging = &aggregator.staging;
+    let budget = u64::from(staging.budget_units());
+    let held = budget.saturating_sub(staging.available_units() as u64);
+    let metrics = &aggregator.metrics;
+    metrics
+        .staging_budget_bytes
+        .set((budget * STAGING_UNIT) as i64);
+    metrics
+        .staging_reserved_bytes
+        .set((held * STAGING_UNIT) as i64);
+    api::metrics_response(&metrics.registry)
 }

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 use rondo_core::aggregate::Update;
 use rondo_core::federation::AggregationResult;
 use rondo_core::model::ModelSpec;
@@ -28,15 +30,38 @@ use crate::rounds::{Closing, CommitError, Grant, RoundBook, RoundSum};
 use crate::staging::StagingPool;
 use crate::wire::UploadLimits;
 
+/// Buckets for transfers, folds and closes: from a millisecond to ten minutes.
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
+fn histogram(name: &str, help: &str) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()))
+        .expect("valid metric")
+}
+
+/// The aggregator's metrics (`docs/metrics.md` describes each). Each is touched once per
+/// request, fold, download or close, never per byte.
 pub struct Metrics {
     pub registry: Registry,
     pub updates_accepted: IntCounter,
     pub updates_rejected: IntCounterVec,
+    pub refused: IntCounterVec,
     pub bytes_received: IntCounter,
+    pub upload_seconds: HistogramVec,
+    pub download_bytes: IntCounter,
+    pub download_seconds: Histogram,
+    pub downloads_aborted: IntCounter,
     pub rounds_closed: IntCounterVec,
+    pub close_seconds: Histogram,
     pub finalize_seconds: Histogram,
     pub fold_seconds: Histogram,
+    pub folded_bytes: IntCounter,
     pub model_bytes: IntGauge,
+    pub model_round: IntGauge,
+    pub staging_budget_bytes: IntGauge,
+    pub staging_reserved_bytes: IntGauge,
     pub staging_pool_idle_bytes: IntGauge,
 }
 
@@ -52,40 +77,105 @@ impl Metrics {
             &["code"],
         )
         .expect("valid metric");
+        let refused = rondo_net::api::refused_counter();
         let bytes_received =
             IntCounter::new("upload_bytes_total", "Bytes of accepted uploads").expect("valid");
+        let upload_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "upload_duration_seconds",
+                "Uploads from the request to the answer (waiting for staging memory included), \
+                 by outcome",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let download_bytes = IntCounter::new(
+            "download_bytes_total",
+            "Bytes of global models handed to participants' connections",
+        )
+        .expect("valid metric");
+        let download_seconds = histogram(
+            "download_duration_seconds",
+            "Complete model downloads, from the request to the last byte handed to the connection",
+        );
+        let downloads_aborted = IntCounter::new(
+            "downloads_aborted_total",
+            "Model downloads whose client went away before the last byte",
+        )
+        .expect("valid metric");
         let rounds_closed = IntCounterVec::new(
             Opts::new("rounds_closed_total", "Rounds closed, by outcome"),
             &["outcome"],
         )
         .expect("valid metric");
-        let finalize_seconds = Histogram::with_opts(HistogramOpts::new(
-            "finalize_seconds",
-            "Time to turn a round's sum into the next global model",
-        ))
-        .expect("valid metric");
-        let fold_seconds = Histogram::with_opts(HistogramOpts::new(
-            "fold_seconds",
+        let close_seconds = histogram(
+            "close_duration_seconds",
+            "Round closes, from the request to the result (waiting for folds in flight included)",
+        );
+        let finalize_seconds = histogram(
+            "finalize_duration_seconds",
+            "The finalize pass that turns a round's aggregation into the next global model",
+        );
+        let fold_seconds = histogram(
+            "fold_duration_seconds",
             "Time to fold one validated update into the running sum (waiting for the sum included)",
-        ))
+        );
+        let folded_bytes = IntCounter::new(
+            "folded_bytes_total",
+            "Bytes of updates folded into rounds' aggregations",
+        )
         .expect("valid metric");
-        let model_bytes =
-            IntGauge::new("model_bytes", "Size of the serialized global model").expect("valid");
+        let model_bytes = IntGauge::new("model_size_bytes", "Size of the serialized global model")
+            .expect("valid");
+        let model_round = IntGauge::new(
+            "model_round",
+            "Round of the global model held (-1 before round 0 closes)",
+        )
+        .expect("valid");
+        let staging_budget_bytes = IntGauge::new(
+            "staging_budget_bytes",
+            "Staging memory for uploads (aggregation.staging_memory_bytes, in whole MiB)",
+        )
+        .expect("valid");
+        let staging_reserved_bytes = IntGauge::new(
+            "staging_reserved_bytes",
+            "Staging memory held by uploads in flight and idle buffers",
+        )
+        .expect("valid");
         let staging_pool_idle_bytes = IntGauge::new(
-            "staging_pool_idle_bytes",
+            "staging_idle_bytes",
             "Staging memory kept in idle buffers for the next uploads",
         )
         .expect("valid metric");
+        model_round.set(-1);
+        // Known label values are exposed from the start, so that their rates are 0, not absent.
+        for outcome in ["aggregated", "failed"] {
+            rounds_closed.with_label_values(&[outcome]);
+        }
+        for outcome in ["accepted", "refused"] {
+            upload_seconds.with_label_values(&[outcome]);
+        }
         let registry = rondo_net::api::registry(
             "rondo_aggregator",
             vec![
                 Box::new(updates_accepted.clone()),
                 Box::new(updates_rejected.clone()),
+                Box::new(refused.clone()),
                 Box::new(bytes_received.clone()),
+                Box::new(upload_seconds.clone()),
+                Box::new(download_bytes.clone()),
+                Box::new(download_seconds.clone()),
+                Box::new(downloads_aborted.clone()),
                 Box::new(rounds_closed.clone()),
+                Box::new(close_seconds.clone()),
                 Box::new(finalize_seconds.clone()),
                 Box::new(fold_seconds.clone()),
+                Box::new(folded_bytes.clone()),
                 Box::new(model_bytes.clone()),
+                Box::new(model_round.clone()),
+                Box::new(staging_budget_bytes.clone()),
+                Box::new(staging_reserved_bytes.clone()),
                 Box::new(staging_pool_idle_bytes.clone()),
             ],
         );
@@ -93,11 +183,21 @@ impl Metrics {
             registry,
             updates_accepted,
             updates_rejected,
+            refused,
             bytes_received,
+            upload_seconds,
+            download_bytes,
+            download_seconds,
+            downloads_aborted,
             rounds_closed,
+            close_seconds,
             finalize_seconds,
             fold_seconds,
+            folded_bytes,
             model_bytes,
+            model_round,
+            staging_budget_bytes,
+            staging_reserved_bytes,
             staging_pool_idle_bytes,
         }
     }
@@ -168,6 +268,7 @@ impl Aggregator {
         let metrics = Metrics::new();
         if let Some(model) = book.model() {
             metrics.model_bytes.set(model.file.len() as i64);
+            metrics.model_round.set(i64::from(model.round));
         }
         // A rule that holds every update until the round closes would hold a pooled buffer as
         // long, and uploads would stall once the held updates filled the budget.
@@ -217,6 +318,7 @@ impl Aggregator {
             ended: false,
         };
         let started = Instant::now();
+        let bytes = data.len() as u64;
         let folded = sum.add(Update {
             key: grant.participant_id.clone(),
             spec,
@@ -229,6 +331,9 @@ impl Aggregator {
         self.metrics
             .fold_seconds
             .observe(started.elapsed().as_secs_f64());
+        if folded.is_ok() {
+            self.metrics.folded_bytes.inc_by(bytes);
+        }
         let mut book = self.book();
         let recorded = book.finish_commit(&grant, folded.is_ok().then_some(n_samples));
         guard.ended = true;
@@ -311,11 +416,15 @@ impl Aggregator {
                 }
             }
         };
+        let finalize_started = Instant::now();
         let finalized = closing.finalize();
+        self.metrics
+            .finalize_seconds
+            .observe(finalize_started.elapsed().as_secs_f64());
         let mut book = self.book();
         let result = book.finish_close(finalized);
         self.metrics
-            .finalize_seconds
+            .close_seconds
             .observe(started.elapsed().as_secs_f64());
         let outcome = match &result {
             AggregationResult::Aggregated { .. } => "aggregated",
@@ -327,6 +436,7 @@ impl Aggregator {
             .inc();
         if let Some(model) = book.model() {
             self.metrics.model_bytes.set(model.file.len() as i64);
+            self.metrics.model_round.set(i64::from(model.round));
             if let (Some(output), AggregationResult::Aggregated { .. }) = (&self.output, &result) {
                 output.publish(model.round, model.file.clone(), &self.shutdown);
             }

@@ -180,14 +180,12 @@ impl StagingPool {
     }
 
     /// The budget in units of [`STAGING_UNIT`].
-    #[cfg(test)]
-    pub(crate) fn budget_units(&self) -> u32 {
+    pub fn budget_units(&self) -> u32 {
         self.inner.units
     }
 
-    /// Units not held by any buffer, in flight or idle.
-    #[cfg(test)]
-    pub(crate) fn available_units(&self) -> usize {
+    /// Units not held by any buffer, in flight or idle (the metrics read it when scraped).
+    pub fn available_units(&self) -> usize {
         self.inner.semaphore.available_permits()
     }
 }

@@ -23,11 +23,24 @@ use crate::service::Coordinator;
 
 const OPENAPI: &str = include_str!("../../../docs/openapi/coordinator.json");
 
+/// The live status page (`GET /`) and what it loads: served as they are, no build step.
+const STATUS_PAGE: &str = include_str!("page/index.html");
+const STATUS_JS: &str = include_str!("page/status.js");
+const STATUS_CSS: &str = include_str!("page/status.css");
+/// The page loads only its own script and style and talks only to this coordinator: a name or
+/// metric a participant sent that slipped into markup still could not run or load anything.
+const STATUS_PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
+
 /// Control-plane bodies are tiny; anything bigger is a mistake or an attack.
 const MAX_JSON_BODY: usize = 64 * 1024;
 
 pub fn router(coordinator: Arc<Coordinator>) -> Router {
     let routes = Router::new()
+        .route("/", get(status_page))
+        .route("/static/status.js", get(status_js))
+        .route("/static/status.css", get(status_css))
         .route("/v1/participants", post(join))
         .route("/v1/participants/{id}/heartbeat", post(heartbeat))
         .route("/v1/participants/{id}/start_training", post(start_training))
@@ -36,9 +49,15 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/history", get(history))
         .route("/v1/history.csv", get(history_csv))
         .route("/metrics", get(metrics));
+    let refused = coordinator.metrics.refused.clone();
     api::with_common_routes(routes, OPENAPI)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(api::reject_oversized(MAX_JSON_BODY as u64, "invalid_body"))
+        // Outermost, so that refusals by the layers above are counted too.
+        .layer(axum::middleware::map_response_with_state(
+            refused,
+            api::count_refused,
+        ))
         .with_state(coordinator)
 }
 
@@ -180,7 +199,6 @@ async fn heartbeat(
             _ => break action,
         }
     };
-    coordinator.metrics.heartbeats.inc();
     let state = action_state(&action);
     let (name, round, attempt, reason) = match action {
         Action::Standby => ("standby", None, None, None),
@@ -189,6 +207,11 @@ async fn heartbeat(
         Action::Finish => ("finish", None, None, None),
         Action::Rejected { reason } => ("rejected", None, None, Some(reason)),
     };
+    coordinator
+        .metrics
+        .heartbeats
+        .with_label_values(&[name])
+        .inc();
     let mut answer = json!({
         "action": name,
         "round": round,
@@ -324,12 +347,41 @@ async fn status(State(coordinator): State<Arc<Coordinator>>) -> Json<serde_json:
     let status = coordinator.federation().status(coordinator.now());
     let mut value = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
     value["aggregator_url"] = json!(coordinator.aggregator_url());
+    value["aggregator"] = json!(coordinator.aggregator_health());
     Json(value)
 }
 
 async fn metrics(State(coordinator): State<Arc<Coordinator>>) -> Response {
     // The gauges are read off the federation when scraped, not kept up to date on every tick.
     let status = coordinator.federation().status(coordinator.now());
-    coordinator.metrics.observe(&status);
+    coordinator
+        .metrics
+        .observe(&status, &coordinator.aggregator_health());
     api::metrics_response(&coordinator.metrics.registry)
+}
+
+fn page_asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, content_type),
+            (axum::http::header::CONTENT_SECURITY_POLICY, STATUS_PAGE_CSP),
+            (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            // Small, and they change with the binary: always asked again, never stale.
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn status_page() -> Response {
+    page_asset("text/html; charset=utf-8", STATUS_PAGE)
+}
+
+async fn status_js() -> Response {
+    page_asset("text/javascript; charset=utf-8", STATUS_JS)
+}
+
+async fn status_css() -> Response {
+    page_asset("text/css; charset=utf-8", STATUS_CSS)
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rondo_core::federation::{AggregationResult, Command, OpenRound};
+use rondo_core::federation::{AggregationResult, Command, OpenRound, Outcome};
 use rondo_net::link::{
     AggregatorRpcClient, CoordinatorRpc, Notice, connect_aggregator, deadline, link_is_broken,
 };
@@ -85,17 +85,39 @@ impl CoordinatorRpcServer {
             } => format!("aggregated {updates} updates of {total_samples} samples"),
             AggregationResult::Failed { reason } => format!("failed: {reason}"),
         };
+        // A notice is the aggregator alive, and "aggregated" says which model it now holds
+        // (busy rounds leave no quiet second for a status probe to learn it).
+        let aggregated = matches!(result, AggregationResult::Aggregated { .. });
+        self.coordinator
+            .aggregator_answered(aggregated.then_some(Some(round)));
         let now = self.coordinator.now();
-        let closed = self
-            .coordinator
-            .federation()
-            .round_aggregated(round, attempt, result, now);
+        let (closed, summary_of_close) = {
+            let mut federation = self.coordinator.federation();
+            let closed = federation.round_aggregated(round, attempt, result, now);
+            // The attempt just closed is the newest summary.
+            let last = closed
+                .as_ref()
+                .and_then(|_| federation.round_summaries().last())
+                .map(|s| (s.outcome, s.duration_secs));
+            self.coordinator
+                .metrics
+                .observe_phase(federation.phase_name());
+            (closed, last)
+        };
+        if let Some((outcome, duration_secs)) = summary_of_close {
+            let outcome = match outcome {
+                Some(Outcome::Failed) => "failed",
+                _ => "aggregated",
+            };
+            self.coordinator
+                .metrics
+                .observe_round_closed(outcome, duration_secs);
+        }
         if let Some(closed) = closed {
             tracing::info!(round, attempt, %summary, "round closed");
             for discrepancy in &closed.discrepancies {
                 tracing::warn!(round, attempt, %discrepancy, "the round's record follows the aggregator");
             }
-            self.coordinator.metrics.rounds_closed.inc();
         }
         self.coordinator.changed();
         self.coordinator.wake.notify_one();
@@ -139,13 +161,19 @@ pub async fn drive(
                 }
                 Err(err) => {
                     tracing::warn!(%aggregator_rpc, %err, "aggregator unreachable; retrying");
+                    coordinator.aggregator_failed(format!("unreachable: {err}"), true);
                     backoff.wait().await;
                     continue;
                 }
             }
         }
         let now = coordinator.now();
-        let commands = coordinator.federation().tick(now, &mut os_rng());
+        let commands = {
+            let mut federation = coordinator.federation();
+            let commands = federation.tick(now, &mut os_rng());
+            coordinator.metrics.observe_phase(federation.phase_name());
+            commands
+        };
         for command in commands {
             if acked
                 .as_ref()
@@ -164,19 +192,26 @@ pub async fn drive(
                     {
                         tracing::info!(round, attempt, selected = grants.len(), "round open");
                         coordinator.federation().round_opened(*round, *attempt);
+                        coordinator.observe_phase();
                         coordinator.changed();
                     }
                     acked = Some((command, Instant::now()));
                     last_heard = Instant::now();
+                    coordinator.aggregator_answered(None);
                 }
-                Ok(Err(refused)) => tracing::warn!(?command, %refused, "aggregator refused"),
+                Ok(Err(refused)) => {
+                    tracing::warn!(?command, %refused, "aggregator refused");
+                    coordinator.aggregator_answered(None);
+                }
                 // A call past its deadline (a busy aggregator) is resent on the next tick;
                 // only a broken connection is reconnected.
                 Err(err) if !link_is_broken(&err) => {
                     tracing::warn!(%err, ?command, "the aggregator did not answer in time; resending");
+                    coordinator.aggregator_failed(format!("call timed out: {err}"), false);
                 }
                 Err(err) => {
                     tracing::warn!(%err, "link to the aggregator broke; reconnecting");
+                    coordinator.aggregator_failed(format!("link broke: {err}"), true);
                     client = None;
                 }
             }
@@ -188,14 +223,19 @@ pub async fn drive(
             && let Some(c) = client.as_ref()
         {
             match c.status(deadline(call_timeout)).await {
-                Ok(_) => last_heard = Instant::now(),
+                Ok(status) => {
+                    last_heard = Instant::now();
+                    coordinator.aggregator_answered(Some(status.model_round));
+                }
                 // A restart breaks the connection; a slow answer does not mean one.
                 Err(err) if !link_is_broken(&err) => {
                     tracing::warn!(%err, "the aggregator's status came too late");
+                    coordinator.aggregator_failed(format!("status timed out: {err}"), false);
                     last_heard = Instant::now();
                 }
                 Err(err) => {
                     tracing::warn!(%err, "the aggregator stopped answering; reconnecting");
+                    coordinator.aggregator_failed(format!("stopped answering: {err}"), true);
                     client = None;
                     continue;
                 }
@@ -221,6 +261,7 @@ async fn attach(
         .await?;
     tracing::info!(public_url = %info.public_url, model_round = ?info.model_round, "attached to the aggregator");
     coordinator.set_aggregator_url(info.public_url);
+    coordinator.aggregator_attached(info.model_round);
     let resend = {
         let mut federation = coordinator.federation();
         if let Some(round) = federation.aggregator_attached(info.model_round, coordinator.now()) {

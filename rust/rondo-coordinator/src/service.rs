@@ -5,12 +5,15 @@
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::time::{Instant, SystemTime};
 
-use prometheus::{Gauge, GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
 use rand::TryRngCore;
 use rand::rngs::OsRng;
 use rondo_core::federation::{
     EvaluationSummary, Federation, FederationError, FederationStatus, Joining,
-    MAX_METRICS_PER_DELIVERY, ParticipantId, Timestamp, token_from,
+    MAX_METRICS_PER_DELIVERY, ParticipantId, PhaseName, Timestamp, token_from,
 };
 use tokio::sync::{Notify, watch};
 
@@ -49,29 +52,114 @@ impl Clock {
     }
 }
 
+/// Buckets for round and phase durations: from a tenth of a second to an hour.
+const ROUND_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// Every phase, with its label (`PhaseName`'s JSON name), for the `phase` gauge.
+const PHASES: [(PhaseName, &str); 6] = [
+    (PhaseName::WaitingForAggregator, "waiting_for_aggregator"),
+    (
+        PhaseName::WaitingForParticipants,
+        "waiting_for_participants",
+    ),
+    (PhaseName::Opening, "opening"),
+    (PhaseName::Training, "training"),
+    (PhaseName::Closing, "closing"),
+    (PhaseName::Finished, "finished"),
+];
+
+fn phase_label(phase: PhaseName) -> &'static str {
+    PHASES
+        .iter()
+        .find(|(p, _)| *p == phase)
+        .map_or("unknown", |(_, label)| label)
+}
+
+/// The coordinator's metrics (`docs/metrics.md` describes each). Counters are bumped where the
+/// event happens; gauges that mirror the federation are read off it when scraped.
 pub struct Metrics {
     pub registry: Registry,
-    pub heartbeats: IntCounter,
+    pub heartbeats: IntCounterVec,
     pub joins: IntCounter,
-    pub rounds_closed: IntCounter,
+    pub refused: IntCounterVec,
+    pub rounds_closed: IntCounterVec,
+    pub round_duration: HistogramVec,
+    pub phase_duration: HistogramVec,
     pub round: IntGauge,
+    pub attempt: IntGauge,
+    pub rounds_planned: IntGauge,
+    pub phase: IntGaugeVec,
     pub participants: IntGaugeVec,
+    pub aggregator_up: IntGauge,
     pub evaluation_reports: IntCounter,
     pub evaluation_round: IntGauge,
     pub evaluation_loss: Gauge,
     pub evaluation_metric: GaugeVec,
+    /// The phase last seen and since when, for `phase_duration_seconds`.
+    phase_clock: Mutex<(PhaseName, Instant)>,
 }
 
 impl Metrics {
     fn new() -> Self {
-        let heartbeats = IntCounter::new("heartbeats_total", "Heartbeats answered").expect("valid");
+        let heartbeats = IntCounterVec::new(
+            Opts::new(
+                "heartbeats_total",
+                "Heartbeats answered, by the action answered",
+            ),
+            &["action"],
+        )
+        .expect("valid");
         let joins = IntCounter::new("joins_total", "Participants joined").expect("valid");
-        let rounds_closed =
-            IntCounter::new("rounds_closed_total", "Rounds closed (any outcome)").expect("valid");
-        let round = IntGauge::new("round", "Round being run").expect("valid");
+        let refused = rondo_net::api::refused_counter();
+        let rounds_closed = IntCounterVec::new(
+            Opts::new("rounds_closed_total", "Round attempts closed, by outcome"),
+            &["outcome"],
+        )
+        .expect("valid");
+        let round_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "round_duration_seconds",
+                "Round attempts from opening to close, by outcome",
+            )
+            .buckets(ROUND_BUCKETS.to_vec()),
+            &["outcome"],
+        )
+        .expect("valid");
+        let phase_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "phase_duration_seconds",
+                "Time the federation spent in a phase, observed as it leaves it",
+            )
+            .buckets(ROUND_BUCKETS.to_vec()),
+            &["phase"],
+        )
+        .expect("valid");
+        let round = IntGauge::new("round", "Round being run (or next to run)").expect("valid");
+        let attempt =
+            IntGauge::new("round_attempt", "Attempt at the round being run").expect("valid");
+        let rounds_planned = IntGauge::new(
+            "federation_rounds",
+            "Training rounds the federation runs (federation.rounds)",
+        )
+        .expect("valid");
+        let phase = IntGaugeVec::new(
+            Opts::new(
+                "phase",
+                "The federation's phase: 1 for the current one, 0 otherwise",
+            ),
+            &["phase"],
+        )
+        .expect("valid");
         let participants = IntGaugeVec::new(
             Opts::new("participants", "Participants by state"),
             &["state"],
+        )
+        .expect("valid");
+        let aggregator_up = IntGauge::new(
+            "aggregator_up",
+            "1 while the RPC link to the aggregator is up, 0 otherwise",
         )
         .expect("valid");
         let evaluation_reports = IntCounter::new(
@@ -97,14 +185,33 @@ impl Metrics {
             &["name"],
         )
         .expect("valid");
+        // Every label value known in advance is exposed from the start (at 0), so that a rate
+        // over a series that has not moved yet is 0, not absent.
+        for (_, label) in PHASES {
+            phase.with_label_values(&[label]).set(0);
+        }
+        for outcome in ["aggregated", "failed"] {
+            rounds_closed.with_label_values(&[outcome]);
+            round_duration.with_label_values(&[outcome]);
+        }
+        for action in ["standby", "train", "evaluate", "finish", "rejected"] {
+            heartbeats.with_label_values(&[action]);
+        }
         let registry = rondo_net::api::registry(
             "rondo_coordinator",
             vec![
                 Box::new(heartbeats.clone()),
                 Box::new(joins.clone()),
+                Box::new(refused.clone()),
                 Box::new(rounds_closed.clone()),
+                Box::new(round_duration.clone()),
+                Box::new(phase_duration.clone()),
                 Box::new(round.clone()),
+                Box::new(attempt.clone()),
+                Box::new(rounds_planned.clone()),
+                Box::new(phase.clone()),
                 Box::new(participants.clone()),
+                Box::new(aggregator_up.clone()),
                 Box::new(evaluation_reports.clone()),
                 Box::new(evaluation_round.clone()),
                 Box::new(evaluation_loss.clone()),
@@ -115,13 +222,45 @@ impl Metrics {
             registry,
             heartbeats,
             joins,
+            refused,
             rounds_closed,
+            round_duration,
+            phase_duration,
             round,
+            attempt,
+            rounds_planned,
+            phase,
             participants,
+            aggregator_up,
             evaluation_reports,
             evaluation_round,
             evaluation_loss,
             evaluation_metric,
+            phase_clock: Mutex::new((PhaseName::WaitingForAggregator, Instant::now())),
+        }
+    }
+
+    /// The federation is in `phase` now: when that is a change, the time spent in the previous
+    /// one is observed. Called wherever the phase may have changed (the driver's ticks, round
+    /// notices, scrapes), so a phase's end is seen within a tick (200 ms) at worst.
+    pub fn observe_phase(&self, phase: PhaseName) {
+        let mut clock = self.phase_clock.lock();
+        if clock.0 != phase {
+            let now = Instant::now();
+            self.phase_duration
+                .with_label_values(&[phase_label(clock.0)])
+                .observe(now.duration_since(clock.1).as_secs_f64());
+            *clock = (phase, now);
+        }
+    }
+
+    /// A round attempt closed: `outcome` and how long it ran.
+    pub fn observe_round_closed(&self, outcome: &str, duration_secs: Option<f64>) {
+        self.rounds_closed.with_label_values(&[outcome]).inc();
+        if let Some(secs) = duration_secs {
+            self.round_duration
+                .with_label_values(&[outcome])
+                .observe(secs);
         }
     }
 
@@ -145,8 +284,17 @@ impl Metrics {
         }
     }
 
-    pub fn observe(&self, status: &FederationStatus) {
+    pub fn observe(&self, status: &FederationStatus, aggregator: &AggregatorHealth) {
+        self.observe_phase(status.phase);
+        for (phase, label) in PHASES {
+            self.phase
+                .with_label_values(&[label])
+                .set(i64::from(phase == status.phase));
+        }
         self.round.set(i64::from(status.round));
+        self.attempt.set(i64::from(status.attempt));
+        self.rounds_planned.set(i64::from(status.rounds));
+        self.aggregator_up.set(i64::from(aggregator.connected));
         for state in ["available", "selected", "training", "delivered", "dropped"] {
             let count = status.counts.get(state).copied().unwrap_or(0);
             self.participants
@@ -156,9 +304,34 @@ impl Metrics {
     }
 }
 
+/// The aggregator's health as the coordinator sees it over the link (`aggregator` in the
+/// status): the status page shows it, since a browser may not reach the aggregator itself (its
+/// API sends no CORS headers, and in a container network its URL resolves only inside).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AggregatorHealth {
+    /// The link is up: the last call was answered or only timed out, none broke it.
+    pub connected: bool,
+    /// Since the aggregator last answered a call; `None` before it ever did.
+    pub last_answer_secs_ago: Option<f64>,
+    /// Round of its global model at its last status answer (probed every second when the
+    /// link is otherwise quiet); `None` when it has none.
+    pub model_round: Option<u32>,
+    /// The last failed call or connection attempt since the link was last attached.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct LinkHealth {
+    connected: bool,
+    last_answer: Option<Instant>,
+    model_round: Option<u32>,
+    last_error: Option<String>,
+}
+
 pub struct Coordinator {
     federation: Mutex<Federation>,
     aggregator_url: RwLock<Option<String>>,
+    link_health: Mutex<LinkHealth>,
     /// Pokes the driver to run a tick now (after an event that may close or open a round).
     pub wake: Notify,
     /// Bumped when a round opens or closes, which is when heartbeat answers change for
@@ -175,6 +348,7 @@ impl Coordinator {
         Self {
             federation: Mutex::new(federation),
             aggregator_url: RwLock::new(None),
+            link_health: Mutex::new(LinkHealth::default()),
             wake: Notify::new(),
             changes: watch::Sender::new(0),
             heartbeat_period_secs,
@@ -223,5 +397,46 @@ impl Coordinator {
 
     pub fn set_aggregator_url(&self, url: String) {
         *self.aggregator_url.write() = Some(url);
+    }
+
+    /// The aggregator answered a call; `model_round` when the answer said which model it has.
+    pub fn aggregator_answered(&self, model_round: Option<Option<u32>>) {
+        let mut health = self.link_health.lock();
+        health.connected = true;
+        health.last_answer = Some(Instant::now());
+        if let Some(round) = model_round {
+            health.model_round = round;
+        }
+    }
+
+    /// The link was (re)attached: earlier errors are history.
+    pub fn aggregator_attached(&self, model_round: Option<u32>) {
+        self.aggregator_answered(Some(model_round));
+        self.link_health.lock().last_error = None;
+    }
+
+    /// A call failed; `broken` when the link is down (a timeout leaves it up).
+    pub fn aggregator_failed(&self, error: String, broken: bool) {
+        let mut health = self.link_health.lock();
+        health.last_error = Some(error);
+        if broken {
+            health.connected = false;
+        }
+    }
+
+    /// Tells the metrics the federation's phase now (see [`Metrics::observe_phase`]).
+    pub fn observe_phase(&self) {
+        let phase = self.federation().phase_name();
+        self.metrics.observe_phase(phase);
+    }
+
+    pub fn aggregator_health(&self) -> AggregatorHealth {
+        let health = self.link_health.lock();
+        AggregatorHealth {
+            connected: health.connected,
+            last_answer_secs_ago: health.last_answer.map(|at| at.elapsed().as_secs_f64()),
+            model_round: health.model_round,
+            last_error: health.last_error.clone(),
+        }
     }
 }

@@ -52,6 +52,11 @@ struct ErrorDetail<'a> {
     message: &'a str,
 }
 
+/// The `code` of an error answer, attached to the response so that a layer can count refusals
+/// by code ([`count_refused`]) without reading bodies back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
@@ -60,8 +65,35 @@ impl IntoResponse for ApiError {
                 message: &self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(self.code));
+        response
     }
+}
+
+/// Counts every error answer by its code (`requests_refused_total{code}`), for
+/// `axum::middleware::map_response_with_state`. The codes are constants in the code, so the
+/// label stays a small set whatever clients send.
+pub async fn count_refused(
+    axum::extract::State(counter): axum::extract::State<prometheus::IntCounterVec>,
+    response: Response,
+) -> Response {
+    if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+        counter.with_label_values(&[code]).inc();
+    }
+    response
+}
+
+/// `requests_refused_total{code}`, for [`count_refused`].
+pub fn refused_counter() -> prometheus::IntCounterVec {
+    prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "requests_refused_total",
+            "HTTP requests answered with an error, by the error's code",
+        ),
+        &["code"],
+    )
+    .expect("a valid metric")
 }
 
 /// A layer that answers 413 with the JSON error `code` to a request whose `Content-Length`
@@ -161,21 +193,39 @@ pub fn openapi_response(document: &'static str) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], document).into_response()
 }
 
-/// A Prometheus registry with every metric name prefixed by `prefix` (e.g. `rondo_aggregator`).
-/// The metrics are built from constant names in the code, so a failure here is a bug.
+/// A Prometheus registry with every metric name prefixed by `prefix` (e.g. `rondo_aggregator`),
+/// and `<prefix>_build_info{version}` (always 1). The metrics are built from constant names in
+/// the code, so a failure here is a bug.
 pub fn registry(prefix: &str, metrics: Vec<Box<dyn prometheus::core::Collector>>) -> Registry {
     let registry =
         Registry::new_custom(Some(prefix.into()), None).expect("the prefix is a valid name");
+    let build_info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new("build_info", "The running build: its version (always 1)"),
+        &["version"],
+    )
+    .expect("a valid metric");
+    // The crates share the workspace's version.
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    registry
+        .register(Box::new(build_info))
+        .expect("metric names are unique");
     for metric in metrics {
         registry.register(metric).expect("metric names are unique");
     }
     registry
 }
 
-/// Renders a Prometheus registry in the text exposition format.
+/// Renders a Prometheus registry in the text exposition format, followed by the process's own
+/// `process_*` metrics (RSS, CPU seconds, open and maximum fds, threads, start time: the
+/// `prometheus` crate's process collector, which its default registry holds on Linux). They
+/// keep their standard unprefixed names, so dashboards made for any service work on them.
 pub fn metrics_response(registry: &Registry) -> Response {
     let mut buffer = Vec::new();
-    if let Err(err) = TextEncoder::new().encode(&registry.gather(), &mut buffer) {
+    let mut families = registry.gather();
+    families.extend(prometheus::gather());
+    if let Err(err) = TextEncoder::new().encode(&families, &mut buffer) {
         return ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "metrics",

@@ -203,12 +203,24 @@ pub struct TrainingGrant {
 
 /// "Round `round` (attempt `attempt`) is open for these participants": the one message that
 /// opens a round, from the state machine's command through the RPC to the aggregator's book.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenRound {
     pub round: u32,
     pub attempt: u32,
     /// participant id → the one-round token it must present.
     pub grants: BTreeMap<ParticipantId, String>,
+}
+
+/// Without the tokens: commands are logged (`?command` when the aggregator is slow or
+/// refuses), and a token in a log line is an upload slot for whoever reads it.
+impl std::fmt::Debug for OpenRound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenRound")
+            .field("round", &self.round)
+            .field("attempt", &self.attempt)
+            .field("participants", &self.grants.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Work for the edge: RPCs to send to the aggregator. Each is idempotent, so the edge resends

@@ -927,3 +927,18 @@ fn only_a_share_of_those_able_to_evaluate_is_asked() {
     // The model of round 1 is not evaluated with evaluate_every = 2.
     assert!((0..5).all(|i| w.grant(i).evaluate_round.is_none()));
 }
+
+#[test]
+fn an_open_round_logged_shows_no_token() {
+    let open = OpenRound {
+        round: 3,
+        attempt: 1,
+        grants: BTreeMap::from([("alice".to_string(), "secret-token-abc".to_string())]),
+    };
+    let shown = format!("{:?}", Command::OpenRound(open));
+    assert!(
+        shown.contains("alice") && shown.contains("round: 3"),
+        "{shown}"
+    );
+    assert!(!shown.contains("secret-token-abc"), "{shown}");
+}
