@@ -37,7 +37,8 @@ def test_report_defaults_are_independent() -> None:
     a, b = ParticipantReport(), ParticipantReport()
     a.rounds_trained.append(1)
     a.rejected_uploads[2] = "token_expired"
-    assert b == ParticipantReport([], [], {}, None)
+    assert b == ParticipantReport()
+    assert b.rounds_trained == [] and b.evaluated == [] and b.rejected_uploads == {}
     assert a.final_action is None
 
 
