@@ -406,7 +406,8 @@ class ShardClaim:
 
     A lock file per shard under ``claims/``, held with ``flock``: the kernel drops the lock
     when the process exits, however it exits, so a crashed participant never leaves its shard
-    claimed (an ``O_EXCL`` marker file would stay behind).
+    claimed (an ``O_EXCL`` marker file would stay behind). Keep the claim referenced: the lock
+    goes with its open file, which closes when the claim is garbage-collected.
     """
 
     def __init__(self, shard: int, file: TextIO) -> None:

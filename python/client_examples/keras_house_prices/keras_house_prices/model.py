@@ -102,8 +102,11 @@ def fit(
     return float(history.history["loss"][-1])
 
 
-def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict:
+def evaluate(model: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Keras' own evaluation: ``loss`` (MSE of log prices plus the L2 penalty) and ``rmse``
     (the root mean squared error of log prices, i.e. the RMSLE of prices)."""
+    # One batch of the whole (small) set: JAX compiles the test step once per batch shape,
+    # and a last, partial batch would be a second shape to compile.
+    batch_size = max(1, min(len(x), 4096))
     result = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
     return {key: float(value) for key, value in result.items()}
