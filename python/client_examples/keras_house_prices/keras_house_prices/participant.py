@@ -13,10 +13,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from . import data
 from .cli import positive_float, positive_int, run_command
+
+if TYPE_CHECKING:  # imported for real only when a participant is made
+    import rondo
 
 DEFAULT_EPOCHS = 5
 
@@ -53,7 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_participant(data_dir: Path, shard: int, epochs: int, progress: bool | None = None) -> Any:
+def make_participant(
+    data_dir: Path, shard: int, epochs: int, progress: bool | None = None
+) -> rondo.Participant:
     """The :class:`rondo.Participant` for ``shard`` (imports Keras)."""
     import rondo
     import rondo.keras

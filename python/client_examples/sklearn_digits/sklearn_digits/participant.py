@@ -12,7 +12,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported for real only when a participant is made
+    import rondo
 
 DEFAULT_EPOCHS = 2
 
@@ -69,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_participant(index: int, n_participants: int, seed: int, epochs: int) -> Any:
+def make_participant(index: int, n_participants: int, seed: int, epochs: int) -> rondo.Participant:
     """The :class:`rondo.Participant` for shard ``index``."""
     import rondo
     import rondo.sklearn
