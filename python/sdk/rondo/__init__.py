@@ -12,6 +12,11 @@ downloads read in place, uploads sent from the arrays, TLS options, proxies; the
 :class:`Transport` protocol a caller may implement instead), :mod:`rondo.safetensors_io` (the
 wire encoding of weights: float32, float64, float16, and bfloat16 with ``ml_dtypes``),
 :mod:`rondo.errors`, :mod:`rondo.util`.
+
+Helpers, imported only when used (``import rondo.keras``; ``import rondo`` loads none of them):
+:mod:`rondo.keras` (a Keras model's weights <-> named tensors), :mod:`rondo.sklearn`
+(scikit-learn linear models' ``coef_``/``intercept_`` <-> named tensors), :mod:`rondo.models`
+(download the federation's global model from the aggregator).
 """
 
 from .errors import ApiError, CoordinatorUnavailable, DTypeUnavailable, NetworkError, RondoError
