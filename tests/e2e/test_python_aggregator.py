@@ -233,6 +233,47 @@ def test_a_failing_python_rule_fails_the_round_and_the_retry_aggregates(
     assert federation.aggregator.process.poll() is None
 
 
+def test_a_bf16_model_without_ml_dtypes_fails_the_round_with_the_reason(start_federation, tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    initial = tmp_path / "initial.safetensors"
+    bf16 = {k: np.zeros(s, ml_dtypes.bfloat16) for k, s in SHAPES.items()}
+    initial.write_bytes(upload_bytes(bf16, n_samples=None))
+    federation = start_with_env(
+        start_federation,
+        PYTHON_ENV,
+        coordinator={"federation.rounds": 1, "federation.min_clients": 2},
+        aggregator={
+            **PYTHON,
+            "model.initial_model": initial,
+            "aggregation.python.module": "faulty",
+            "aggregation.python.class": "Faulty",
+            "aggregation.options.hide_ml_dtypes": 1,
+        },
+    )
+    people = [Person(federation.coordinator_url, name) for name in ("a", "b")]
+    federation.wait_for(lambda s: s["phase"] == "training", what="round 1 to open")
+    for person in people:
+        ticket = person.post("start_training").json()
+        response = requests.post(
+            ticket["upload_url"],
+            data=upload_bytes({k: np.ones(s, ml_dtypes.bfloat16) for k, s in SHAPES.items()}),
+            headers={"Authorization": f"Bearer {ticket['token']}"},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+    status = federation.wait_for(
+        lambda s: any(e["round"] == 1 and e["outcome"] for e in s["history"]),
+        what="round 1 to close",
+    )
+    first = next(e for e in status["history"] if e["round"] == 1)
+    assert first["outcome"] == "failed", first
+    assert (
+        "the model has BF16 tensors, which reach Python as ml_dtypes.bfloat16 arrays, and "
+        "ml_dtypes cannot be imported" in first["reason"]
+    ), first
+    assert federation.aggregator_status()["model"]["round"] == 0
+
+
 # --- a rule that cannot be loaded stops the aggregator --------------------------------------
 
 STARTUP_FAILURES = [

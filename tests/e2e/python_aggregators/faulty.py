@@ -7,6 +7,7 @@ attempt of round ``in_round`` only, so that the retried round succeeds.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -31,8 +32,11 @@ MODES = {
 
 
 class Faulty(WeightedAverage):
-    def __init__(self, fail: float = 0, in_round: float = 1) -> None:
+    def __init__(self, fail: float = 0, in_round: float = 1, hide_ml_dtypes: float = 0) -> None:
         super().__init__()
+        if hide_ml_dtypes:
+            # As if it were not installed: `import ml_dtypes` now raises ImportError.
+            sys.modules["ml_dtypes"] = None  # type: ignore[assignment]
         self.mode = MODES.get(int(fail), "none")
         self.in_round = int(in_round)
         self.starts: dict[int, int] = {}
