@@ -54,5 +54,5 @@ class FedAdam(WeightedAverage):
             model[name] = as_dtype(x + step, self._dtypes[name])
         # Only a round that produced its model moves the moments.
         self.m, self.v = m, v
-        self._sums, self._x = {}, {}
+        self._x = {}
         return model

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Aggregator, Update, Weights, as_dtype
+from .base import Aggregator, Update, Weights
+
+BLOCK = 1 << 16
+"""Elements weighted at a time (512 KiB of float64: stays in cache)."""
 
 
 class WeightedAverage(Aggregator):
@@ -19,22 +22,38 @@ class WeightedAverage(Aggregator):
         self._sums: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] = {}
         self._total = 0
+        self._scratch = np.empty(BLOCK, np.float64)
+        self._model: dict[str, np.ndarray] = {}
 
     def start_round(self, round: int, global_model: Weights | None) -> None:
-        self._sums, self._dtypes, self._total = {}, {}, 0
+        # The sums' memory is kept from round to round (zeroing mapped memory is much cheaper
+        # than mapping fresh memory in); tensors the model no longer has are dropped.
+        old, self._sums, self._dtypes, self._total = self._sums, {}, {}, 0
+        for name, weights in (global_model or {}).items():
+            sums = old.get(name)
+            if sums is not None and sums.shape == weights.shape:
+                sums.fill(0.0)
+                self._sums[name] = sums
 
     def add_update(self, update: Update) -> None:
         n = update.n_samples
         if n <= 0:
             return
         for name, w in update.weights.items():
-            total = self._sums.get(name)
-            if total is None:
+            sums = self._sums.get(name)
+            if sums is None:
                 # An array even for a 0-d tensor (where arithmetic gives scalars), so that the
                 # sums below are in place.
-                total = self._sums[name] = np.zeros(w.shape, np.float64)
-                self._dtypes[name] = w.dtype
-            total += np.multiply(w, n, dtype=np.float64)
+                sums = self._sums[name] = np.zeros(w.shape, np.float64)
+            self._dtypes[name] = w.dtype
+            # `sums += n * w` block by block, through a small float64 scratch: one pass over
+            # the sums and no model-sized temporary.
+            flat_w, flat_sums = w.reshape(-1), sums.reshape(-1)
+            for start in range(0, flat_w.size, BLOCK):
+                block = slice(start, start + BLOCK)
+                product = self._scratch[: len(flat_w[block])]
+                np.multiply(flat_w[block], n, out=product, dtype=np.float64)
+                np.add(flat_sums[block], product, out=flat_sums[block])
         self._total += n
 
     def average(self) -> dict[str, np.ndarray]:
@@ -45,7 +64,16 @@ class WeightedAverage(Aggregator):
         return {name: np.divide(s, self._total, out=s) for name, s in self._sums.items()}
 
     def finish_round(self) -> Weights:
-        average = self.average()
-        model = {name: as_dtype(a, self._dtypes[name]) for name, a in average.items()}
-        self._sums = {}
+        """The average, in the model's dtypes. The arrays are this object's and are reused by
+        the next round (the aggregator copies them at once): copy what you keep."""
+        if self._total == 0:
+            raise ValueError("no update with a positive sample count was added")
+        model = {}
+        for name, sums in self._sums.items():
+            out = self._model.get(name)
+            if out is None or out.shape != sums.shape or out.dtype != self._dtypes[name]:
+                out = self._model[name] = np.empty(sums.shape, self._dtypes[name])
+            # Divided and cast in one pass, into memory already mapped.
+            np.divide(sums, self._total, out=out, casting="same_kind")
+            model[name] = out
         return model

@@ -239,6 +239,7 @@ impl Strategy for PythonStrategy {
             spec: start.spec,
             prefix: start.prefix,
             previous: start.previous,
+            spare: start.spare,
             started: AtomicBool::new(false),
             failure: Arc::default(),
             updates: AtomicUsize::new(0),
@@ -270,6 +271,8 @@ pub struct PythonRound {
     spec: ModelSpec,
     prefix: usize,
     previous: Option<Bytes>,
+    /// Memory of an earlier model, for the next one's file.
+    spare: Option<Vec<u64>>,
     started: AtomicBool,
     /// Shared with the round's calls, which skip Python once the round has failed.
     failure: Arc<Mutex<Option<String>>>,
@@ -315,7 +318,16 @@ impl PythonRound {
         f: impl for<'py> FnOnce(Python<'py>) -> Result<T, String> + Send + 'static,
     ) -> Result<T, String> {
         let rule = &self.rule;
-        rule.worker.call(rule.timeout, f).map_err(|e| {
+        let started = std::time::Instant::now();
+        let result = rule.worker.call(rule.timeout, f);
+        tracing::debug!(
+            round = self.round,
+            method,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            ok = result.is_ok(),
+            "Python call"
+        );
+        result.map_err(|e| {
             let why = match e {
                 CallError::Failed(why) => why,
                 CallError::TimedOut { interrupted } => format!(
@@ -434,13 +446,14 @@ impl RoundAggregation for PythonRound {
         self.updates.load(Ordering::Relaxed)
     }
 
-    fn finalize(self: Box<Self>, _previous: Option<&[u8]>) -> Result<Finalized, String> {
+    fn finalize(mut self: Box<Self>, _previous: Option<&[u8]>) -> Result<Finalized, String> {
         if let Some(reason) = self.failure.lock().clone() {
             return Err(reason);
         }
         self.ensure_started()?;
         let rule = self.rule.clone();
-        let (key, spec, prefix) = (self.key, self.spec.clone(), self.prefix);
+        let (key, spec, prefix, spare) =
+            (self.key, self.spec.clone(), self.prefix, self.spare.take());
         let model: ModelBuffer = self
             .call("finish_round", move |py| {
                 if let Some(reason) = not_in_round(&rule, key) {
@@ -449,11 +462,21 @@ impl RoundAggregation for PythonRound {
                 let (instance, _) = rule.objects(py)?;
                 // The round is over for the instance, whatever comes of it.
                 *rule.active.lock() = None;
+                let started = std::time::Instant::now();
                 let result = instance
                     .call_method0(py, "finish_round")
                     .map_err(|e| raised(py, "finish_round", e))?;
-                convert::model_from_result(py, result.bind(py), &spec, prefix)
-                    .map_err(|e| format!("finish_round {e}"))
+                let called = started.elapsed();
+                let reused = spare.is_some();
+                let model = convert::model_from_result(py, result.bind(py), &spec, prefix, spare)
+                    .map_err(|e| format!("finish_round {e}"));
+                tracing::debug!(
+                    python_ms = called.as_secs_f64() * 1e3,
+                    check_and_copy_ms = (started.elapsed() - called).as_secs_f64() * 1e3,
+                    reused,
+                    "finish_round"
+                );
+                model
             })
             .inspect_err(|reason| self.fail(reason.clone()))?;
         Ok(Finalized {
