@@ -356,8 +356,11 @@ impl PythonRound {
             self.spec.clone(),
             self.previous.clone(),
         );
+        let failure = self.failure.clone();
         self.call("start_round", move |py| {
-            if *rule.active.lock() == Some(key) {
+            // Started by an earlier update's call, or failed (then never started again: the
+            // round's verdict is in).
+            if *rule.active.lock() == Some(key) || failure.lock().is_some() {
                 return Ok(());
             }
             let (instance, _) = rule.objects(py)?;

@@ -133,7 +133,10 @@ impl Worker {
 
     /// Runs `f` on the Python thread without waiting for it (e.g. to drop Python objects there).
     pub(super) fn spawn(&'static self, f: impl for<'py> FnOnce(Python<'py>) + Send + 'static) {
-        self.push(Box::new(f));
+        self.push(Box::new(move |py| {
+            // A panic must not end the thread every later call needs.
+            let _ = catch_unwind(AssertUnwindSafe(|| f(py)));
+        }));
     }
 
     /// Runs `f` on the Python thread and waits for its result, at most `timeout` once it has
@@ -164,6 +167,9 @@ impl Worker {
 
     fn wait<T>(&self, call: &Call<T>, timeout: Duration) -> Result<T, CallError> {
         let mut state = call.state.lock();
+        // Since when the thread has been seen between calls while this one was still queued
+        // (normally a moment: it is about to start).
+        let mut idle_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
             match &*state {
@@ -187,16 +193,23 @@ impl Worker {
                 }
                 CallState::Queued => {
                     let busy = self.running.lock().current;
+                    let idle = *idle_since.get_or_insert(now);
                     match busy {
                         Some((_, since)) if now >= since + timeout + STUCK_GRACE => {
                             *state = CallState::Abandoned;
                             return Err(CallError::Stuck);
                         }
                         Some((_, since)) => {
+                            idle_since = None;
                             call.changed
                                 .wait_until(&mut state, since + timeout + STUCK_GRACE);
                         }
-                        // Between two calls: ours is about to start.
+                        // Between two calls for longer than any call may take: the thread
+                        // is not taking calls any more.
+                        None if now >= idle + timeout + STUCK_GRACE => {
+                            *state = CallState::Abandoned;
+                            return Err(CallError::Stuck);
+                        }
                         None => {
                             call.changed.wait_for(&mut state, Duration::from_millis(10));
                         }
