@@ -106,14 +106,13 @@ def upload(ticket: dict, weights: dict, n: int, stamp: dict) -> None:
     response.raise_for_status()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-size", default="100MB", type=parse_size)
-    parser.add_argument("--rounds", default=5, type=int)
-    parser.add_argument("--mode", default="blocked", choices=["blocked", "locked", "hogwild"])
-    parser.add_argument("--show-log", action="store_true", help="print the aggregator's log")
-    args = parser.parse_args()
-    n = args.model_size // 4
+def measure(
+    model_size: int, rounds: int, aggregator_env: dict[str, str], show_log: bool = False
+) -> tuple[list[float], float]:
+    """Runs `rounds` rounds on a model of `model_size` bytes with the aggregator configured by
+    `aggregator_env` (RONDO__... overrides); returns each round's close latency in ms and the
+    aggregator's peak RSS in MB."""
+    n = model_size // 4
     zeros = {"dense/kernel": np.zeros(n - 16, np.float32), "dense/bias": np.zeros(16, np.float32)}
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -124,10 +123,7 @@ def main() -> int:
             aggregator, agg = start(
                 "aggregator",
                 tmp,
-                {
-                    "RONDO__MODEL__INITIAL_MODEL": str(tmp / "initial.safetensors"),
-                    "RONDO__AGGREGATION__MODE": args.mode,
-                },
+                {"RONDO__MODEL__INITIAL_MODEL": str(tmp / "initial.safetensors"), **aggregator_env},
             )
             processes.append(aggregator)
             coordinator, coord = start(
@@ -135,7 +131,7 @@ def main() -> int:
                 tmp,
                 {
                     "RONDO__AGGREGATOR__RPC_ADDRESS": agg["rpc"],
-                    "RONDO__FEDERATION__ROUNDS": str(args.rounds),
+                    "RONDO__FEDERATION__ROUNDS": str(rounds),
                     "RONDO__FEDERATION__HEARTBEAT_TIMEOUT_SECS": "600",
                 },
             )
@@ -146,7 +142,7 @@ def main() -> int:
             updates = {k: v + np.float32(1) for k, v in zeros.items()}
             latencies = []
             poll = requests.Session()
-            for round_ in range(1, args.rounds + 1):
+            for round_ in range(1, rounds + 1):
                 tickets = [p.wait_for_round(round_) for p in (a, b)]
                 upload(tickets[0], updates, 1, {})
                 stamp: dict[str, float] = {}
@@ -168,18 +164,32 @@ def main() -> int:
                 print(f"round {round_}: last byte -> new model downloadable: {latency:.1f} ms")
             status = Path(f"/proc/{aggregator.pid}/status").read_text()
             peak = next(line for line in status.splitlines() if line.startswith("VmHWM"))
-            print(f"aggregator peak memory: {int(peak.split()[1]) / 1024:.0f} MB")
-            print(
-                f"model {args.model_size / 1e6:.0f} MB, mode {args.mode}: median "
-                f"{statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms "
-                f"over {len(latencies)} rounds"
-            )
+            peak_mb = int(peak.split()[1]) / 1024
         finally:
             for process in processes:
                 process.terminate()
                 process.wait(timeout=10)
-            if args.show_log:
+            if show_log:
                 print((tmp / "aggregator.log").read_text())
+    return latencies, peak_mb
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-size", default="100MB", type=parse_size)
+    parser.add_argument("--rounds", default=5, type=int)
+    parser.add_argument("--mode", default="blocked", choices=["blocked", "locked", "hogwild"])
+    parser.add_argument("--show-log", action="store_true", help="print the aggregator's log")
+    args = parser.parse_args()
+    latencies, peak_mb = measure(
+        args.model_size, args.rounds, {"RONDO__AGGREGATION__MODE": args.mode}, args.show_log
+    )
+    print(f"aggregator peak memory: {peak_mb:.0f} MB")
+    print(
+        f"model {args.model_size / 1e6:.0f} MB, mode {args.mode}: median "
+        f"{statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms "
+        f"over {len(latencies)} rounds"
+    )
     return 0
 
 

@@ -118,6 +118,18 @@ impl ModelBuffer {
         Self { words, len, prefix }
     }
 
+    /// A buffer for a model of `data_len` bytes that the caller fills in whole (data and
+    /// header), in `spare` (the memory of an earlier model, see [`ModelBuffer::into_words`],
+    /// already mapped) when it has exactly the right size, else in a fresh [`ModelBuffer::new`].
+    /// Its bytes are whatever `spare` held: nothing is zeroed.
+    pub fn reusing(prefix: usize, data_len: usize, spare: Option<Vec<u64>>) -> Self {
+        let len = prefix + data_len;
+        match spare {
+            Some(words) if words.len() == len.div_ceil(8) => Self { words, len, prefix },
+            _ => Self::new(prefix, data_len),
+        }
+    }
+
     /// A zeroed buffer whose pages are already mapped.
     pub fn zeroed(prefix: usize, data_len: usize) -> Self {
         let len = prefix + data_len;
@@ -586,6 +598,19 @@ mod tests {
             .add(update(&spec, DType::F32, &[1.0, 1.0, 1.0], 1.0))
             .expect("fits");
         assert_eq!(finalize(other), vec![1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_buffer_reuses_spare_memory_of_exactly_its_size() {
+        let spare = ModelBuffer::zeroed(16, 100).into_words();
+        let address = spare.as_ptr();
+        let reused = ModelBuffer::reusing(16, 100, Some(spare));
+        assert_eq!(reused.as_ref().as_ptr(), address.cast());
+        assert_eq!((reused.as_ref().len(), reused.data().len()), (116, 100));
+        let other = ModelBuffer::zeroed(16, 200).into_words();
+        let fresh = ModelBuffer::reusing(16, 100, Some(other));
+        assert_eq!(fresh.data().len(), 100);
+        assert_eq!(ModelBuffer::reusing(8, 3, None).as_ref().len(), 11);
     }
 
     #[test]

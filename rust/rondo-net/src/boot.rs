@@ -483,7 +483,8 @@ struct Cli {
 
 /// The whole `main` of a Rondo binary: parse `-c FILE`, load and validate the config over
 /// `defaults`, run. Errors end the process with a one-line message, never a panic: exit code 2
-/// for a config that cannot be used (the message names the key), 1 for a failure while running.
+/// for a config that cannot be used (the message names the key; also when `run` finds it so and
+/// returns a [`crate::settings::ConfigError`]), 1 for a failure while running.
 pub async fn main<S, F, Fut>(
     name: &'static str,
     about: &'static str,
@@ -515,6 +516,12 @@ where
     };
     match run(settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Found unusable only once running started (e.g. a plug-in the config names that
+        // cannot be loaded): still the config's fault.
+        Err(err) if err.downcast_ref::<crate::settings::ConfigError>().is_some() => {
+            eprintln!("{name}: {err:#}");
+            std::process::ExitCode::from(2)
+        }
         Err(err) => {
             eprintln!("{name}: {err:#}");
             std::process::ExitCode::FAILURE
