@@ -572,6 +572,13 @@ def test_the_rendered_config_is_accepted_by_the_binary(rendered, service, tmp_pa
     addresses = tmp_path / "addresses.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RONDO__")}
     env.update(objects.env(service))
+    # The Secret's files (the join secret, the link key) as the pod would have them mounted.
+    for key, value in list(env.items()):
+        if value.startswith("/etc/rondo/secrets/"):
+            secret = tmp_path / "secrets" / Path(value).name
+            secret.parent.mkdir(exist_ok=True)
+            secret.write_text("a-placeholder-secret-of-32-bytes")
+            env[key] = str(secret)
     env.update(
         {
             "RONDO__API__HOST": "127.0.0.1",
