@@ -10,7 +10,7 @@ the new model being downloadable: for the Python path that is its `add_update` o
 into the model file. Prints a markdown table.
 
     scripts/setup --release
-    .venv/bin/python bench/python_vs_native.py --model-size 100MB --rounds 5
+    .venv/bin/python bench/python_vs_native.py --model-size 100MB --rounds 5 --repeat 3
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-size", default="100MB", type=parse_size)
     parser.add_argument("--rounds", default=5, type=int)
+    parser.add_argument(
+        "--repeat",
+        default=3,
+        type=int,
+        help="runs of each, alternating (the machine's load drifts: medians over all rounds)",
+    )
     args = parser.parse_args()
     runs = {
         "native `fedavg`": {"RONDO__AGGREGATION__STRATEGY": "fedavg"},
@@ -38,13 +44,18 @@ def main() -> int:
             "RONDO__AGGREGATION__PYTHON__VENV": sys.prefix,
         },
     }
-    results = {}
-    for name, env in runs.items():
-        print(f"--- {name}")
-        results[name] = measure(args.model_size, args.rounds, env)
+    results: dict[str, tuple[list[float], float]] = {name: ([], 0.0) for name in runs}
+    for repeat in range(args.repeat):
+        for name, env in runs.items():
+            print(f"--- {name}, run {repeat + 1} of {args.repeat}")
+            latencies, peak_mb = measure(args.model_size, args.rounds, env)
+            results[name] = (results[name][0] + latencies, max(results[name][1], peak_mb))
     native = statistics.median(results["native `fedavg`"][0])
     command = " ".join(["bench/python_vs_native.py", *sys.argv[1:]])
-    print(f"\n`{command}` (model {args.model_size / 1e6:.0f} MB float32, 2 participants)\n")
+    print(
+        f"\n`{command}` (model {args.model_size / 1e6:.0f} MB float32, 2 participants, "
+        f"{args.repeat} × {args.rounds} rounds each, alternating)\n"
+    )
     print("| aggregation | close, median of rounds (ms) | max (ms) | vs native | peak RSS (MB) |")
     print("|---|---:|---:|---:|---:|")
     for name, (latencies, peak_mb) in results.items():

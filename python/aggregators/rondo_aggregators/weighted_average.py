@@ -12,8 +12,9 @@ BLOCK = 1 << 16
 
 class WeightedAverage(Aggregator):
     """The sample-weighted average of the round's updates, summed in float64 as each update
-    arrives (memory: one float64 copy of the model, however many updates), then cast back to
-    the model's dtypes."""
+    arrives, then cast back to the model's dtypes. Memory: a float64 copy of the model and one
+    in its dtypes, however many updates, kept from round to round (reusing memory already
+    mapped is much cheaper than mapping fresh memory in, on the path of every round's close)."""
 
     holds_updates = False
 
@@ -26,8 +27,7 @@ class WeightedAverage(Aggregator):
         self._model: dict[str, np.ndarray] = {}
 
     def start_round(self, round: int, global_model: Weights | None) -> None:
-        # The sums' memory is kept from round to round (zeroing mapped memory is much cheaper
-        # than mapping fresh memory in); tensors the model no longer has are dropped.
+        # Tensors the model no longer has (or whose shape changed) are dropped.
         old, self._sums, self._dtypes, self._total = self._sums, {}, {}, 0
         for name, weights in (global_model or {}).items():
             sums = old.get(name)
