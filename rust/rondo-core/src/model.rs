@@ -129,21 +129,27 @@ impl ModelSpec {
     }
 }
 
+/// A spec from `(name, dtype, shape)` triples, for the crate's tests.
+#[cfg(test)]
+pub(crate) fn spec_of(tensors: &[(&str, DType, &[usize])]) -> ModelSpec {
+    ModelSpec {
+        tensors: tensors
+            .iter()
+            .map(|(name, dtype, shape)| TensorSpec {
+                name: name.to_string(),
+                dtype: *dtype,
+                shape: shape.to_vec(),
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn spec(tensors: &[(&str, DType, &[usize])]) -> ModelSpec {
-        ModelSpec {
-            tensors: tensors
-                .iter()
-                .map(|(name, dtype, shape)| TensorSpec {
-                    name: name.to_string(),
-                    dtype: *dtype,
-                    shape: shape.to_vec(),
-                })
-                .collect(),
-        }
+        spec_of(tensors)
     }
 
     #[test]

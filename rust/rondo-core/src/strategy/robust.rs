@@ -1105,16 +1105,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn spec(tensors: &[(&str, DType, &[usize])]) -> ModelSpec {
-        ModelSpec {
-            tensors: tensors
-                .iter()
-                .map(|(name, dtype, shape)| TensorSpec {
-                    name: name.to_string(),
-                    dtype: *dtype,
-                    shape: shape.to_vec(),
-                })
-                .collect(),
-        }
+        crate::model::spec_of(tensors)
     }
 
     /// One model per dtype, a mixed one and a single value. Blocks are 4096 coordinates for
