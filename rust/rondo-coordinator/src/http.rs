@@ -305,15 +305,17 @@ async fn evaluation(
             }
             EvaluationError::Invalid(message) => ApiError::bad_request("invalid_body", message),
         })?;
+    // Under the lock: two reports set the gauges in the order their summaries were made,
+    // so the gauge ends on the summary of every report, not on whichever thread ran last.
+    coordinator
+        .metrics
+        .observe_evaluation(request.round, &summary);
     let finished = federation.phase_name() == PhaseName::Finished;
     drop(federation);
     if finished {
         // Its held heartbeat should hear "finish" now, not when the hold runs out.
         coordinator.changed();
     }
-    coordinator
-        .metrics
-        .observe_evaluation(request.round, &summary);
     tracing::info!(
         participant = %id,
         round = request.round,
