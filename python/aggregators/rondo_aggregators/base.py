@@ -59,6 +59,14 @@ class Aggregator:
     update at the end). ``False`` promises it does not (it folds each update into state of its
     own), which lets the aggregator reuse the update's buffer for the next upload at once."""
 
+    next_model: Weights | None = None
+    """Set by the aggregator for the length of :meth:`finish_round` (else ``None``): writable
+    arrays over the next model's file, one per tensor in the model's dtype and shape, zeroed or
+    not. A rule may write its result into them and return them: the aggregator then publishes
+    them as they are, sparing a model-sized copy. Returning other arrays is as good, only
+    slower. Keep no reference to them past the call (if you do, the aggregator copies the
+    model out, and what you write there later goes nowhere)."""
+
     def __init__(self, **options: float) -> None:
         """Takes the rule's options (``[aggregation.options]``, every one a float). The base
         class knows none: a subclass declares its own as keyword arguments, so that an unknown

@@ -56,13 +56,14 @@ class WeightedAverage(Aggregator):
         return {name: np.divide(s, self._total, out=s) for name, s in self._sums.items()}
 
     def finish_round(self) -> Weights:
-        """The average, in the model's dtypes. The arrays are this object's and are reused by
-        the next round (the aggregator copies them at once): copy what you keep."""
+        """The average, in the model's dtypes, written into :attr:`next_model` when the
+        aggregator offers it (no copy), else into arrays of this object's that the next round
+        reuses: copy what you keep."""
         if self._total == 0:
             raise ValueError("no update with a positive sample count was added")
         model = {}
         for name, sums in self._sums.items():
-            out = self._model.get(name)
+            out = (self.next_model or self._model).get(name)
             if out is None or out.shape != sums.shape or out.dtype != self._dtypes[name]:
                 out = self._model[name] = np.empty(sums.shape, self._dtypes[name])
             divide = partial(divide_into, out.reshape(-1), sums.reshape(-1), self._total)
