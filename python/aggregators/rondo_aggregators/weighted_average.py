@@ -11,9 +11,10 @@ from .base import BLOCK, Aggregator, Update, Weights, over_cores
 
 class WeightedAverage(Aggregator):
     """The sample-weighted average of the round's updates, summed in float64 as each update
-    arrives, then cast back to the model's dtypes. Memory: a float64 copy of the model and one
-    in its dtypes, however many updates, kept from round to round (reusing memory already
-    mapped is much cheaper than mapping fresh memory in, on the path of every round's close).
+    arrives, then cast back to the model's dtypes. Memory: a float64 copy of the model (and,
+    when the aggregator offers no :attr:`next_model`, one in its dtypes), however many updates,
+    kept from round to round (reusing memory already mapped is much cheaper than mapping fresh
+    memory in, on the path of every round's close).
     Large tensors are summed in parts on every core (:func:`.base.over_cores`)."""
 
     holds_updates = False

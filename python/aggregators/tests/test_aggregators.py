@@ -81,6 +81,25 @@ def test_weighted_average_of_tensors_larger_than_a_block_is_exact_too():
     np.testing.assert_array_equal(model["big"], want.astype(np.float32))
 
 
+def test_weighted_average_writes_into_next_model_when_offered():
+    rng = np.random.default_rng(9)
+    updates = random_updates(rng, 3)
+    rule = WeightedAverage()
+    rule.start_round(1, None)
+    for update in updates:
+        rule.add_update(update)
+    # What the aggregator does around finish_round.
+    rule.next_model = {k: np.empty(s, np.float32) for k, s in SHAPES.items()}
+    model = rule.finish_round()
+    assert all(model[k] is rule.next_model[k] for k in SHAPES)
+    total = sum(u.n_samples for u in updates)
+    want = {
+        k: sum(u.n_samples * u.weights[k].astype(np.float64) for u in updates) / total
+        for k in SHAPES
+    }
+    assert_close(model, want)
+
+
 def test_weighted_average_keeps_16_bit_dtypes_and_refuses_an_empty_round():
     rng = np.random.default_rng(2)
     model = run_round(WeightedAverage(), random_updates(rng, 3, np.float16))
