@@ -107,11 +107,16 @@ def upload(ticket: dict, weights: dict, n: int, stamp: dict) -> None:
 
 
 def measure(
-    model_size: int, rounds: int, aggregator_env: dict[str, str], show_log: bool = False
+    model_size: int,
+    rounds: int,
+    aggregator_env: dict[str, str],
+    show_log: bool = False,
+    poll_interval: float = 0.0,
 ) -> tuple[list[float], float]:
     """Runs `rounds` rounds on a model of `model_size` bytes with the aggregator configured by
     `aggregator_env` (RONDO__... overrides); returns each round's close latency in ms and the
-    aggregator's peak RSS in MB."""
+    aggregator's peak RSS in MB. The status is polled every `poll_interval` seconds (0: in a
+    tight loop, which keeps a core busy between the poller and the aggregator's answers)."""
     n = model_size // 4
     zeros = {"dense/kernel": np.zeros(n - 16, np.float32), "dense/bias": np.zeros(16, np.float32)}
 
@@ -154,6 +159,8 @@ def measure(
                         if model and model["round"] == round_:
                             seen["ready"] = time.perf_counter()
                             return
+                        if poll_interval:
+                            time.sleep(poll_interval)
 
                 watcher = threading.Thread(target=watch)
                 watcher.start()

@@ -7,7 +7,8 @@ once with `strategy = "python"` and `rondo_aggregators.weighted_average.Weighted
 (from this venv). The close latency is the time from the last byte of a round's last upload to
 the new model being downloadable: for the Python path that is its `add_update` of that upload
 (float64 sums in numpy), `finish_round` (divide, cast) and the check and copy of the result
-into the model file. Prints a markdown table.
+into the model file. The status is polled every --poll-ms (1 ms): close_latency.py's tight
+loop would keep one of a small machine's cores from the aggregator. Prints a markdown table.
 
     scripts/setup --release
     .venv/bin/python bench/python_vs_native.py --model-size 100MB --rounds 5 --repeat 3
@@ -34,6 +35,13 @@ def main() -> int:
         type=int,
         help="runs of each, alternating (the machine's load drifts: medians over all rounds)",
     )
+    parser.add_argument(
+        "--poll-ms",
+        default=1.0,
+        type=float,
+        help="how often the new model is looked for (0: a tight loop, which takes a core from "
+        "the aggregator on a small machine; 1 ms costs at most that much resolution)",
+    )
     args = parser.parse_args()
     runs = {
         "native `fedavg`": {"RONDO__AGGREGATION__STRATEGY": "fedavg"},
@@ -48,7 +56,9 @@ def main() -> int:
     for repeat in range(args.repeat):
         for name, env in runs.items():
             print(f"--- {name}, run {repeat + 1} of {args.repeat}")
-            latencies, peak_mb = measure(args.model_size, args.rounds, env)
+            latencies, peak_mb = measure(
+                args.model_size, args.rounds, env, poll_interval=args.poll_ms / 1e3
+            )
             results[name] = (results[name][0] + latencies, max(results[name][1], peak_mb))
     native = statistics.median(results["native `fedavg`"][0])
     command = " ".join(["bench/python_vs_native.py", *sys.argv[1:]])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +59,14 @@ class Aggregator:
     update at the end). ``False`` promises it does not (it folds each update into state of its
     own), which lets the aggregator reuse the update's buffer for the next upload at once."""
 
+    next_model: Weights | None = None
+    """Set by the aggregator for the length of :meth:`finish_round` (else ``None``): writable
+    arrays over the next model's file, one per tensor in the model's dtype and shape, zeroed or
+    not. A rule may write its result into them and return them: the aggregator then publishes
+    them as they are, sparing a model-sized copy. Returning other arrays is as good, only
+    slower. Keep no reference to them past the call (if you do, the aggregator copies the
+    model out, and what you write there later goes nowhere)."""
+
     def __init__(self, **options: float) -> None:
         """Takes the rule's options (``[aggregation.options]``, every one a float). The base
         class knows none: a subclass declares its own as keyword arguments, so that an unknown
@@ -94,3 +104,31 @@ def as_dtype(value: np.ndarray | np.generic, dtype: np.dtype) -> np.ndarray:
     """``value`` as an array of ``dtype``: numpy reductions over a 0-d tensor give scalars,
     and the aggregator wants arrays back."""
     return np.asarray(value).astype(dtype)
+
+
+BLOCK = 1 << 16
+"""Elements a pass over a tensor works on at a time (512 KiB of float64: stays in cache)."""
+
+_CORES = os.cpu_count() or 1
+_pool: ThreadPoolExecutor | None = None
+
+
+def over_cores(size: int, work: Callable[[int, int], None]) -> None:
+    """Runs ``work(start, stop)`` over ``range(size)`` cut into one contiguous part per core,
+    in threads. numpy releases the GIL inside its loops, so a memory-bound pass (a weighted
+    sum, a division) runs on every core; ``work`` must touch only its own part."""
+    global _pool
+    parts = min(_CORES, max(1, size // BLOCK))
+    if parts == 1:
+        work(0, size)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(_CORES, thread_name_prefix="rondo-aggregators")
+    bounds = [size * i // parts for i in range(parts + 1)]
+    futures = [_pool.submit(work, lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    try:
+        for future in futures:
+            future.result()
+    finally:
+        # Even when interrupted (a call past its timeout), no part is left running.
+        wait(futures)

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
-from .base import Aggregator, Update, Weights
-
-BLOCK = 1 << 16
-"""Elements weighted at a time (512 KiB of float64: stays in cache)."""
+from .base import BLOCK, Aggregator, Update, Weights, over_cores
 
 
 class WeightedAverage(Aggregator):
     """The sample-weighted average of the round's updates, summed in float64 as each update
-    arrives, then cast back to the model's dtypes. Memory: a float64 copy of the model and one
-    in its dtypes, however many updates, kept from round to round (reusing memory already
-    mapped is much cheaper than mapping fresh memory in, on the path of every round's close)."""
+    arrives, then cast back to the model's dtypes. Memory: a float64 copy of the model (and,
+    when the aggregator offers no :attr:`next_model`, one in its dtypes), however many updates,
+    kept from round to round (reusing memory already mapped is much cheaper than mapping fresh
+    memory in, on the path of every round's close).
+    Large tensors are summed in parts on every core (:func:`.base.over_cores`)."""
 
     holds_updates = False
 
@@ -23,7 +24,6 @@ class WeightedAverage(Aggregator):
         self._sums: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] = {}
         self._total = 0
-        self._scratch = np.empty(BLOCK, np.float64)
         self._model: dict[str, np.ndarray] = {}
 
     def start_round(self, round: int, global_model: Weights | None) -> None:
@@ -46,14 +46,7 @@ class WeightedAverage(Aggregator):
                 # sums below are in place.
                 sums = self._sums[name] = np.zeros(w.shape, np.float64)
             self._dtypes[name] = w.dtype
-            # `sums += n * w` block by block, through a small float64 scratch: one pass over
-            # the sums and no model-sized temporary.
-            flat_w, flat_sums = w.reshape(-1), sums.reshape(-1)
-            for start in range(0, flat_w.size, BLOCK):
-                block = slice(start, start + BLOCK)
-                product = self._scratch[: len(flat_w[block])]
-                np.multiply(flat_w[block], n, out=product, dtype=np.float64)
-                np.add(flat_sums[block], product, out=flat_sums[block])
+            over_cores(w.size, partial(add_weighted, sums.reshape(-1), w.reshape(-1), n))
         self._total += n
 
     def average(self) -> dict[str, np.ndarray]:
@@ -64,16 +57,34 @@ class WeightedAverage(Aggregator):
         return {name: np.divide(s, self._total, out=s) for name, s in self._sums.items()}
 
     def finish_round(self) -> Weights:
-        """The average, in the model's dtypes. The arrays are this object's and are reused by
-        the next round (the aggregator copies them at once): copy what you keep."""
+        """The average, in the model's dtypes, written into :attr:`next_model` when the
+        aggregator offers it (no copy), else into arrays of this object's that the next round
+        reuses: copy what you keep."""
         if self._total == 0:
             raise ValueError("no update with a positive sample count was added")
         model = {}
         for name, sums in self._sums.items():
-            out = self._model.get(name)
+            out = (self.next_model or self._model).get(name)
             if out is None or out.shape != sums.shape or out.dtype != self._dtypes[name]:
                 out = self._model[name] = np.empty(sums.shape, self._dtypes[name])
-            # Divided and cast in one pass, into memory already mapped.
-            np.divide(sums, self._total, out=out, casting="same_kind")
+            divide = partial(divide_into, out.reshape(-1), sums.reshape(-1), self._total)
+            over_cores(sums.size, divide)
             model[name] = out
         return model
+
+
+def add_weighted(sums: np.ndarray, w: np.ndarray, n: int, start: int, stop: int) -> None:
+    """``sums[start:stop] += n * w[start:stop]`` in float64, block by block through a small
+    scratch: one pass over the sums and no model-sized temporary."""
+    scratch = np.empty(min(BLOCK, stop - start), np.float64)
+    for lo in range(start, stop, BLOCK):
+        block = slice(lo, min(lo + BLOCK, stop))
+        product = scratch[: block.stop - block.start]
+        np.multiply(w[block], n, out=product, dtype=np.float64)
+        np.add(sums[block], product, out=sums[block])
+
+
+def divide_into(out: np.ndarray, sums: np.ndarray, total: int, start: int, stop: int) -> None:
+    """``out[start:stop] = sums[start:stop] / total``, divided and cast in one pass."""
+    part = slice(start, stop)
+    np.divide(sums[part], total, out=out[part], casting="same_kind")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rondo_aggregators import Aggregator, Update
+from rondo_aggregators.base import BLOCK
 from rondo_aggregators.fedadam import FedAdam
 from rondo_aggregators.krum import Krum
 from rondo_aggregators.median import Median
@@ -64,6 +65,39 @@ def test_weighted_average_is_the_sample_weighted_mean_in_the_models_dtype():
         }
         assert_close(model, want)
         assert all(model[k].dtype == np.float32 and model[k].shape == s for k, s in SHAPES.items())
+
+
+def test_weighted_average_of_tensors_larger_than_a_block_is_exact_too():
+    # Large tensors are summed block by block, in parts on several threads.
+    rng = np.random.default_rng(8)
+    size = 5 * BLOCK + 123
+    updates = [
+        Update(f"p{i}", read_only({"big": rng.normal(size=size).astype(np.float32)}), i + 1, {})
+        for i in range(3)
+    ]
+    model = run_round(WeightedAverage(), updates)
+    total = sum(u.n_samples for u in updates)
+    want = sum(u.n_samples * u.weights["big"].astype(np.float64) for u in updates) / total
+    np.testing.assert_array_equal(model["big"], want.astype(np.float32))
+
+
+def test_weighted_average_writes_into_next_model_when_offered():
+    rng = np.random.default_rng(9)
+    updates = random_updates(rng, 3)
+    rule = WeightedAverage()
+    rule.start_round(1, None)
+    for update in updates:
+        rule.add_update(update)
+    # What the aggregator does around finish_round.
+    rule.next_model = {k: np.empty(s, np.float32) for k, s in SHAPES.items()}
+    model = rule.finish_round()
+    assert all(model[k] is rule.next_model[k] for k in SHAPES)
+    total = sum(u.n_samples for u in updates)
+    want = {
+        k: sum(u.n_samples * u.weights[k].astype(np.float64) for u in updates) / total
+        for k in SHAPES
+    }
+    assert_close(model, want)
 
 
 def test_weighted_average_keeps_16_bit_dtypes_and_refuses_an_empty_round():

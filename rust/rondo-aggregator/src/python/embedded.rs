@@ -466,17 +466,24 @@ impl RoundAggregation for PythonRound {
                 // The round is over for the instance, whatever comes of it.
                 *rule.active.lock() = None;
                 let started = std::time::Instant::now();
-                let result = instance
-                    .call_method0(py, "finish_round")
-                    .map_err(|e| raised(py, "finish_round", e))?;
+                let buffer = ModelBuffer::reusing(prefix, spec.byte_len(), spare);
+                let (next, next_views) = convert::next_model(py, &spec, buffer)?;
+                let instance = instance.bind(py);
+                // A rule may write its result into these and return them, sparing a copy; a
+                // class that refuses the attribute (__slots__) just does not see them.
+                let offered = instance.setattr("next_model", &next_views).is_ok();
+                drop(next_views);
+                let result = instance.call_method0("finish_round");
+                if offered {
+                    let _ = instance.setattr("next_model", py.None());
+                }
+                let result = result.map_err(|e| raised(py, "finish_round", e))?;
                 let called = started.elapsed();
-                let reused = spare.is_some();
-                let model = convert::model_from_result(py, result.bind(py), &spec, prefix, spare)
+                let model = convert::model_from_result(py, result, &spec, next)
                     .map_err(|e| format!("finish_round {e}"));
                 tracing::debug!(
                     python_ms = called.as_secs_f64() * 1e3,
                     check_and_copy_ms = (started.elapsed() - called).as_secs_f64() * 1e3,
-                    reused,
                     "finish_round"
                 );
                 model

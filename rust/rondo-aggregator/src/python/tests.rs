@@ -120,6 +120,37 @@ class Flaky(WeightedAverage):
         return super().finish_round()
 
 
+class Writer(Aggregator):
+    """Writes its model (how = "same": the global model plus one; "swap": the two tensors of a
+    two-tensor model exchanged) into `next_model`, and may keep it."""
+
+    holds_updates = False
+
+    def __init__(self, how=0.0, keep=0.0):
+        super().__init__()
+        self.how, self.keep = int(how), bool(keep)
+
+    def start_round(self, round, global_model):
+        self.model = {name: np.array(w) for name, w in global_model.items()}
+
+    def add_update(self, update):
+        pass
+
+    def finish_round(self):
+        out = self.next_model
+        SEEN.append({name: a.__array_interface__["data"][0] for name, a in out.items()})
+        if self.keep:
+            self.kept = out
+        if self.how == 1:
+            a, b = sorted(out)
+            out[b][...] = self.model[a]
+            out[a][...] = self.model[b]
+            return {a: out[b], b: out[a]}
+        for name, w in self.model.items():
+            out[name][...] = w + 1
+        return out
+
+
 FAILING = False
 STUCK_SECS = 0.0
 "#;
@@ -587,4 +618,77 @@ fn a_rule_that_cannot_be_loaded_is_a_config_error() {
             format!("invalid config: aggregation.python ({module}.{class}): {want}")
         );
     }
+}
+
+#[test]
+fn a_model_written_into_next_model_is_published_without_a_copy_unless_the_rule_keeps_it() {
+    let _one = ONE_AT_A_TIME.lock();
+    let spec = mixed_spec();
+    let global = model_bytes(&spec, |t, i| (t * 10 + i) as f64);
+    let plus_one = model_bytes(&spec, |t, i| (t * 10 + i) as f64 + 1.0);
+    for keep in [0.0, 1.0] {
+        let strategy = rule(
+            "rondo_test_probes",
+            "Writer",
+            &[("keep", keep)],
+            Duration::from_secs(10),
+        );
+        probes("SEEN.clear()");
+        let round = strategy.begin_round(start(1, &spec, Bytes::from(global.clone())));
+        round
+            .add(update(&spec, "a", Bytes::from(global.clone()), 1.0))
+            .expect("fits");
+        let model = round.finalize(None).expect("aggregates").model;
+        assert_eq!(model.data(), &plus_one[..], "keep = {keep}");
+        let seen = seen();
+        let address = seen[0]["half"].as_u64().expect("an address");
+        if keep == 0.0 {
+            assert_eq!(
+                address,
+                model.data().as_ptr() as u64,
+                "published where the rule wrote it"
+            );
+        } else {
+            assert_ne!(address, model.data().as_ptr() as u64, "a copy");
+            // What the rule writes into the views it kept goes nowhere.
+            on_python(|py| {
+                py.run(
+                    c"import rondo_test_probes as p, gc
+for o in gc.get_objects():
+    if isinstance(o, p.Writer) and hasattr(o, 'kept'):
+        for a in o.kept.values():
+            a[...] = 0",
+                    None,
+                    None,
+                )
+            });
+            assert_eq!(model.data(), &plus_one[..]);
+        }
+    }
+}
+
+#[test]
+fn tensors_returned_from_each_others_place_in_next_model_land_right() {
+    let _one = ONE_AT_A_TIME.lock();
+    let spec = ModelSpec {
+        tensors: vec![tensor("a", DType::F32, &[3]), tensor("b", DType::F32, &[3])],
+    };
+    let strategy = rule(
+        "rondo_test_probes",
+        "Writer",
+        &[("how", 1.0)],
+        Duration::from_secs(10),
+    );
+    let global = encode_values(DType::F32, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let round = strategy.begin_round(start(1, &spec, Bytes::from(global.clone())));
+    round
+        .add(update(&spec, "a", Bytes::from(global.clone()), 1.0))
+        .expect("fits");
+    let model = round.finalize(None).expect("aggregates").model;
+    // The rule wrote b's values into a's place and a's into b's, and returned each from the
+    // other's place: the result is what it returned, not what lies where.
+    assert_eq!(
+        decode_values(DType::F32, model.data()),
+        vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    );
 }
