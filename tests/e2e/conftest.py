@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -170,3 +172,84 @@ def start_federation(tmp_path: Path) -> Iterator:
         for service in (*federation.services, federation.coordinator, federation.aggregator):
             text = service.log.read_text(errors="replace")
             print(f"----- {service.name} log -----\n{text[-4000:]}")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on a free loopback port, without persistence: a restart loses
+    everything, which is what the durability tests need to play."""
+
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run scripts/setup --test-tools")
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--daemonize", "no"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.command("PING") == "+PONG":
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"redis-server did not answer on {self.port}:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> None:
+        """Kills it and starts an empty one on the same port."""
+        self.stop()
+        self.start()
+
+    def command(self, *words: str) -> str | None:
+        """One inline command; the first line of the answer, or None when nobody answers."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
+                conn.sendall((" ".join(words) + "\r\n").encode())
+                return conn.recv(65536).split(b"\r\n", 1)[0].decode()
+        except OSError:
+            return None
+
+    def cli(self, *words: str) -> str:
+        """``redis-cli`` against this server: its output."""
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *words],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return result.stdout
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        return sorted(self.cli("--raw", "KEYS", pattern).split())
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running redis-server of this test alone, stopped at its end."""
+    server = RedisServer(free_port(), tmp_path / "redis.log")
+    server.start()
+    yield server
+    server.stop()

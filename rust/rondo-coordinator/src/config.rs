@@ -11,6 +11,7 @@ use rondo_core::federation::FederationSettings;
 use rondo_core::federation::{JoinPolicy, SecretHash};
 use rondo_net::link_key::LinkKey;
 use rondo_net::settings::{self, ConfigError, FromConfig};
+use rondo_net::store::StoreSettings;
 use serde::Deserialize;
 
 pub const DEFAULTS: &str = include_str!("../../../configs/dev-coordinator.toml");
@@ -31,7 +32,17 @@ pub struct CoordinatorConfig {
     pub rpc: RpcEndpoint,
     pub aggregator: AggregatorLink,
     pub federation: FederationConfig,
+    pub store: StoreConfig,
     pub runtime: RuntimeConfig,
+}
+
+/// `[store]`: where the federation's state is kept (see [`rondo_net::store`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub url: String,
+    pub namespace: String,
+    pub data_dir: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +167,7 @@ pub struct CoordinatorSettings {
     pub aggregator: AggregatorSettings,
     pub federation: FederationSettings,
     pub heartbeat_period: Duration,
+    pub store: StoreSettings,
     pub runtime: RuntimeConfig,
     /// The key both RPC directions prove (`rpc.key_file`); `None`: an open link.
     pub link_key: Option<LinkKey>,
@@ -257,6 +269,7 @@ impl FromConfig for CoordinatorSettings {
                 },
             },
             heartbeat_period,
+            store: StoreSettings::new(&raw.store.url, &raw.store.namespace, &raw.store.data_dir)?,
             runtime: raw.runtime,
             link_key,
         })

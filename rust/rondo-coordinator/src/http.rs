@@ -129,6 +129,8 @@ async fn join(
         tracing::info!(name = ?request.name, %refused, "join refused");
         federation_error(refused)
     })?;
+    // Its credentials must outlive a crash of the coordinator before it learns them.
+    coordinator.durable().await.map_err(store_unavailable)?;
     coordinator.metrics.joins.inc();
     tracing::info!(%participant_id, name = ?request.name, "participant joined");
     coordinator.wake.notify_one();
@@ -199,6 +201,7 @@ async fn heartbeat(
             _ => break action,
         }
     };
+    coordinator.touch();
     let state = action_state(&action);
     let (name, round, attempt, reason) = match action {
         Action::Standby => ("standby", None, None, None),
@@ -237,6 +240,7 @@ async fn start_training(
         .federation()
         .start_training(&id, secret, coordinator.now())
         .map_err(federation_error)?;
+    coordinator.touch();
     let base = coordinator.aggregator_url().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -294,24 +298,27 @@ async fn evaluation(
         metrics: request.metrics,
     };
     let now = coordinator.now();
-    let mut federation = coordinator.federation();
-    let summary = federation
-        .evaluation_reported(&id, secret, report, request.round, now)
-        .map_err(|err| match err {
-            EvaluationError::Federation(err) => federation_error(err),
-            EvaluationError::NotAsked(..) => ApiError::conflict("not_asked", err.to_string()),
-            EvaluationError::AlreadyReported(..) => {
-                ApiError::conflict("already_reported", err.to_string())
-            }
-            EvaluationError::Invalid(message) => ApiError::bad_request("invalid_body", message),
-        })?;
-    // Under the lock: two reports set the gauges in the order their summaries were made,
-    // so the gauge ends on the summary of every report, not on whichever thread ran last.
-    coordinator
-        .metrics
-        .observe_evaluation(request.round, &summary);
-    let finished = federation.phase_name() == PhaseName::Finished;
-    drop(federation);
+    let (summary, finished) = {
+        let mut federation = coordinator.federation();
+        let summary = federation
+            .evaluation_reported(&id, secret, report, request.round, now)
+            .map_err(|err| match err {
+                EvaluationError::Federation(err) => federation_error(err),
+                EvaluationError::NotAsked(..) => ApiError::conflict("not_asked", err.to_string()),
+                EvaluationError::AlreadyReported(..) => {
+                    ApiError::conflict("already_reported", err.to_string())
+                }
+                EvaluationError::Invalid(message) => ApiError::bad_request("invalid_body", message),
+            })?;
+        // Under the lock: two reports set the gauges in the order their summaries were made,
+        // so the gauge ends on the summary of every report, not on whichever thread ran last.
+        coordinator
+            .metrics
+            .observe_evaluation(request.round, &summary);
+        (summary, federation.phase_name() == PhaseName::Finished)
+    };
+    // A report answered 2xx is not sent again.
+    coordinator.durable().await.map_err(store_unavailable)?;
     if finished {
         // Its held heartbeat should hear "finish" now, not when the hold runs out.
         coordinator.changed();
@@ -326,6 +333,15 @@ async fn evaluation(
     Ok(Json(
         json!({ "round": request.round, "evaluation": summary }),
     ))
+}
+
+/// The state store did not confirm a change in time: the participant tries again later.
+fn store_unavailable(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        message,
+    )
 }
 
 /// Every closed round attempt, one object each.

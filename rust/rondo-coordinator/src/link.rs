@@ -26,6 +26,18 @@ pub struct CoordinatorRpcServer {
 
 impl CoordinatorRpc for CoordinatorRpcServer {
     async fn notify(self, _: Context, notice: Notice) {
+        self.apply(notice);
+        // Answered only once saved: an answered notice is not sent again. If the store does
+        // not confirm in time the aggregator's call times out and it resends (notices are
+        // idempotent here).
+        if let Err(err) = self.coordinator.durable().await {
+            tracing::warn!(%err, "a notice from the aggregator is not saved yet");
+        }
+    }
+}
+
+impl CoordinatorRpcServer {
+    fn apply(&self, notice: Notice) {
         match notice {
             Notice::Accepted {
                 round,
@@ -47,9 +59,7 @@ impl CoordinatorRpc for CoordinatorRpcServer {
             } => self.round_aggregated(round, attempt, result),
         }
     }
-}
 
-impl CoordinatorRpcServer {
     fn update_accepted(
         &self,
         round: u32,
@@ -174,6 +184,7 @@ pub async fn drive(
             coordinator.metrics.observe_phase(federation.phase_name());
             commands
         };
+        coordinator.touch();
         for command in commands {
             if acked
                 .as_ref()
@@ -182,6 +193,15 @@ pub async fn drive(
                 continue;
             }
             let Some(c) = client.as_ref() else { break };
+            // The selection and its tokens are saved before anyone outside learns them, so a
+            // restarted coordinator opens the same round with the same grants, which the
+            // aggregator recognizes (it keeps what it accepted).
+            if matches!(command, Command::OpenRound(_))
+                && let Err(err) = coordinator.durable().await
+            {
+                tracing::warn!(%err, "the round's selection is not saved yet; opening it later");
+                continue;
+            }
             match execute(c, &command, call_timeout).await {
                 Ok(Ok(())) => {
                     if let Command::OpenRound(OpenRound {
@@ -192,6 +212,7 @@ pub async fn drive(
                     {
                         tracing::info!(round, attempt, selected = grants.len(), "round open");
                         coordinator.federation().round_opened(*round, *attempt);
+                        coordinator.touch();
                         coordinator.observe_phase();
                         coordinator.changed();
                     }

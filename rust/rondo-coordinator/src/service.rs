@@ -3,7 +3,8 @@
 //! state machine takes from the edge: the clock, and randomness from the OS.
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
-use std::time::{Instant, SystemTime};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::{
     Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -15,7 +16,15 @@ use rondo_core::federation::{
     EvaluationSummary, Federation, FederationError, FederationStatus, Joining,
     MAX_METRICS_PER_DELIVERY, ParticipantId, PhaseName, Timestamp, token_from,
 };
+use rondo_net::shutdown::Shutdown;
+use rondo_net::store::{Snapshot, Store};
 use tokio::sync::{Notify, watch};
+
+/// Where the federation is saved in the store.
+pub const FEDERATION_KEY: &str = "coordinator:federation";
+/// How long a change that must be durable before it is acknowledged (a join, a notice) waits
+/// for the store before the request is answered `503 store_unavailable`.
+pub const STORE_WAIT: Duration = Duration::from_secs(5);
 
 /// The OS's random source, as the `Rng` the state machine takes. Secrets and tokens come from
 /// it directly, with no user-space generator in between.
@@ -30,20 +39,25 @@ pub fn random_token() -> String {
 
 /// The wall clock when the coordinator started, advanced by the monotonic clock: timestamps
 /// that mean something outside this process and never run backwards within it.
-struct Clock {
+pub struct Clock {
     epoch_millis: u64,
     started: Instant,
 }
 
 impl Clock {
     fn new() -> Self {
-        let epoch_millis = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         Self {
-            epoch_millis,
+            epoch_millis: Self::wall_now().as_millis(),
             started: Instant::now(),
         }
+    }
+
+    /// The wall clock now, as the state machine counts time.
+    pub fn wall_now() -> Timestamp {
+        let millis = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Timestamp::from_millis(millis)
     }
 
     fn now(&self) -> Timestamp {
@@ -341,6 +355,8 @@ pub struct Coordinator {
     pub heartbeat_period_secs: f64,
     pub metrics: Metrics,
     clock: Clock,
+    /// Saves the federation to the store (see [`Coordinator::persist_to`]); unset: nowhere.
+    snapshot: OnceLock<Arc<Snapshot>>,
 }
 
 impl Coordinator {
@@ -354,6 +370,39 @@ impl Coordinator {
             heartbeat_period_secs,
             metrics: Metrics::new(),
             clock: Clock::new(),
+            snapshot: OnceLock::new(),
+        }
+    }
+
+    /// From now on the federation is saved to `store`: within [`Snapshot::SOFT_DELAY`] of a
+    /// [`Coordinator::touch`], and before [`Coordinator::durable`] returns.
+    pub fn persist_to(self: &Arc<Self>, store: Store, shutdown: &Shutdown) {
+        let coordinator = Arc::downgrade(self);
+        let render = Box::new(move || {
+            let coordinator = coordinator
+                .upgrade()
+                .ok_or_else(|| "the coordinator stopped".to_string())?;
+            let federation = coordinator.federation();
+            serde_json::to_vec(&*federation).map_err(|e| e.to_string())
+        });
+        let snapshot = Snapshot::start(store, FEDERATION_KEY, render, shutdown);
+        let _ = self.snapshot.set(snapshot);
+    }
+
+    /// The federation changed in a way worth saving soon (a heartbeat, a tick).
+    pub fn touch(&self) {
+        if let Some(snapshot) = self.snapshot.get() {
+            snapshot.touch();
+        }
+    }
+
+    /// The federation changed in a way that must survive a crash before it is acknowledged
+    /// (a join hands out credentials; a notice, once answered, is not sent again): waits until
+    /// it is saved, at most [`STORE_WAIT`].
+    pub async fn durable(&self) -> Result<(), String> {
+        match self.snapshot.get() {
+            Some(snapshot) => snapshot.durable(STORE_WAIT).await,
+            None => Ok(()),
         }
     }
 

@@ -18,6 +18,9 @@
 //!   stop on it, and work that must finish (folds, queued notices, closes) is tracked by it
 //!   and drained, within a bound, before exit.
 //! - [`retry`] is the one backoff policy (exponential, jittered) of every retried call.
+//! - [`store`] is the state store behind one seam (in memory by default, Redis with
+//!   `[store] url`), and [`store::Snapshot`], the group-committing writer of a record that
+//!   changes often.
 //! - [`settings`] turns a config's raw values into checked settings (durations, counts, ratios,
 //!   addresses), refusing bad ones with a message that names the key.
 
@@ -28,3 +31,4 @@ pub mod link_key;
 pub mod retry;
 pub mod settings;
 pub mod shutdown;
+pub mod store;

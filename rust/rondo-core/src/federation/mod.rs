@@ -316,6 +316,19 @@ impl Federation {
         (self.round, self.attempt)
     }
 
+    /// Carries on with a federation read back from a store after the coordinator restarted:
+    /// it runs with the `settings` configured now, and every participant counts as heard from
+    /// at `now` (the coordinator was silent, not they: they get a heartbeat timeout to show up
+    /// before they are dropped). Returns whether the settings differ from the saved ones.
+    pub fn resume(&mut self, settings: FederationSettings, now: Timestamp) -> bool {
+        for participant in self.participants.values_mut() {
+            participant.last_seen = participant.last_seen.max(now);
+        }
+        let changed = self.settings != settings;
+        self.settings = settings;
+        changed
+    }
+
     fn push_history(&mut self, record: RoundRecord) {
         self.summaries.push(RoundSummary::of(&record));
         self.history.push_back(record);

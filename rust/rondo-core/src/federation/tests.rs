@@ -205,6 +205,48 @@ fn a_federation_saved_mid_round_carries_on_where_it_was() {
 }
 
 #[test]
+fn a_resumed_federation_gives_its_participants_a_heartbeat_timeout_to_show_up() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    let saved = serde_json::to_string(&w.fed).expect("serializes");
+    // The coordinator was down for longer than the heartbeat timeout.
+    w.advance(60);
+    let mut restored: Federation = serde_json::from_str(&saved).expect("reads back");
+    let mut newer = settings();
+    newer.rounds = 5;
+    assert!(
+        restored.resume(newer.clone(), w.now),
+        "the settings changed"
+    );
+    assert_eq!(restored.settings(), &newer);
+    restored.tick(w.now, &mut w.rng);
+    let status = restored.status(w.now);
+    assert_eq!(status.round, 1, "the same round goes on");
+    assert!(
+        status
+            .participants
+            .iter()
+            .all(|p| p.state != ParticipantState::Dropped),
+        "nobody is dropped for the coordinator's downtime: {:?}",
+        status.participants
+    );
+    // Silent for a heartbeat timeout after the restart, they are.
+    w.advance(6);
+    restored.tick(w.now, &mut w.rng);
+    let status = restored.status(w.now);
+    assert!(
+        status
+            .participants
+            .iter()
+            .all(|p| p.state == ParticipantState::Dropped),
+        "{:?}",
+        status.participants
+    );
+}
+
+#[test]
 fn selection_follows_ratio_and_min_clients() {
     let mut s = settings();
     s.participants_ratio = 0.3;
