@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -253,3 +254,102 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+class TcpProxy:
+    """A TCP proxy the test controls, between participants (or a service) and a service:
+    ``stall_after(n)`` makes new connections stop forwarding after ``n`` bytes from the client
+    (an upload cut off mid-body, once the far side dies), ``partition()`` cuts every
+    connection and refuses new ones until ``heal()``."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.target: tuple[str, int] | None = None
+        self.stall_bytes: int | None = None
+        self.stalled = threading.Event()
+        self.partitioned = False
+        self.connections: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stall_after(self, n: int | None) -> None:
+        self.stall_bytes = n
+        self.stalled.clear()
+
+    def partition(self) -> None:
+        self.partitioned = True
+        with self.lock:
+            for conn in self.connections:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.connections.clear()
+
+    def heal(self) -> None:
+        self.partitioned = False
+
+    def close(self) -> None:
+        self.partition()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.partitioned or self.target is None:
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self.lock:
+                self.connections += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
+        sent = 0  # bytes from the client since a stall was asked for
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                limit = self.stall_bytes if upstream else None
+                if limit is None:
+                    sent = 0
+                elif sent + len(data) > limit:
+                    sink.sendall(data[: limit - sent])
+                    self.stalled.set()
+                    # Hold the rest: the client is stuck mid-body until the far side goes away.
+                    while not self.partitioned and self.stall_bytes is not None:
+                        time.sleep(0.05)
+                    break
+                sink.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                end.close()
+
+
+@pytest.fixture
+def tcp_proxy() -> Iterator[TcpProxy]:
+    proxy = TcpProxy()
+    yield proxy
+    proxy.close()

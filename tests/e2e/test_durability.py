@@ -7,9 +7,12 @@ each counted once."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
+import requests
+from safetensors.numpy import save_file
 from test_faults import model_value
 from test_rounds import Adder, run_in_thread
 
@@ -88,3 +91,121 @@ def test_a_coordinator_whose_store_lost_its_state_refuses_to_start(
     assert "holds no federation" in message and "coordinator.marker.json" in message, message
     marker = json.loads((data_dir / "coordinator.marker.json").read_text())
     assert marker["namespace"] == "t"
+
+
+def metric(federation, prefix: str) -> float:
+    text = requests.get(f"{federation.aggregator_url}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def accepted_uploads(federation) -> float:
+    """Uploads this aggregator process answered 2xx (folded back ones not included)."""
+    return metric(federation, 'rondo_aggregator_upload_duration_seconds_count{outcome="accepted"}')
+
+
+def test_an_aggregator_killed_mid_round_keeps_what_it_acknowledged(
+    start_federation, redis_server, tcp_proxy, tmp_path
+):
+    """Two updates acknowledged, a third cut off mid-body, then SIGKILL: the restarted
+    aggregator folds the two back in from store.data_dir (nobody uploads them again), the SDK
+    sends the cut one again with the same token, and the round's model is the exact weighted
+    average of the three, each counted once."""
+    initial = tmp_path / "initial.safetensors"
+    save_file({"layer/w": np.zeros((100, 10), np.float32), "layer/b": np.zeros(10, np.float32)},
+              str(initial))  # fmt: skip
+    aggregator = {
+        "model.initial_model": initial,
+        "api.public_url": tcp_proxy.url,
+        **durable(redis_server, tmp_path / "aggregator"),
+    }
+    coordinator = {
+        **COORDINATOR,
+        "federation.rounds": 1,
+        "federation.min_clients": 3,
+        "federation.heartbeat_timeout_secs": 10,
+        "aggregator.call_timeout_secs": 1,
+        **durable(redis_server),
+    }
+    federation = start_federation(coordinator=coordinator, aggregator=aggregator)
+    tcp_proxy.target = ("127.0.0.1", int(federation.aggregator.addresses["api"].rsplit(":")[1]))
+    people = {
+        "a": Adder(1.0, 10),
+        "b": Adder(3.0, 30),
+        # Trains long enough for the test to set the proxy to cut its upload.
+        "c": Adder(2.0, 20, train_secs=2.0),
+    }
+    reports: dict = {}
+    threads = [run_in_thread(p, federation.coordinator_url, n, reports) for n, p in people.items()]
+
+    deadline = time.monotonic() + 30
+    while len(federation.aggregator_status()["accepted"]) < 2:
+        assert time.monotonic() < deadline, federation.aggregator_status()
+        time.sleep(0.02)
+    tcp_proxy.stall_after(1000)
+    assert tcp_proxy.stalled.wait(timeout=30), "c's upload never started"
+    assert len(federation.aggregator_status()["accepted"]) == 2
+    federation.aggregator.process.kill()
+    federation.aggregator.process.wait()
+    tcp_proxy.stall_after(None)
+    federation.restart_aggregator(tmp_path, aggregator)
+    restored = federation.aggregator_status()
+    assert len(restored["accepted"]) == 2, restored
+
+    status = federation.wait_for(lambda s: s["phase"] == "finished", what="the round to close")
+    for thread in threads:
+        thread.join(timeout=20)
+    assert accepted_uploads(federation) == 1, "only the cut upload was sent again"
+    rounds = [e for e in status["history"] if e["outcome"] == "aggregated"]
+    assert [e["round"] for e in rounds] == [1], status["history"]
+    assert len(rounds[0]["delivered"]) == 3
+    np.testing.assert_allclose(model_value(federation), (10 * 1 + 30 * 3 + 20 * 2) / 60, rtol=1e-6)
+    # The round is over: its saved updates are gone from the disk and from Redis.
+    assert not any((tmp_path / "aggregator" / "updates").iterdir())
+    assert not [k for k in redis_server.keys() if ":aggregator:accepted:" in k]
+
+
+def test_a_retried_upload_that_got_in_is_answered_not_counted(
+    start_federation, redis_server, tmp_path
+):
+    """With saved updates the aggregator knows each accepted update's SHA-256: a retry with the
+    same bytes gets a 2xx that says it was in already, other bytes a 409; neither counts."""
+    from test_bad_input import Person, upload_bytes, weights
+
+    initial = tmp_path / "initial.safetensors"
+    save_file(weights(0.0), str(initial))
+    federation = start_federation(
+        coordinator={
+            "federation.rounds": 1,
+            "federation.min_clients": 2,
+            "federation.heartbeat_timeout_secs": 120,
+            **durable(redis_server),
+        },
+        aggregator={"model.initial_model": initial, **durable(redis_server, tmp_path / "agg")},
+    )
+    a = Person(federation.coordinator_url, "a")
+    Person(federation.coordinator_url, "b")
+    federation.wait_for(lambda s: s["phase"] == "training", what="round 1 to open")
+    ticket = a.post("start_training").json()
+
+    def upload(value: float, n: str = "5") -> requests.Response:
+        return requests.post(
+            ticket["upload_url"],
+            data=upload_bytes(weights(value), n),
+            headers={"Authorization": f"Bearer {ticket['token']}"},
+            timeout=10,
+        )
+
+    first = upload(1.0)
+    assert first.status_code == 200 and "already_accepted" not in first.json(), first.text
+    again = upload(1.0)
+    assert again.status_code == 200, again.text
+    assert again.json()["already_accepted"] is True
+    other = upload(2.0)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "duplicate_update"
+    more_samples = upload(1.0, "6")
+    assert more_samples.status_code == 409, more_samples.text
+    assert federation.aggregator_status()["accepted"] == [a.id]
+    assert metric(federation, "rondo_aggregator_updates_accepted_total") == 1

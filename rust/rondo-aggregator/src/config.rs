@@ -13,6 +13,7 @@ use rondo_core::aggregate::{AccumulationMode, AccumulatorOptions};
 use rondo_core::strategy::{self as strategies, Options, Strategy};
 use rondo_net::link_key::LinkKey;
 use rondo_net::settings::{self, ConfigError, FromConfig};
+use rondo_net::store::StoreSettings;
 use serde::Deserialize;
 
 pub const DEFAULTS: &str = include_str!("../../../configs/dev-aggregator.toml");
@@ -34,8 +35,19 @@ pub struct AggregatorConfig {
     pub model: ModelConfig,
     pub aggregation: AggregationConfig,
     pub link: LinkConfig,
+    pub store: StoreConfig,
     pub runtime: RuntimeConfig,
     pub limits: crate::wire::UploadLimits,
+}
+
+/// `[store]`: where the aggregator keeps what it needs after a restart (see
+/// [`crate::durable`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub url: String,
+    pub namespace: String,
+    pub data_dir: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,6 +155,7 @@ pub struct AggregatorSettings {
     /// The key both RPC directions prove (`rpc.key_file`); `None`: an open link.
     pub link_key: Option<LinkKey>,
     pub link: LinkSettings,
+    pub store: StoreSettings,
     pub runtime: RuntimeConfig,
     pub limits: crate::wire::UploadLimits,
 }
@@ -183,6 +196,7 @@ impl FromConfig for AggregatorSettings {
         let strategy = strategy_choice(&aggregation)?;
         let link_key = settings::link_key("rpc.key_file", &raw.rpc.key_file)?;
         Ok(Self {
+            store: StoreSettings::new(&raw.store.url, &raw.store.namespace, &raw.store.data_dir)?,
             strategy,
             link_key,
             api: ApiSettings {

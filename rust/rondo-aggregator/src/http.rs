@@ -83,6 +83,9 @@ fn commit_error(err: CommitError) -> ApiError {
         CommitError::RoundClosed => ApiError::unauthorized(err.code(), message),
         CommitError::Duplicate => ApiError::conflict(err.code(), message),
         CommitError::Mismatch(_) => ApiError::bad_request(err.code(), message),
+        CommitError::Unsaved(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, err.code(), message)
+        }
     }
 }
 
@@ -255,21 +258,34 @@ async fn receive_update(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let round = round_param(uri)?;
     let token = bearer_token(headers, "missing_token")?;
-    let (grant, expected) = {
+    let (grant, expected, already) = {
         let mut book = aggregator.book();
-        let grant = book.begin_upload(token, round).map_err(|e| {
-            let err = grant_error(e);
-            // No notice: the token may not be anyone's, and the coordinator has nothing to
-            // record for an upload that never started.
-            aggregator
-                .metrics
-                .updates_rejected
-                .with_label_values(&[err.code])
-                .inc();
-            err
-        })?;
-        (grant, book.expected_spec())
+        match book.begin_upload(token, round) {
+            Ok(grant) => (grant, book.expected_spec(), None),
+            // A retry of an upload that was saved and accepted (its answer was lost, or the
+            // aggregator restarted before it answered): read it to tell the same bytes from
+            // different ones.
+            Err(GrantError::Duplicate)
+                if let Some((grant, digest, n_samples)) = book.accepted_update(token, round) =>
+            {
+                (grant, book.expected_spec(), Some((digest, n_samples)))
+            }
+            Err(e) => {
+                let err = grant_error(e);
+                // No notice: the token may not be anyone's, and the coordinator has nothing to
+                // record for an upload that never started.
+                aggregator
+                    .metrics
+                    .updates_rejected
+                    .with_label_values(&[err.code])
+                    .inc();
+                return Err(err);
+            }
+        }
     };
+    if let Some((digest, n_samples)) = already {
+        return check_retry(aggregator, &grant, expected, body, &digest, n_samples).await;
+    }
     let slot = UploadSlot {
         aggregator: aggregator.clone(),
         grant: grant.clone(),
@@ -323,6 +339,7 @@ async fn receive_update(
         data,
         n_samples,
         metrics: update.metrics,
+        recovered: None,
     };
     // From `begin_commit` on, the fold and its bookkeeping run to their end on a thread of
     // their own, whatever happens to this request: a participant that hangs up now is
@@ -350,6 +367,51 @@ async fn receive_update(
         "round": grant.round,
         "participant_id": grant.participant_id,
         "n_samples": n_samples,
+    })))
+}
+
+/// Reads a retried upload whose update was already accepted and saved: the same bytes (and
+/// sample count) get the answer the first attempt should have had, other bytes a 409. Nothing
+/// is counted either way.
+async fn check_retry(
+    aggregator: &Arc<Aggregator>,
+    grant: &crate::rounds::Grant,
+    expected: Option<Arc<rondo_core::model::ModelSpec>>,
+    body: Body,
+    digest: &str,
+    accepted_samples: u64,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let staging = aggregator
+        .staging
+        .take(expected.as_ref().map(|spec| spec.byte_len()))
+        .await;
+    let body = body
+        .into_data_stream()
+        .map(|chunk| chunk.map_err(|e| BodyError::Broken(e.to_string())));
+    let update = wire::read_update(
+        Box::pin(body),
+        expected.as_deref(),
+        aggregator.max_body_bytes,
+        &aggregator.limits,
+        staging,
+    )
+    .await
+    .map_err(|e| upload_error(&e))?;
+    let n_samples = update.n_samples;
+    let (data, _staging) = update.data.into_bytes();
+    if crate::durable::digest(&data) != digest || n_samples != accepted_samples {
+        return Err(ApiError::conflict(
+            "duplicate_update",
+            "an update with other bytes was already accepted for this participant in this round",
+        ));
+    }
+    tracing::info!(round = grant.round, participant = %grant.participant_id, "a retried upload was already accepted");
+    Ok(Json(json!({
+        "accepted": true,
+        "round": grant.round,
+        "participant_id": grant.participant_id,
+        "n_samples": n_samples,
+        "already_accepted": true,
     })))
 }
 

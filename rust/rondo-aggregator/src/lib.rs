@@ -10,6 +10,8 @@
 //! - [`staging`]: the staging budget and the pool of upload buffers reused within it.
 //! - [`rounds`]: the round book — global model, open round, tokens, the round's aggregation,
 //!   and the commit and close brackets around it; plain data.
+//! - [`durable`]: with a durable store, the open round and every accepted update saved before
+//!   it is acknowledged, and read back into the round after a restart.
 //! - [`spare`]: model-sized memory recycled from a replaced model into the next round's sum.
 //! - [`service`]: the shared [`service::Aggregator`] (book + staging pool + outbox + metrics).
 //! - [`http`]: the participants' HTTP API (axum).
@@ -18,6 +20,7 @@
 //! - [`run`]: start-up, used by `main`.
 
 pub mod config;
+pub mod durable;
 pub mod http;
 pub mod link;
 pub mod output;

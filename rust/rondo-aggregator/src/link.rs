@@ -16,6 +16,7 @@ use rondo_net::shutdown::Shutdown;
 use tarpc::context::Context;
 use tokio::sync::{mpsc, watch};
 
+use crate::durable::SavedRound;
 use crate::service::Aggregator;
 
 /// The most bytes of metrics one notice carries. Uploads' metrics are bounded far below this
@@ -249,6 +250,22 @@ impl AggregatorRpc for AggregatorRpcServer {
             None => None,
         };
         let result = aggregator.book().open_round(&opening, sum);
+        // Saved before it is acknowledged: the coordinator hands out the tokens only then, so
+        // no update of this round can be accepted before a restart would find the round.
+        if result.is_ok()
+            && let Some(durable) = &aggregator.durable
+        {
+            let grants = aggregator.book().open_grants().unwrap_or_default();
+            let saved = SavedRound {
+                round: opening.round,
+                attempt: opening.attempt,
+                grants,
+            };
+            durable
+                .save_round(&saved)
+                .await
+                .map_err(|e| format!("saving the round failed: {e}"))?;
+        }
         if result.is_ok() {
             tracing::debug!(
                 round = opening.round,

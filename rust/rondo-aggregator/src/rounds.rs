@@ -43,6 +43,9 @@ struct OpenRound {
     /// token hash → participant id.
     tokens: HashMap<SecretHash, String>,
     accepted: BTreeMap<String, u64>,
+    /// participant id → the SHA-256 of its accepted update's bytes (hex), when the update was
+    /// saved for recovery: a retry of the same bytes is then told it got in.
+    digests: HashMap<String, String>,
     uploading: HashSet<String>,
     /// Participants whose validated update is being folded into `sum` right now.
     committing: HashSet<String>,
@@ -58,7 +61,7 @@ struct OpenRound {
 pub type RoundSum = Arc<Box<dyn RoundAggregation>>;
 
 /// participant id → the SHA-256 of its one-round token.
-type Grants = BTreeMap<String, SecretHash>;
+pub type Grants = BTreeMap<String, SecretHash>;
 
 /// The grants of an opening, hashed.
 fn hashed(grants: &BTreeMap<String, String>) -> Grants {
@@ -95,6 +98,9 @@ pub enum CommitError {
     Duplicate,
     #[error("{0}")]
     Mismatch(String),
+    /// The update could not be made recoverable (the store or the disk failed): not taken.
+    #[error("the update could not be saved: {0}")]
+    Unsaved(String),
 }
 
 impl CommitError {
@@ -104,6 +110,7 @@ impl CommitError {
             Self::RoundClosed => "token_expired",
             Self::Duplicate => "duplicate_update",
             Self::Mismatch(_) => "model_mismatch",
+            Self::Unsaved(_) => "store_unavailable",
         }
     }
 }
@@ -316,8 +323,29 @@ impl RoundBook {
         opening: &federation::OpenRound,
         sum: Option<Box<dyn RoundAggregation>>,
     ) -> Result<(), String> {
-        let id = (opening.round, opening.attempt);
-        let grants = hashed(&opening.grants);
+        self.open_hashed(opening.round, opening.attempt, hashed(&opening.grants), sum)
+    }
+
+    /// Opens a round from its grants' hashes: a round read back after a restart (see
+    /// [`crate::durable`]), whose tokens were never kept.
+    pub fn reopen(
+        &mut self,
+        round: u32,
+        attempt: u32,
+        grants: Grants,
+        sum: Option<Box<dyn RoundAggregation>>,
+    ) -> Result<(), String> {
+        self.open_hashed(round, attempt, grants, sum)
+    }
+
+    fn open_hashed(
+        &mut self,
+        round: u32,
+        attempt: u32,
+        grants: Grants,
+        sum: Option<Box<dyn RoundAggregation>>,
+    ) -> Result<(), String> {
+        let id = (round, attempt);
         // The same opening again is a retry. A different one with the same number comes from a
         // coordinator that restarted and lost count: it replaces whatever this round was.
         if self
@@ -342,21 +370,21 @@ impl RoundBook {
             );
             self.retire_open_tokens();
         }
-        if opening.round > 0 && self.model.is_none() {
+        if round > 0 && self.model.is_none() {
             return Err(format!(
-                "round {} needs a global model and this aggregator has none (round 0 sets it)",
-                opening.round
+                "round {round} needs a global model and this aggregator has none (round 0 sets it)"
             ));
         }
         self.open = Some(OpenRound {
-            round: opening.round,
-            attempt: opening.attempt,
+            round,
+            attempt,
             tokens: grants
                 .iter()
                 .map(|(participant, hash)| (*hash, participant.clone()))
                 .collect(),
             grants,
             accepted: BTreeMap::new(),
+            digests: HashMap::new(),
             uploading: HashSet::new(),
             committing: HashSet::new(),
             closing: false,
@@ -368,6 +396,21 @@ impl RoundBook {
         let has_sum = self.open.as_ref().is_some_and(|o| o.sum.is_some());
         release(self.spare.set_sum_in_use(has_sum));
         Ok(())
+    }
+
+    /// The grants' hashes of the open round (what [`crate::durable`] saves of an opening).
+    pub fn open_grants(&self) -> Option<Grants> {
+        self.open.as_ref().map(|o| o.grants.clone())
+    }
+
+    /// An upload refused as [`GrantError::Duplicate`]: the grant, and the digest and sample
+    /// count of the update accepted for it, when that update was saved with its digest.
+    pub fn accepted_update(&self, token: &str, round: u32) -> Option<(Grant, String, u64)> {
+        let grant = self.authorize_download(token, round).ok()?;
+        let open = self.open.as_ref()?;
+        let digest = open.digests.get(&grant.participant_id)?.clone();
+        let n_samples = *open.accepted.get(&grant.participant_id)?;
+        Some((grant, digest, n_samples))
     }
 
     fn find_token(&self, token: &str) -> Result<Grant, GrantError> {
@@ -500,11 +543,24 @@ impl RoundBook {
     /// when the update is now part of the sum). Returns whether it was recorded as accepted:
     /// `false` when the fold failed, or when the round was given up meanwhile.
     pub fn finish_commit(&mut self, grant: &Grant, n_samples: Option<u64>) -> bool {
+        self.finish_commit_saved(grant, n_samples, None)
+    }
+
+    /// [`RoundBook::finish_commit`] of an update saved for recovery with `digest`.
+    pub fn finish_commit_saved(
+        &mut self,
+        grant: &Grant,
+        n_samples: Option<u64>,
+        digest: Option<String>,
+    ) -> bool {
         match self.open.as_mut() {
             Some(open) if (open.round, open.attempt) == (grant.round, grant.attempt) => {
                 open.committing.remove(&grant.participant_id);
                 if let Some(n) = n_samples {
                     open.accepted.insert(grant.participant_id.clone(), n);
+                    if let Some(digest) = digest {
+                        open.digests.insert(grant.participant_id.clone(), digest);
+                    }
                 }
                 n_samples.is_some()
             }

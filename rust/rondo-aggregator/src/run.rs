@@ -11,10 +11,12 @@ use rondo_net::link::AggregatorRpc;
 use rondo_net::shutdown::Shutdown;
 
 use crate::config::{AggregatorSettings, StrategyChoice};
+use crate::durable::Durable;
 use crate::link::{AggregatorRpcServer, Outbox};
 use crate::output::ModelOutput;
+use crate::rounds::Grant;
 use crate::rounds::RoundBook;
-use crate::service::Aggregator;
+use crate::service::{Aggregator, Commit};
 use crate::wire;
 
 /// The round book, with the configured initial model when there is one.
@@ -39,8 +41,90 @@ fn round_book(config: &AggregatorSettings) -> anyhow::Result<RoundBook> {
     Ok(RoundBook::with_initial_model(spec, file, strategy))
 }
 
+/// Folds the updates accepted before a crash back into the round they belong to, when that
+/// round follows the model this aggregator starts with; forgets them when the round's model
+/// was stored already. Updates on disk that the store knows nothing of are refused: the store
+/// lost its data while the aggregator was down.
+async fn recover(aggregator: &Arc<Aggregator>) -> anyhow::Result<()> {
+    let Some(durable) = aggregator.durable.clone() else {
+        return Ok(());
+    };
+    let Some((saved, updates)) = durable.load().await? else {
+        if durable.has_update_files() {
+            anyhow::bail!(
+                "the state store holds no round, but store.data_dir has accepted updates: the \
+                 store lost its data while the aggregator was down, and those updates cannot be \
+                 recovered. Restore the store, or remove store.data_dir/updates to go on \
+                 without them."
+            );
+        }
+        return Ok(());
+    };
+    let model_round = aggregator.book().model().map(|m| m.round);
+    let next = model_round.map_or(0, |r| r + 1);
+    if saved.round != next {
+        tracing::info!(
+            round = saved.round,
+            attempt = saved.attempt,
+            ?model_round,
+            "the saved round does not follow the model this aggregator starts with; its updates are forgotten"
+        );
+        durable.forget_round(saved.round, saved.attempt).await;
+        return Ok(());
+    }
+    let builder = aggregator.book().sum_builder(saved.round);
+    let sum = match builder {
+        Some(build) => Some(tokio::task::spawn_blocking(build).await?),
+        None => None,
+    };
+    aggregator
+        .book()
+        .reopen(saved.round, saved.attempt, saved.grants.clone(), sum)
+        .map_err(|e| anyhow::anyhow!("reopening round {}: {e}", saved.round))?;
+    let count = updates.len();
+    for (update, data) in updates {
+        let grant = Grant {
+            participant_id: update.participant_id.clone(),
+            round: saved.round,
+            attempt: saved.attempt,
+        };
+        let sum = aggregator
+            .book()
+            .begin_commit(&grant, &update.spec)
+            .map_err(|e| anyhow::anyhow!("the saved update of {}: {e}", grant.participant_id))?;
+        let commit = Commit {
+            grant,
+            sum,
+            spec: update.spec,
+            data,
+            n_samples: update.n_samples,
+            metrics: update.metrics,
+            recovered: Some(update.sha256),
+        };
+        let committer = aggregator.clone();
+        tokio::task::spawn_blocking(move || committer.commit(commit))
+            .await?
+            .map_err(|e| anyhow::anyhow!("folding a saved update back in: {e}"))?;
+    }
+    tracing::info!(
+        round = saved.round,
+        attempt = saved.attempt,
+        updates = count,
+        "the open round resumed with the updates accepted before the restart"
+    );
+    Ok(())
+}
+
 pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
     let book = round_book(&config)?;
+    let store = config.store.open().await?;
+    let durable = Durable::new(&store, config.store.data_dir.as_deref())?;
+    if store.is_durable() && durable.is_none() {
+        tracing::warn!(
+            "store.url is set without store.data_dir: accepted updates are not saved, and a \
+             restart loses those of the open round"
+        );
+    }
     let upload_bytes = book.model().map(|m| m.spec.byte_len());
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
     let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
@@ -64,7 +148,18 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
         config.limits,
         (!config.model.output_path.is_empty())
             .then(|| ModelOutput::new(config.model.output_path.clone().into())),
+        durable.clone(),
     );
+    recover(&aggregator).await?;
+    if let Some(durable) = durable {
+        let stopped = shutdown.signalled();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = durable.watch_store() => {},
+                () = stopped => {},
+            }
+        });
+    }
     if let Some(bytes) = upload_bytes {
         // While participants are still starting up, rather than during the first round.
         let aggregator = aggregator.clone();

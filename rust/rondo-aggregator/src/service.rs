@@ -24,6 +24,7 @@ use rondo_net::shutdown::Shutdown;
 
 use rondo_net::link::Notice;
 
+use crate::durable::{Durable, SavedUpdateInput};
 use crate::link::Outbox;
 use crate::output::ModelOutput;
 use crate::rounds::{Closing, CommitError, Grant, RoundBook, RoundSum};
@@ -221,6 +222,8 @@ pub struct Aggregator {
     pub limits: UploadLimits,
     /// Where each new global model is written (`model.output_path`), if anywhere.
     pub output: Option<Arc<ModelOutput>>,
+    /// Where accepted updates are saved before they are acknowledged, with a durable store.
+    pub durable: Option<Durable>,
 }
 
 /// An update read, validated and granted a commit, ready to fold.
@@ -231,6 +234,9 @@ pub struct Commit {
     pub data: Bytes,
     pub n_samples: u64,
     pub metrics: BTreeMap<String, f64>,
+    /// `Some(digest)` for an update read back from the store after a restart: it is saved
+    /// already.
+    pub recovered: Option<String>,
 }
 
 /// Rolls a commit back if its fold never reports (it panicked).
@@ -264,6 +270,7 @@ impl Aggregator {
         shutdown: Shutdown,
         limits: UploadLimits,
         output: Option<Arc<ModelOutput>>,
+        durable: Option<Durable>,
     ) -> Arc<Self> {
         let metrics = Metrics::new();
         if let Some(model) = book.model() {
@@ -291,6 +298,7 @@ impl Aggregator {
             shutdown,
             limits,
             output,
+            durable,
         })
     }
 
@@ -311,6 +319,7 @@ impl Aggregator {
             data,
             n_samples,
             metrics,
+            recovered,
         } = commit;
         let mut guard = CommitGuard {
             aggregator: self,
@@ -319,6 +328,34 @@ impl Aggregator {
         };
         let started = Instant::now();
         let bytes = data.len() as u64;
+        // Recoverable before it is folded: from here on the update is part of the round, even
+        // if this process dies before it answers (a restart folds it back in).
+        let saved = match (&self.durable, recovered.is_some()) {
+            (Some(durable), false) => {
+                let input = SavedUpdateInput {
+                    participant_id: &grant.participant_id,
+                    data: &data,
+                    n_samples,
+                    metrics: &metrics,
+                    spec: &spec,
+                };
+                match durable.save_update(grant.round, grant.attempt, input) {
+                    Ok(saved) => Some(saved),
+                    Err(err) => {
+                        drop(sum);
+                        self.book().finish_commit(&grant, None);
+                        guard.ended = true;
+                        drop(guard);
+                        self.commit_ended.notify_all();
+                        tracing::error!(round = grant.round, participant = %grant.participant_id, %err, "an update could not be saved; refused");
+                        let err = CommitError::Unsaved(err.to_string());
+                        self.reject(&grant, err.code(), &err.to_string());
+                        return Err(err);
+                    }
+                }
+            }
+            _ => None,
+        };
         let folded = sum.add(Update {
             key: grant.participant_id.clone(),
             spec,
@@ -333,9 +370,13 @@ impl Aggregator {
             .observe(started.elapsed().as_secs_f64());
         if folded.is_ok() {
             self.metrics.folded_bytes.inc_by(bytes);
+        } else if let (Some(durable), Some(saved)) = (&self.durable, &saved) {
+            durable.unsave_update(grant.round, grant.attempt, saved);
         }
+        let digest = saved.map(|s| s.sha256).or(recovered);
         let mut book = self.book();
-        let recorded = book.finish_commit(&grant, folded.is_ok().then_some(n_samples));
+        let recorded =
+            book.finish_commit_saved(&grant, folded.is_ok().then_some(n_samples), digest);
         guard.ended = true;
         // Queued under the book's lock, so that it reaches the coordinator before the round's
         // "aggregated" notice, which a close can only send after taking the lock.
@@ -442,6 +483,10 @@ impl Aggregator {
             }
         }
         drop(book);
+        // The round is over (its model stored, or it failed): its saved updates go.
+        if let Some(durable) = &self.durable {
+            tokio::runtime::Handle::current().block_on(durable.forget_round(round, attempt));
+        }
         tracing::info!(
             round,
             attempt,

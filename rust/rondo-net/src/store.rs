@@ -218,6 +218,26 @@ impl Store {
         }
     }
 
+    /// Removes one field of a hash.
+    pub async fn hash_delete(&self, name: &str, field: &str) -> Result<(), StoreError> {
+        let key = self.key(name);
+        match &self.backend {
+            Backend::Memory(data) => {
+                if let Some(hash) = data.lock().hashes.get_mut(&key) {
+                    hash.remove(field);
+                }
+                Ok(())
+            }
+            Backend::Redis(manager) => {
+                let mut connection = manager.clone();
+                connection
+                    .hdel::<_, _, ()>(key, field)
+                    .await
+                    .map_err(|e| self.failed(e))
+            }
+        }
+    }
+
     /// Every field of a hash (empty when there is none).
     pub async fn hash_get_all(&self, name: &str) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
         let key = self.key(name);
