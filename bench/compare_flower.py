@@ -330,7 +330,11 @@ def edges(
     }
 
 
-def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
+def run_rondo(
+    w: Workload, run_dir: Path, deadline: float, services_env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One Rondo run of `w`; `services_env` adds settings to both services' environment (e.g.
+    a `[store]`, for bench/durable_acks.py)."""
     # The initial model is written before the clock starts: Rondo then runs exactly R rounds
     # from the same zero model that Flower gets as initial_parameters.
     initial = run_dir / "initial.safetensors"
@@ -367,6 +371,7 @@ def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
                 "RONDO__API__PORT": str(free_port()),
                 "RONDO__RPC__PORT": aggregator_rpc.rsplit(":", 1)[1],
                 "RONDO__MODEL__INITIAL_MODEL": str(initial),
+                **(services_env or {}),
             },
         )
         coordinator_pid = procs.start(
@@ -382,6 +387,7 @@ def run_rondo(w: Workload, run_dir: Path, deadline: float) -> dict[str, Any]:
                 "RONDO__FEDERATION__HEARTBEAT_TIMEOUT_SECS": str(heartbeat_timeout),
                 # Never close a round early: the check expects every client in every round.
                 "RONDO__FEDERATION__ROUND_TIMEOUT_SECS": str(max(1.0, procs.remaining())),
+                **(services_env or {}),
             },
         )
         names = start_clients(procs, w, "participants", participant_argv)

@@ -353,3 +353,18 @@ def tcp_proxy() -> Iterator[TcpProxy]:
     proxy = TcpProxy()
     yield proxy
     proxy.close()
+
+
+def kill_both_and_restart(
+    federation: Federation,
+    tmp: Path,
+    coordinator: dict[str, object],
+    aggregator: dict[str, object],
+) -> None:
+    """SIGKILLs both services at once, then starts both again on the same ports."""
+    for service in (federation.coordinator, federation.aggregator):
+        service.process.kill()
+    for service in (federation.coordinator, federation.aggregator):
+        service.process.wait()
+    federation.restart_aggregator(tmp, aggregator)
+    federation.restart_coordinator(tmp, coordinator)

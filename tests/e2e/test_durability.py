@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from conftest import TcpProxy, free_port, kill_both_and_restart
 from safetensors.numpy import save_file
 from test_faults import model_value
 from test_rounds import Adder, run_in_thread
@@ -209,3 +210,163 @@ def test_a_retried_upload_that_got_in_is_answered_not_counted(
     assert more_samples.status_code == 409, more_samples.text
     assert federation.aggregator_status()["accepted"] == [a.id]
     assert metric(federation, "rondo_aggregator_updates_accepted_total") == 1
+
+
+def three_people() -> dict[str, Adder]:
+    """a and b deliver at once; c trains long enough for the test to act mid-round."""
+    return {"a": Adder(1.0, 10), "b": Adder(3.0, 30), "c": Adder(2.0, 20, train_secs=2.0)}
+
+
+THREE_PEOPLE_MEAN = (10 * 1 + 30 * 3 + 20 * 2) / 60
+
+
+def one_round(redis_server, tmp_path: Path) -> tuple[dict, dict]:
+    initial = tmp_path / "initial.safetensors"
+    if not initial.exists():
+        save_file({"layer/w": np.zeros((100, 10), np.float32), "layer/b": np.zeros(10, np.float32)},
+                  str(initial))  # fmt: skip
+    coordinator = {
+        **COORDINATOR,
+        "federation.rounds": 1,
+        "federation.min_clients": 3,
+        "federation.heartbeat_timeout_secs": 10,
+        "aggregator.call_timeout_secs": 1,
+        **durable(redis_server, tmp_path / "coordinator"),
+    }
+    aggregator = {"model.initial_model": initial, **durable(redis_server, tmp_path / "aggregator")}
+    return coordinator, aggregator
+
+
+def wait_for_accepted(federation, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(federation.aggregator_status()["accepted"]) < n:
+        assert time.monotonic() < deadline, federation.aggregator_status()
+        time.sleep(0.02)
+
+
+def finish_exactly_once(federation, threads, reports) -> dict:
+    """Waits for the federation to finish and checks round 1 was aggregated once, from all
+    three, with nobody joining again, and the model is their exact weighted average."""
+    status = federation.wait_for(lambda s: s["phase"] == "finished", what="the round to close")
+    for thread in threads:
+        thread.join(timeout=20)
+    assert {r.final_action for r in reports.values()} == {"finish"}, reports
+    assert all(len(r.participant_ids) == 1 for r in reports.values()), "nobody joined again"
+    rounds = [e for e in status["history"] if e["outcome"] == "aggregated"]
+    assert [e["round"] for e in rounds] == [1], status["history"]
+    assert len(rounds[0]["delivered"]) == 3, rounds
+    np.testing.assert_allclose(model_value(federation), THREE_PEOPLE_MEAN, rtol=1e-6)
+    return status
+
+
+def test_both_killed_at_once_mid_round(start_federation, redis_server, tmp_path):
+    """SIGKILL coordinator and aggregator together after two uploads were acknowledged: both
+    come back from Redis and the data directory, and the same round finishes with all three."""
+    coordinator, aggregator = one_round(redis_server, tmp_path)
+    federation = start_federation(coordinator=coordinator, aggregator=aggregator)
+    reports: dict = {}
+    threads = [
+        run_in_thread(p, federation.coordinator_url, n, reports) for n, p in three_people().items()
+    ]
+    wait_for_accepted(federation, 2)
+    kill_both_and_restart(federation, tmp_path, coordinator, aggregator)
+    assert len(federation.aggregator_status()["accepted"]) >= 2
+    finish_exactly_once(federation, threads, reports)
+
+
+def test_redis_restarted_empty_mid_round(start_federation, redis_server, tmp_path):
+    """Redis restarted without persistence mid-round: both services notice within a second and
+    write back what they hold; killed after that, both still come back to the same round."""
+    coordinator, aggregator = one_round(redis_server, tmp_path)
+    federation = start_federation(coordinator=coordinator, aggregator=aggregator)
+    reports: dict = {}
+    threads = [
+        run_in_thread(p, federation.coordinator_url, n, reports) for n, p in three_people().items()
+    ]
+    wait_for_accepted(federation, 2)
+    redis_server.restart()
+    assert redis_server.keys() == []
+    deadline = time.monotonic() + 10
+    wanted = {"rondo:t:coordinator:federation", "rondo:t:aggregator:round"}
+    while not wanted <= set(redis_server.keys()):
+        assert time.monotonic() < deadline, redis_server.keys()
+        time.sleep(0.05)
+    accepted = redis_server.cli("--raw", "HKEYS", "rondo:t:aggregator:accepted:1:0").split()
+    assert len(accepted) >= 2, accepted
+    kill_both_and_restart(federation, tmp_path, coordinator, aggregator)
+    finish_exactly_once(federation, threads, reports)
+    logs = "".join(s.log.read_text() for s in federation.services)
+    assert "written back" in logs
+
+
+def test_uploads_acknowledged_while_the_coordinator_is_down_stay_counted(
+    start_federation, redis_server, tmp_path
+):
+    """The coordinator dies right after handing out the round's tokens; the participants
+    upload while it is down, and the aggregator acknowledges them. Back up, the coordinator
+    hears of them (the aggregator's notices wait for it) and the round closes with all three."""
+    coordinator, aggregator = one_round(redis_server, tmp_path)
+    federation = start_federation(coordinator=coordinator, aggregator=aggregator)
+    people = {
+        "a": Adder(1.0, 10, train_secs=0.5),
+        "b": Adder(3.0, 30, train_secs=0.5),
+        "c": Adder(2.0, 20, train_secs=0.5),
+    }
+    reports: dict = {}
+    threads = [run_in_thread(p, federation.coordinator_url, n, reports) for n, p in people.items()]
+    federation.wait_for(
+        lambda s: sum(p["state"] == "training" for p in s["participants"]) == 3,
+        what="all three to start training",
+    )
+    federation.coordinator.process.kill()
+    federation.coordinator.process.wait()
+    wait_for_accepted(federation, 3)
+    federation.restart_coordinator(tmp_path, coordinator)
+    finish_exactly_once(federation, threads, reports)
+
+
+def test_a_partition_between_the_services_longer_than_the_call_deadline(start_federation, tmp_path):
+    """Both RPC directions run through TCP proxies; the test cuts them for three times the
+    call deadline mid-federation, then heals them. The federation completes, no round is
+    aggregated twice, and the model is the exact replay of every round once."""
+    to_aggregator, to_coordinator = TcpProxy(), TcpProxy()
+    coordinator_rpc = free_port()
+    to_coordinator.target = ("127.0.0.1", coordinator_rpc)
+    try:
+        federation = start_federation(
+            coordinator={
+                **COORDINATOR,
+                "federation.rounds": 4,
+                "federation.heartbeat_timeout_secs": 10,
+                "aggregator.call_timeout_secs": 1,
+                "aggregator.rpc_address": f"127.0.0.1:{to_aggregator.port}",
+                "rpc.port": coordinator_rpc,
+                "rpc.advertise_address": f"127.0.0.1:{to_coordinator.port}",
+            },
+            aggregator={"link.call_timeout_secs": 1},
+        )
+        aggregator_rpc = int(federation.aggregator.addresses["rpc"].rsplit(":")[1])
+        to_aggregator.target = ("127.0.0.1", aggregator_rpc)
+        people = {"a": Adder(1.0, 10, train_secs=0.3), "b": Adder(3.0, 30, train_secs=0.3)}
+        reports: dict = {}
+        threads = [
+            run_in_thread(p, federation.coordinator_url, n, reports) for n, p in people.items()
+        ]
+        federation.wait_for(lambda s: len(aggregated_rounds(s)) >= 2, what="round 1 to close")
+        to_aggregator.partition()
+        to_coordinator.partition()
+        time.sleep(3)
+        cut = federation.status()
+        assert cut["aggregator"]["connected"] is False, cut["aggregator"]
+        to_aggregator.heal()
+        to_coordinator.heal()
+        status = federation.wait_for(lambda s: s["phase"] == "finished", what="all rounds")
+        for thread in threads:
+            thread.join(timeout=20)
+    finally:
+        to_aggregator.close()
+        to_coordinator.close()
+    assert {r.final_action for r in reports.values()} == {"finish"}
+    rounds = aggregated_rounds(status)
+    assert sorted(rounds) == [0, 1, 2, 3, 4], status["history"]
+    np.testing.assert_allclose(model_value(federation), 2.5 * 4, rtol=1e-6)
