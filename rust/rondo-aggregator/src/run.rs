@@ -41,6 +41,7 @@ fn round_book(config: &AggregatorSettings) -> anyhow::Result<RoundBook> {
 
 pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
     let book = round_book(&config)?;
+    let store = crate::models::open_configured(&config.store, &book)?;
     let upload_bytes = book.model().map(|m| m.spec.byte_len());
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
     let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
@@ -64,6 +65,7 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
         config.limits,
         (!config.model.output_path.is_empty())
             .then(|| ModelOutput::new(config.model.output_path.clone().into())),
+        store,
     );
     if let Some(bytes) = upload_bytes {
         // While participants are still starting up, rather than during the first round.
