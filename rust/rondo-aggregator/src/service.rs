@@ -96,7 +96,7 @@ impl Metrics {
         .expect("valid metric");
         let download_bytes = IntCounter::new(
             "download_bytes_total",
-            "Bytes of global models handed to participants' connections",
+            "Bytes of global models handed to connections (downloads of the current and of kept models)",
         )
         .expect("valid metric");
         let download_seconds = histogram(
