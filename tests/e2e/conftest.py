@@ -160,9 +160,11 @@ def start_federation(tmp_path: Path) -> Iterator:
     def start(
         coordinator: dict[str, object] | None = None, aggregator: dict[str, object] | None = None
     ) -> Federation:
-        agg = start_service("aggregator", tmp_path, aggregator or {})
+        # A second federation in one test gets files (addresses, logs) of its own.
+        tag = f".{len(started)}" if started else ""
+        agg = start_service("aggregator", tmp_path, aggregator or {}, tag=tag)
         coord_settings = {"aggregator.rpc_address": agg.addresses["rpc"], **(coordinator or {})}
-        coord = start_service("coordinator", tmp_path, coord_settings)
+        coord = start_service("coordinator", tmp_path, coord_settings, tag=tag)
         federation = Federation(coord, agg)
         started.append(federation)
         return federation

@@ -11,7 +11,8 @@ protocol: joining, heartbeats, rounds), :mod:`rondo.transport` (HTTP on :mod:`ht
 downloads read in place, uploads sent from the arrays, TLS options, proxies; the
 :class:`Transport` protocol a caller may implement instead), :mod:`rondo.safetensors_io` (the
 wire encoding of weights: float32, float64, float16, and bfloat16 with ``ml_dtypes``),
-:mod:`rondo.errors`, :mod:`rondo.util`.
+:mod:`rondo.errors`, :mod:`rondo.util`, :mod:`rondo.model_store` (the aggregator's kept models:
+:func:`download_model` saves one to a file, checked against its manifest's SHA-256).
 
 Helpers, imported only when used (``import rondo.keras``; ``import rondo`` loads none of them):
 :mod:`rondo.keras` (a Keras model's weights <-> named tensors), :mod:`rondo.sklearn`
@@ -19,7 +20,16 @@ Helpers, imported only when used (``import rondo.keras``; ``import rondo`` loads
 (download the federation's global model from the aggregator).
 """
 
-from .errors import ApiError, CoordinatorUnavailable, DTypeUnavailable, NetworkError, RondoError
+from .errors import (
+    ApiError,
+    ChecksumMismatch,
+    CoordinatorUnavailable,
+    DTypeUnavailable,
+    ModelNotAvailable,
+    NetworkError,
+    RondoError,
+)
+from .model_store import download_model
 from .participant import Participant, ParticipantReport
 from .runner import run_participant
 from .transport import HttpClient, Transport
@@ -29,9 +39,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApiError",
+    "ChecksumMismatch",
     "CoordinatorUnavailable",
     "DTypeUnavailable",
     "HttpClient",
+    "ModelNotAvailable",
     "NetworkError",
     "Participant",
     "ParticipantReport",
@@ -39,5 +51,6 @@ __all__ = [
     "Transport",
     "Weights",
     "__version__",
+    "download_model",
     "run_participant",
 ]

@@ -3,9 +3,11 @@
     rondo status http://coordinator:8081
     rondo history http://coordinator:8081 --csv > rounds.csv
     rondo model download http://aggregator:8091 final.safetensors
+    rondo download-model http://coordinator:8081 round-3.safetensors --round 3
 
 It reads what the services publish for anyone (the coordinator's ``/v1/status``,
-``/v1/history`` and ``/v1/history.csv``, the aggregator's ``/v1/model``) with the SDK's own
+``/v1/history`` and ``/v1/history.csv``, the aggregator's ``/v1/model`` and its model store's
+``/v1/models`` and ``/v1/rounds/{r}/...``) with the SDK's own
 :class:`rondo.transport.HttpClient`, so TLS options and proxy variables work as they do for
 participants. Exit codes: 0 done, 1 the service refused or could not be reached (the message
 says which), 2 a usage error.
@@ -24,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import ApiError, NetworkError
+from .errors import ApiError, ChecksumMismatch, ModelNotAvailable, NetworkError
+from .model_store import download_model
 from .transport import HttpClient
 
 EXIT_FAILED = 1
@@ -41,6 +44,8 @@ examples:
   rondo history http://127.0.0.1:8081 --csv > rounds.csv
   rondo model download http://127.0.0.1:8091 model.safetensors
   rondo model download http://127.0.0.1:8091 model.safetensors --round 5
+  rondo download-model http://127.0.0.1:8081 model.safetensors
+  rondo download-model http://127.0.0.1:8081 round-2.safetensors --round 2
 
 The status page for people is the coordinator's own root URL, e.g. http://127.0.0.1:8081/.
 Exit codes: 0 done, 1 the service refused or was unreachable, 2 usage error."""
@@ -51,6 +56,13 @@ def _url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
     return text.rstrip("/")
+
+
+def _round(text: str) -> int:
+    """A round number, as an argparse type."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a round number (0, 1, 2, ...)")
+    return int(text)
 
 
 def _base(url: str) -> str:
@@ -233,6 +245,29 @@ def cmd_model_download(args: argparse.Namespace, out) -> int:
     return 0
 
 
+def cmd_download_model(args: argparse.Namespace, out) -> int:
+    target = Path(args.output)
+    if target.exists() and not args.force:
+        out.write(f"rondo: {target} exists (use --force to replace it); nothing written\n")
+        return EXIT_FAILED
+    try:
+        with _client(args) as client:
+            manifest = download_model(
+                args.url, target, args.round, client=client, timeout=args.timeout
+            )
+    except (ModelNotAvailable, ChecksumMismatch) as exc:
+        out.write(f"rondo: {exc}; nothing written\n")
+        return EXIT_FAILED
+    contributors = manifest.get("contributors") or {}
+    out.write(
+        f"wrote {target}: the global model of round {manifest['round']} (attempt "
+        f"{manifest.get('attempt', '-')}, {manifest.get('source', '-')}), "
+        f"{len(contributors)} contributors, {manifest.get('total_samples', 0)} samples, "
+        f"{manifest['bytes']:,} bytes, SHA-256 {manifest['sha256']} (checked)\n"
+    )
+    return 0
+
+
 # --- the parser --------------------------------------------------------------------------------
 
 
@@ -321,10 +356,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--round",
         type=int,
         metavar="R",
-        help="fail unless the model is that of round R (the aggregator keeps only the latest)",
+        help="fail unless the model is that of round R (this reads only the latest; "
+        "`rondo download-model` gets any round the model store keeps)",
     )
     download.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     download.set_defaults(run=cmd_model_download)
+
+    stored = commands.add_parser(
+        "download-model",
+        parents=[common],
+        help="save a round's model from the model store, checked against its manifest",
+        description="Save the model of round R (default: the newest kept) from the "
+        "aggregator's model store (store.data_dir) to OUTPUT: its manifest first (GET "
+        "URL/v1/rounds/R/manifest, or the newest of URL/v1/models), then the file, streamed to "
+        "a temporary file next to OUTPUT, its SHA-256 and length checked against the manifest, "
+        "then renamed into place. URL is the coordinator's (it redirects to the aggregator) or "
+        "the aggregator's.",
+    )
+    stored.add_argument(
+        "url", type=_url, metavar="URL", help="e.g. http://127.0.0.1:8081 (the coordinator)"
+    )
+    stored.add_argument(
+        "output", metavar="OUTPUT", help="where to write it, e.g. model.safetensors"
+    )
+    stored.add_argument(
+        "--round", type=_round, metavar="R", help="the round (default: the newest kept)"
+    )
+    stored.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    stored.set_defaults(run=cmd_download_model)
     return parser
 
 

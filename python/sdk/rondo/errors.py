@@ -33,6 +33,37 @@ class ApiError(RondoError):
         self.message = message
 
 
+class ModelNotAvailable(RondoError):
+    """The aggregator has no global model (round 0 has not closed), or not the round asked for
+    (its model store does not keep it, or it has no store).
+
+    Attributes:
+        requested: the round asked for (None: the latest).
+        available: the round of the model the aggregator holds, when that is known (None: it
+            holds none, or the answer did not say).
+    """
+
+    def __init__(self, message: str, requested: int | None, available: int | None) -> None:
+        super().__init__(message)
+        self.requested = requested
+        self.available = available
+
+
+class ChecksumMismatch(RondoError):
+    """A downloaded model is not the file its manifest describes (its SHA-256 or length
+    differ): it was not written where it was asked to be.
+
+    Attributes:
+        expected: the manifest's SHA-256 (hex).
+        actual: the SHA-256 of what came (hex).
+    """
+
+    def __init__(self, message: str, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+
+
 class DTypeUnavailable(RondoError):
     """A tensor has a dtype that this Python installation cannot represent.
 

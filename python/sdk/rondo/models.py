@@ -9,17 +9,18 @@ file's metadata. With the Keras or scikit-learn helpers it goes straight back in
     weights = rondo.models.download_model("http://127.0.0.1:8091")
     rondo.keras.set_weights(model, weights)
 
-**Which rounds exist.** Today the aggregator keeps one global model, the latest: ``round=r``
-gets it only while it is round ``r``'s (else :class:`ModelNotAvailable` says which round it
-holds). Past rounds' models are not kept by the aggregator; a participant that wants them
-keeps them itself, e.g. saving what ``train_round`` receives.
+**Which rounds exist.** Here, the aggregator's one global model in memory, the latest:
+``round=r`` gets it only while it is round ``r``'s (else :class:`ModelNotAvailable` says which
+round it holds). An aggregator with a model store (``store.data_dir``) also keeps past rounds'
+models: :func:`rondo.download_model` saves any kept round to a file, checked against its
+manifest.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ApiError, NetworkError, RondoError
+from .errors import ApiError, ModelNotAvailable, NetworkError
 from .safetensors_io import decode
 from .transport import HttpClient, Transport
 from .types import Weights
@@ -28,20 +29,6 @@ __all__ = ["GlobalModel", "ModelNotAvailable", "download_model", "fetch_model"]
 
 DOWNLOAD_TIMEOUT = 600.0
 """Seconds without progress after which a download is given up (as the runner's)."""
-
-
-class ModelNotAvailable(RondoError):
-    """The aggregator has no global model (round 0 has not closed), or not the round asked for.
-
-    Attributes:
-        requested: the round asked for (None: the latest).
-        available: the round of the model the aggregator holds (None: it holds none).
-    """
-
-    def __init__(self, message: str, requested: int | None, available: int | None) -> None:
-        super().__init__(message)
-        self.requested = requested
-        self.available = available
 
 
 @dataclass

@@ -50,8 +50,9 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
-from urllib.parse import unquote, urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urljoin, urlsplit
 
 import numpy as np
 
@@ -73,6 +74,14 @@ MAX_HEADERS = 100
 
 MAX_IDLE_PER_ORIGIN = 8
 """Idle connections kept per origin; more are closed when their exchange ends."""
+
+STREAM_CHUNK_BYTES = 1 << 20
+"""Bytes read at a time when a body is streamed to a file (:meth:`HttpClient.fetch`)."""
+
+MAX_REDIRECTS = 5
+"""Most redirects :meth:`HttpClient.fetch` follows for one request."""
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 """Methods that may be sent again after a failure (RFC 9110, 9.2.2); ``POST`` only when the
@@ -141,6 +150,28 @@ class Transport(Protocol):
         """POST the concatenated ``pieces`` (``len(pieces)`` bytes in all) and return the
         parsed JSON answer."""
         ...
+
+
+class Sink(Protocol):
+    """Where :meth:`HttpClient.fetch` writes a body: a binary file, or anything with its
+    ``write``. Each piece is a memoryview valid only during the call."""
+
+    def write(self, data: memoryview, /) -> object: ...
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """The answer to :meth:`HttpClient.fetch`."""
+
+    url: str
+    """The URL that answered, after any redirects."""
+    status: int
+    headers: dict[str, str]
+    """The answer's header fields, names in lower case."""
+    body: bytes | None
+    """The body; None when it was streamed to a ``sink``."""
+    length: int
+    """Bytes of the body."""
 
 
 def _error_from(status: int, body: bytes | bytearray) -> ApiError:
@@ -570,6 +601,95 @@ class HttpClient:
         if response.status >= 400:
             raise _error_from(response.status, payload)
         return json.loads(payload) if payload else None
+
+    def fetch(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+        sink: Sink | None = None,
+        max_redirects: int = MAX_REDIRECTS,
+    ) -> Fetched:
+        """GET ``url``, following redirects (301, 302, 303, 307, 308; e.g. the coordinator's
+        ``/v1/rounds/{r}/model``, which sends the client to the aggregator), and return the
+        final answer with its headers: the body in memory, or, with ``sink``, written to it
+        piece by piece as it arrives (a model of any size, in memory a megabyte at a time).
+
+        An ``Authorization`` header is not carried to another origin than the one it was
+        meant for. ``call``, ``download`` and ``upload`` follow no redirect.
+
+        Raises:
+            ApiError: the final answer was 400 or more.
+            NetworkError: the service could not be reached, the body ended early, or there
+                were more than ``max_redirects`` redirects (or one without a ``Location``).
+        """
+        all_headers = dict(headers or {})
+        for _ in range(max_redirects + 1):
+            connection, response = self._exchange("GET", url, all_headers, None, timeout, True)
+            if response.status in REDIRECT_STATUSES:
+                location = response.getheader("Location")
+                self._read_all(connection, response, "GET", url)
+                if not location:
+                    raise NetworkError(f"GET {url}: a {response.status} without a Location")
+                target = urljoin(url, location)
+                if _origin(target)[0] != _origin(url)[0]:
+                    all_headers = {
+                        k: v for k, v in all_headers.items() if k.lower() != "authorization"
+                    }
+                url = target
+                continue
+            if response.status >= 400:
+                raise _error_from(response.status, self._read_all(connection, response, "GET", url))
+            fields = {name.lower(): value for name, value in response.getheaders()}
+            if sink is None:
+                body = bytes(self._read_all(connection, response, "GET", url))
+                return Fetched(url, response.status, fields, body, len(body))
+            return Fetched(
+                url, response.status, fields, None, self._stream(connection, response, url, sink)
+            )
+        raise NetworkError(f"GET {url}: more than {max_redirects} redirects")
+
+    def _stream(
+        self,
+        connection: _Connection,
+        response: http.client.HTTPResponse,
+        url: str,
+        sink: Sink,
+    ) -> int:
+        """Writes the body to ``sink`` as it arrives; its length."""
+        encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            self._discard(connection)
+            raise NetworkError(f"download of {url} came with Content-Encoding {encoding!r}")
+        total = None if response.chunked else response.length
+        got = 0
+        buffer = bytearray(STREAM_CHUNK_BYTES)
+        with memoryview(buffer) as view:
+            while True:
+                try:
+                    n = response.readinto(view)
+                except (OSError, http.client.HTTPException) as exc:
+                    self._discard(connection)
+                    raise NetworkError(
+                        f"download of {url} failed after {got} bytes: {exc!r}"
+                    ) from exc
+                if not n:
+                    break
+                try:
+                    sink.write(view[:n])
+                except BaseException:
+                    # The sink's own failure (a full disk, say), raised as it is.
+                    self._discard(connection)
+                    raise
+                got += n
+        if total is not None and got < total:
+            self._discard(connection)
+            raise NetworkError(
+                f"download of {url} failed after {got} of {total} bytes: the connection closed"
+            )
+        self._release(connection, response)
+        return got
 
     # --- exchanges --------------------------------------------------------------------------
 

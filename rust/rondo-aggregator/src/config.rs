@@ -13,7 +13,6 @@ use rondo_core::aggregate::{AccumulationMode, AccumulatorOptions};
 use rondo_core::strategy::{self as strategies, Options, Strategy};
 use rondo_net::link_key::LinkKey;
 use rondo_net::settings::{self, ConfigError, FromConfig};
-use rondo_net::store::StoreSettings;
 use serde::Deserialize;
 
 pub const DEFAULTS: &str = include_str!("../../../configs/dev-aggregator.toml");
@@ -35,19 +34,9 @@ pub struct AggregatorConfig {
     pub model: ModelConfig,
     pub aggregation: AggregationConfig,
     pub link: LinkConfig,
-    pub store: StoreConfig,
     pub runtime: RuntimeConfig,
     pub limits: crate::wire::UploadLimits,
-}
-
-/// `[store]`: where the aggregator keeps what it needs after a restart (see
-/// [`crate::durable`]).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    pub url: String,
-    pub namespace: String,
-    pub data_dir: String,
+    pub store: StoreConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -144,6 +133,29 @@ pub struct RuntimeConfig {
     pub addresses_file: String,
 }
 
+/// `[store]`: where state outlives the process: the model store and saved updates
+/// (`data_dir`), and the state store (`url`, see [`crate::durable`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub url: String,
+    pub namespace: String,
+    pub data_dir: String,
+    #[serde(deserialize_with = "settings::integer")]
+    pub keep_models: u32,
+}
+
+/// `[store]`, checked: `data_dir` exists (created at start-up) and is writable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// The state store's URL (`None`: in memory), namespace and `data_dir`.
+    pub state: rondo_net::store::StoreSettings,
+    /// `None`: no model store (`store.data_dir` empty).
+    pub data_dir: Option<std::path::PathBuf>,
+    /// How many rounds to keep, the newest; 0: all.
+    pub keep_models: u32,
+}
+
 /// What the aggregator runs with: every value checked.
 #[derive(Debug, Clone)]
 pub struct AggregatorSettings {
@@ -155,9 +167,9 @@ pub struct AggregatorSettings {
     /// The key both RPC directions prove (`rpc.key_file`); `None`: an open link.
     pub link_key: Option<LinkKey>,
     pub link: LinkSettings,
-    pub store: StoreSettings,
     pub runtime: RuntimeConfig,
     pub limits: crate::wire::UploadLimits,
+    pub store: StoreSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -196,7 +208,6 @@ impl FromConfig for AggregatorSettings {
         let strategy = strategy_choice(&aggregation)?;
         let link_key = settings::link_key("rpc.key_file", &raw.rpc.key_file)?;
         Ok(Self {
-            store: StoreSettings::new(&raw.store.url, &raw.store.namespace, &raw.store.data_dir)?,
             strategy,
             link_key,
             api: ApiSettings {
@@ -238,8 +249,36 @@ impl FromConfig for AggregatorSettings {
                 raw.limits.validate().map_err(ConfigError::unreadable)?;
                 raw.limits
             },
+            store: store_settings(raw.store)?,
         })
     }
+}
+
+/// The most rounds `store.keep_models` can name (0 keeps all anyway).
+const MAX_KEEP_MODELS: u32 = 1_000_000;
+
+fn store_settings(raw: StoreConfig) -> Result<StoreSettings, ConfigError> {
+    let keep_models = settings::int("store.keep_models", raw.keep_models, 0, MAX_KEEP_MODELS)?;
+    if raw.data_dir.is_empty() {
+        return Ok(StoreSettings {
+            state: rondo_net::store::StoreSettings::new(&raw.url, &raw.namespace, "")?,
+            data_dir: None,
+            keep_models,
+        });
+    }
+    let dir = std::path::PathBuf::from(&raw.data_dir);
+    crate::models::check_data_dir(&dir).map_err(|problem| {
+        ConfigError::invalid(
+            "store.data_dir",
+            format!("{:?}", raw.data_dir),
+            format!("must be a writable directory (created if missing): {problem}"),
+        )
+    })?;
+    Ok(StoreSettings {
+        state: rondo_net::store::StoreSettings::new(&raw.url, &raw.namespace, &raw.data_dir)?,
+        data_dir: Some(dir),
+        keep_models,
+    })
 }
 
 /// Empty, or a file path whose directory exists (the file itself is written later).
@@ -362,6 +401,50 @@ mod tests {
         ));
         assert!(ok.is_ok(), "{ok:?}");
         assert!(error(&format!("[model]\noutput_path = \"{dir}/\"\n")).contains("a file"));
+    }
+
+    #[test]
+    fn the_store_is_off_by_default_and_its_data_dir_must_be_a_writable_directory() {
+        assert_eq!(
+            load("").expect("the defaults are valid").store,
+            StoreSettings {
+                state: rondo_net::store::StoreSettings {
+                    url: None,
+                    namespace: "default".to_string(),
+                    data_dir: None,
+                },
+                data_dir: None,
+                keep_models: 0
+            }
+        );
+        let tmp = tempfile::tempdir().expect("a temp dir");
+        let dir = tmp.path().join("new/store");
+        let settings = load(&format!(
+            "[store]\ndata_dir = \"{}\"\nkeep_models = 3\n",
+            dir.display()
+        ))
+        .expect("a missing directory is created");
+        assert_eq!(settings.store.data_dir.as_deref(), Some(dir.as_path()));
+        assert_eq!(settings.store.keep_models, 3);
+        assert!(dir.join("models").is_dir());
+        let file = tmp.path().join("a-file");
+        std::fs::write(&file, b"x").expect("a file");
+        for bad in [file.clone(), file.join("below")] {
+            let text = error(&format!("[store]\ndata_dir = \"{}\"\n", bad.display()));
+            assert!(
+                text.starts_with("invalid config: store.data_dir = "),
+                "{text}"
+            );
+            assert!(text.contains("must be a writable directory"), "{text}");
+        }
+        for (bad, key) in [
+            ("keep_models = -1", "`store.keep_models`"),
+            ("keep_models = 1.5", "`store.keep_models`"),
+            ("keep_models = 1000001", "store.keep_models = 1000001"),
+        ] {
+            let text = error(&format!("[store]\n{bad}\n"));
+            assert!(text.contains(key), "{bad}: {text}");
+        }
     }
 
     #[test]

@@ -27,7 +27,6 @@ use rondo_core::federation::SecretHash;
 use rondo_core::model::ModelSpec;
 use rondo_net::store::{Snapshot, Store};
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 const ROUND_KEY: &str = "aggregator:round";
 
@@ -61,8 +60,7 @@ pub struct SavedUpdate {
 
 /// The SHA-256 of an update's tensor bytes, hex: how a retried upload is recognized.
 pub fn digest(data: &[u8]) -> String {
-    let hash = sha2::Sha256::digest(data);
-    hash.iter().map(|b| format!("{b:02x}")).collect()
+    crate::models::sha256_hex(data)
 }
 
 /// The aggregator's durable side: the store, where update files go, and a copy of what is
@@ -288,16 +286,17 @@ impl Durable {
                     continue;
                 }
             }
+            // The records first: a restart that finds the round finds its updates too.
             let written = async {
-                self.store
-                    .put(ROUND_KEY, &serde_json::to_vec(&round)?)
-                    .await?;
                 let key = accepted_key(round.round, round.attempt);
                 for (participant, saved) in &updates {
                     self.store
                         .hash_put(&key, participant, &serde_json::to_vec(saved)?)
                         .await?;
                 }
+                self.store
+                    .put(ROUND_KEY, &serde_json::to_vec(&round)?)
+                    .await?;
                 anyhow::Ok(())
             };
             match written.await {

@@ -1,4 +1,5 @@
-//! The aggregator's HTTP API: model downloads and update uploads (see `docs/wire-format.md`).
+//! The aggregator's HTTP API: model downloads and update uploads (see `docs/wire-format.md`),
+//! and the model store's kept rounds (`GET /v1/models`, a round's manifest and model).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,6 +15,7 @@ use rondo_net::api::{self, ApiError, bearer_token};
 use serde_json::json;
 use tower_http::set_header::SetResponseHeaderLayer;
 
+use crate::models::{ModelStore, ReadError};
 use crate::rounds::{CommitError, Grant, GrantError};
 use crate::service::{Aggregator, Commit};
 use crate::staging::STAGING_UNIT;
@@ -24,6 +26,8 @@ const OPENAPI: &str = include_str!("../../../docs/openapi/aggregator.json");
 pub fn router(aggregator: Arc<Aggregator>) -> Router {
     let routes = Router::new()
         .route("/v1/rounds/{round}/model", get(download_round_model))
+        .route("/v1/rounds/{round}/manifest", get(round_manifest))
+        .route("/v1/models", get(stored_models))
         // An upload makes hyper grow the connection's read buffer to its maximum, and a
         // kept-alive connection keeps it: with a hundred participants that is more memory than
         // the model. Uploads happen once a round, so their connections are closed instead.
@@ -183,12 +187,108 @@ fn model_response(aggregator: &Arc<Aggregator>, file: bytes::Bytes, round: u32) 
         .into_response()
 }
 
+/// The model store, or the answer that there is none.
+fn model_store(aggregator: &Aggregator) -> Result<&Arc<ModelStore>, ApiError> {
+    aggregator.model_store.as_ref().ok_or_else(|| {
+        ApiError::not_found(
+            "no_model_store",
+            "this aggregator keeps no models (store.data_dir is not set)",
+        )
+    })
+}
+
+fn not_stored(store: &ModelStore, round: u32) -> ApiError {
+    let kept = store.manifests();
+    let kept = match (kept.first(), kept.last()) {
+        (Some(first), Some(last)) if first.round == last.round => {
+            format!("it keeps round {}", first.round)
+        }
+        (Some(first), Some(last)) => format!(
+            "it keeps {} rounds, from {} to {}",
+            kept.len(),
+            first.round,
+            last.round
+        ),
+        _ => "it keeps none yet".to_string(),
+    };
+    ApiError::not_found(
+        "model_not_stored",
+        format!("the model of round {round} is not in the model store: {kept}"),
+    )
+}
+
+/// A kept round's model, read back and checked against its manifest (a file that does not
+/// match is refused, 500, never served).
+async fn stored_model(aggregator: &Arc<Aggregator>, round: u32) -> Result<Response, ApiError> {
+    let store = model_store(aggregator)?.clone();
+    let reader = store.clone();
+    let read = tokio::task::spawn_blocking(move || reader.read(round))
+        .await
+        .map_err(|join| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "model_store_error",
+                format!("reading the stored model failed: {join}"),
+            )
+        })?;
+    let (manifest, file) = match read {
+        Ok(Some(found)) => found,
+        Ok(None) => return Err(not_stored(&store, round)),
+        Err(err) => {
+            tracing::error!(round, "a stored model was not served: {err}");
+            let code = match err {
+                ReadError::Corrupted { .. } => "stored_model_corrupted",
+                ReadError::Io { .. } => "model_store_error",
+            };
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                code,
+                err.to_string(),
+            ));
+        }
+    };
+    let mut response = model_response(aggregator, file, manifest.round);
+    if let Ok(sha256) = HeaderValue::from_str(&manifest.sha256) {
+        response
+            .headers_mut()
+            .insert(header::HeaderName::from_static("x-rondo-sha256"), sha256);
+    }
+    Ok(response)
+}
+
+async fn round_manifest(
+    State(aggregator): State<Arc<Aggregator>>,
+    OriginalUri(uri): OriginalUri,
+) -> Result<Json<crate::models::Manifest>, ApiError> {
+    let round = round_param(&uri)?;
+    let store = model_store(&aggregator)?;
+    store
+        .manifest(round)
+        .map(Json)
+        .ok_or_else(|| not_stored(store, round))
+}
+
+async fn stored_models(
+    State(aggregator): State<Arc<Aggregator>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let store = model_store(&aggregator)?;
+    Ok(Json(json!({
+        "models": store.manifests(),
+        "keep_models": store.keep(),
+    })))
+}
+
 async fn download_round_model(
     State(aggregator): State<Arc<Aggregator>>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let round = round_param(&uri)?;
+    // Without credentials, a kept round's model is anyone's; with them, it is the round's
+    // download as it always was.
+    if aggregator.model_store.is_some() && !headers.contains_key(header::AUTHORIZATION) {
+        return stored_model(&aggregator, round).await;
+    }
     let token = bearer_token(&headers, "missing_token")?;
     let book = aggregator.book();
     book.authorize_download(token, round).map_err(grant_error)?;
@@ -428,11 +528,24 @@ async fn status(State(aggregator): State<Arc<Aggregator>>) -> Json<serde_json::V
     let open_round = book
         .open_round_id()
         .map(|(round, attempt)| json!({"round": round, "attempt": attempt}));
+    let accepted = book.accepted();
+    drop(book);
+    let store = aggregator.model_store.as_ref().map(|store| {
+        json!({
+            "dir": store.dir().display().to_string(),
+            "keep_models": store.keep(),
+            "models": store.count(),
+            "latest_round": store.latest().map(|m| m.round),
+            "errors": aggregator.metrics.store_errors.get(),
+            "last_error": store.last_failure(),
+        })
+    });
     Json(json!({
         "model": model,
         "open_round": open_round,
-        "accepted": book.accepted(),
+        "accepted": accepted,
         "public_url": aggregator.public_url,
+        "store": store,
     }))
 }
 

@@ -17,12 +17,15 @@
 //! - [`http`]: the participants' HTTP API (axum).
 //! - [`link`]: the tarpc side — serving the coordinator's calls, and the outbox of notices back.
 //! - [`output`]: each new global model written to `model.output_path`, atomically.
+//! - [`models`]: the model store (`store.data_dir`): every global model kept durably with its
+//!   manifest, written before the round is reported, read back checked against its SHA-256.
 //! - [`run`]: start-up, used by `main`.
 
 pub mod config;
 pub mod durable;
 pub mod http;
 pub mod link;
+pub mod models;
 pub mod output;
 pub mod python;
 pub mod rounds;

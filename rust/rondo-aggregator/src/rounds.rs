@@ -186,6 +186,37 @@ impl ClosingRound {
     }
 }
 
+/// A round's new model, for the model store to keep before the round is reported.
+#[derive(Debug)]
+pub struct ProducedModel<'a> {
+    pub round: u32,
+    pub attempt: u32,
+    /// The whole model file, header included: the bytes that will be served.
+    pub file: &'a [u8],
+    pub contributors: &'a BTreeMap<String, u64>,
+}
+
+impl FinalizedRound {
+    /// The model this round produced, if it produced one.
+    pub fn produced(&self) -> Option<ProducedModel<'_>> {
+        let (buffer, _, _) = self.model.as_ref().ok()?;
+        Some(ProducedModel {
+            round: self.closing.round,
+            attempt: self.closing.attempt,
+            file: buffer.as_ref(),
+            contributors: &self.closing.accepted,
+        })
+    }
+
+    /// The round fails with `reason` instead of publishing its model (it could not be kept).
+    pub fn fail(self, reason: String) -> Self {
+        Self {
+            model: Err(reason),
+            ..self
+        }
+    }
+}
+
 /// The data section of a model file laid out by [`wire::model_header`] (8-byte length, JSON
 /// header, tensors).
 fn model_data(file: &[u8]) -> &[u8] {
@@ -247,9 +278,20 @@ impl RoundBook {
         file: ModelBuffer,
         strategy: Arc<dyn Strategy>,
     ) -> Self {
+        Self::with_model(0, spec, file, strategy)
+    }
+
+    /// A book whose global model is `file`, the model of `round` (one read back from the
+    /// model store after a restart).
+    pub fn with_model(
+        round: u32,
+        spec: ModelSpec,
+        file: ModelBuffer,
+        strategy: Arc<dyn Strategy>,
+    ) -> Self {
         let mut book = Self::new(None, strategy);
         book.model = Some(GlobalModel {
-            round: 0,
+            round,
             spec: Arc::new(spec),
             file: book.served(file),
         });

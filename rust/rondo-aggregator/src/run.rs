@@ -41,6 +41,34 @@ fn round_book(config: &AggregatorSettings) -> anyhow::Result<RoundBook> {
     Ok(RoundBook::with_initial_model(spec, file, strategy))
 }
 
+/// With a durable store, a restarted aggregator starts from the newest model it stored (not
+/// its configured initial model), so that no finished round is lost or run again.
+fn resume_model(book: RoundBook, models: &crate::models::ModelStore) -> anyhow::Result<RoundBook> {
+    let Some(latest) = models.latest() else {
+        return Ok(book);
+    };
+    if book.model().is_some_and(|m| m.round >= latest.round) {
+        return Ok(book);
+    }
+    let (manifest, bytes) = models
+        .read(latest.round)
+        .map_err(|e| anyhow::anyhow!("reading the stored model of round {}: {e}", latest.round))?
+        .ok_or_else(|| anyhow::anyhow!("the stored model of round {} is gone", latest.round))?;
+    let (spec, file) = wire::load_model_file(std::io::Cursor::new(&bytes[..]))
+        .map_err(|e| anyhow::anyhow!("the stored model of round {}: {e}", manifest.round))?;
+    tracing::info!(
+        round = manifest.round,
+        sha256 = %manifest.sha256,
+        "resuming from the newest stored model"
+    );
+    Ok(RoundBook::with_model(
+        manifest.round,
+        spec,
+        file,
+        book.strategy().clone(),
+    ))
+}
+
 /// Folds the updates accepted before a crash back into the round they belong to, when that
 /// round follows the model this aggregator starts with; forgets them when the round's model
 /// was stored already. Updates on disk that the store knows nothing of are refused: the store
@@ -117,14 +145,19 @@ async fn recover(aggregator: &Arc<Aggregator>) -> anyhow::Result<()> {
 
 pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
     let book = round_book(&config)?;
-    let store = config.store.open().await?;
-    let durable = Durable::new(&store, config.store.data_dir.as_deref())?;
-    if store.is_durable() && durable.is_none() {
+    let state = config.store.state.open().await?;
+    let durable = Durable::new(&state, config.store.data_dir.as_deref())?;
+    if state.is_durable() && durable.is_none() {
         tracing::warn!(
             "store.url is set without store.data_dir: accepted updates are not saved, and a \
              restart loses those of the open round"
         );
     }
+    let model_store = crate::models::open_configured(&config.store, &book)?;
+    let book = match (&durable, &model_store) {
+        (Some(_), Some(models)) => resume_model(book, models)?,
+        _ => book,
+    };
     let upload_bytes = book.model().map(|m| m.spec.byte_len());
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
     let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
@@ -149,6 +182,7 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
         (!config.model.output_path.is_empty())
             .then(|| ModelOutput::new(config.model.output_path.clone().into())),
         durable.clone(),
+        model_store,
     );
     recover(&aggregator).await?;
     if let Some(durable) = durable {

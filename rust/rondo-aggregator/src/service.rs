@@ -6,7 +6,8 @@
 //! started them run here, on blocking threads tracked by the process's [`Shutdown`]:
 //! [`Aggregator::commit`] (fold an update and record it, or roll back) and
 //! [`Aggregator::close_round_blocking`] (wait, boundedly, for folds in flight; finalize off the
-//! book's lock; record and report the result).
+//! book's lock; keep the new model in the model store, also off the lock; record and report
+//! the result).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,8 +27,9 @@ use rondo_net::link::Notice;
 
 use crate::durable::{Durable, SavedUpdateInput};
 use crate::link::Outbox;
+use crate::models::{ModelStore, NewModel, Source};
 use crate::output::ModelOutput;
-use crate::rounds::{Closing, CommitError, Grant, RoundBook, RoundSum};
+use crate::rounds::{Closing, CommitError, FinalizedRound, Grant, RoundBook, RoundSum};
 use crate::staging::StagingPool;
 use crate::wire::UploadLimits;
 
@@ -64,6 +66,8 @@ pub struct Metrics {
     pub staging_budget_bytes: IntGauge,
     pub staging_reserved_bytes: IntGauge,
     pub staging_pool_idle_bytes: IntGauge,
+    pub store_seconds: Histogram,
+    pub store_errors: IntCounter,
 }
 
 impl Metrics {
@@ -93,7 +97,7 @@ impl Metrics {
         .expect("valid metric");
         let download_bytes = IntCounter::new(
             "download_bytes_total",
-            "Bytes of global models handed to participants' connections",
+            "Bytes of global models handed to connections (downloads of the current and of kept models)",
         )
         .expect("valid metric");
         let download_seconds = histogram(
@@ -149,6 +153,15 @@ impl Metrics {
             "Staging memory kept in idle buffers for the next uploads",
         )
         .expect("valid metric");
+        let store_seconds = histogram(
+            "model_store_write_duration_seconds",
+            "Writing one global model and its manifest to the model store, fsyncs included",
+        );
+        let store_errors = IntCounter::new(
+            "model_store_errors_total",
+            "Global models the model store could not write (each failed its round)",
+        )
+        .expect("valid metric");
         model_round.set(-1);
         // Known label values are exposed from the start, so that their rates are 0, not absent.
         for outcome in ["aggregated", "failed"] {
@@ -178,6 +191,8 @@ impl Metrics {
                 Box::new(staging_budget_bytes.clone()),
                 Box::new(staging_reserved_bytes.clone()),
                 Box::new(staging_pool_idle_bytes.clone()),
+                Box::new(store_seconds.clone()),
+                Box::new(store_errors.clone()),
             ],
         );
         Self {
@@ -200,6 +215,8 @@ impl Metrics {
             staging_budget_bytes,
             staging_reserved_bytes,
             staging_pool_idle_bytes,
+            store_seconds,
+            store_errors,
         }
     }
 }
@@ -224,6 +241,10 @@ pub struct Aggregator {
     pub output: Option<Arc<ModelOutput>>,
     /// Where accepted updates are saved before they are acknowledged, with a durable store.
     pub durable: Option<Durable>,
+    /// Where every global model is kept (`store.data_dir`), if anywhere.
+    pub model_store: Option<Arc<ModelStore>>,
+    /// The training rounds' rule, for the stored manifests.
+    strategy_name: &'static str,
 }
 
 /// An update read, validated and granted a commit, ready to fold.
@@ -271,6 +292,7 @@ impl Aggregator {
         limits: UploadLimits,
         output: Option<Arc<ModelOutput>>,
         durable: Option<Durable>,
+        model_store: Option<Arc<ModelStore>>,
     ) -> Arc<Self> {
         let metrics = Metrics::new();
         if let Some(model) = book.model() {
@@ -280,6 +302,7 @@ impl Aggregator {
         // A rule that holds every update until the round closes would hold a pooled buffer as
         // long, and uploads would stall once the held updates filled the budget.
         let reuse = !book.strategy().holds_updates();
+        let strategy_name = book.strategy().name();
         let staging = StagingPool::new(
             staging_memory_bytes,
             reuse,
@@ -299,6 +322,8 @@ impl Aggregator {
             limits,
             output,
             durable,
+            model_store,
+            strategy_name,
         })
     }
 
@@ -413,6 +438,49 @@ impl Aggregator {
         outcome
     }
 
+    /// Writes a round's new model to the model store, if there is one, before the round is
+    /// recorded and reported, and off the book's lock: the coordinator moves on only once the
+    /// model is durable. A model that cannot be kept fails its round (counted, logged, shown
+    /// in the status): the previous model stays and the coordinator runs the round again, so
+    /// that no round counts without its model on disk.
+    fn keep_model(&self, finalized: FinalizedRound) -> FinalizedRound {
+        let (Some(store), Some(model)) = (&self.model_store, finalized.produced()) else {
+            return finalized;
+        };
+        let started = Instant::now();
+        let stored = store.store(&NewModel {
+            round: model.round,
+            attempt: model.attempt,
+            source: Source::Aggregated,
+            // Round 0 is always the plain average of its uploads, whatever the rule.
+            strategy: Some(if model.round == 0 {
+                "fedavg"
+            } else {
+                self.strategy_name
+            }),
+            contributors: model.contributors,
+            training_metrics: None,
+            file: model.file,
+        });
+        self.metrics
+            .store_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match stored {
+            Ok(_) => finalized,
+            Err(err) => {
+                self.metrics.store_errors.inc();
+                let round = model.round;
+                tracing::error!(
+                    round,
+                    "the model store could not keep the round's model; the round fails: {err:#}"
+                );
+                finalized.fail(format!(
+                    "the model store could not keep the model of round {round}: {err:#}"
+                ))
+            }
+        }
+    }
+
     /// Counts a refused upload and tells the coordinator.
     pub fn reject(&self, grant: &Grant, code: &'static str, message: &str) {
         self.metrics
@@ -462,6 +530,7 @@ impl Aggregator {
         self.metrics
             .finalize_seconds
             .observe(finalize_started.elapsed().as_secs_f64());
+        let finalized = self.keep_model(finalized);
         let mut book = self.book();
         let result = book.finish_close(finalized);
         self.metrics

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, OriginalUri, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -48,6 +48,11 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/history", get(history))
         .route("/v1/history.csv", get(history_csv))
+        // The global models live on the aggregator: these send the client there.
+        .route("/v1/model", get(to_aggregator))
+        .route("/v1/models", get(to_aggregator))
+        .route("/v1/rounds/{round}/model", get(to_aggregator))
+        .route("/v1/rounds/{round}/manifest", get(to_aggregator))
         .route("/metrics", get(metrics));
     let refused = coordinator.metrics.refused.clone();
     api::with_common_routes(routes, OPENAPI)
@@ -342,6 +347,48 @@ fn store_unavailable(message: String) -> ApiError {
         "store_unavailable",
         message,
     )
+}
+
+/// A `307 Temporary Redirect` to the same path on the aggregator's public URL (learned when
+/// the link attaches), for the routes of models, which the coordinator never holds. The round
+/// in a path must be canonical decimal, as the aggregator wants it, so that the redirect never
+/// sends a client on with a path the aggregator would refuse.
+async fn to_aggregator(
+    State(coordinator): State<Arc<Coordinator>>,
+    OriginalUri(uri): OriginalUri,
+) -> Result<Response, ApiError> {
+    let path = uri.path();
+    if let Some(raw) = path
+        .strip_prefix("/v1/rounds/")
+        .and_then(|p| p.split('/').next())
+        && raw.parse::<u32>().ok().map(|r| r.to_string()).as_deref() != Some(raw)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_round",
+            format!("`{raw}` is not a round number (0, or digits without a leading zero)"),
+        ));
+    }
+    let base = coordinator.aggregator_url().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "aggregator_unavailable",
+            "the aggregator is not attached yet; try again shortly",
+        )
+    })?;
+    let location = format!("{base}{path}");
+    let value = axum::http::HeaderValue::from_str(&location).map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "aggregator_unavailable",
+            "the aggregator's public URL cannot be sent as a Location",
+        )
+    })?;
+    Ok((
+        StatusCode::TEMPORARY_REDIRECT,
+        [(axum::http::header::LOCATION, value)],
+        Json(json!({ "location": location })),
+    )
+        .into_response())
 }
 
 /// Every closed round attempt, one object each.
