@@ -241,6 +241,9 @@ impl FromConfig for CoordinatorSettings {
                     ROUND_TIMEOUT_SECS.0,
                     ROUND_TIMEOUT_SECS.1,
                 )?,
+                training_timeout: None,
+                min_updates: 1,
+                selection_overcommit: 1.0,
                 evaluate_every: settings::int(
                     "federation.evaluate_every",
                     f.evaluate_every,

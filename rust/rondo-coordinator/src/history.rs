@@ -89,10 +89,12 @@ mod tests {
             round,
             attempt: 0,
             outcome: Some(Outcome::Aggregated),
+            close_reason: None,
             reason: Some(reason.into()),
             duration_secs: Some(1.5),
             selected: 2,
             delivered: 2,
+            missed_deadline: Vec::new(),
             total_samples: 30,
             training_metrics: train.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             evaluation: eval.map(|loss| EvaluationSummary {
