@@ -32,7 +32,8 @@
 //!
 //! When a round is aggregated, its record is made to agree with the model that was built: the
 //! aggregator's list of contributors, not the notices that happened to arrive, says who
-//! delivered.
+//! delivered. `proptests` drives random lives of the machine against a simulated aggregator
+//! and checks that this, and the rest of what the history promises, always holds.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
@@ -42,6 +43,8 @@ use serde::{Deserialize, Serialize};
 mod close;
 mod evaluation;
 mod machine;
+#[cfg(test)]
+mod proptests;
 mod registry;
 mod selection;
 mod status;
