@@ -8,7 +8,9 @@ key through its `RONDO__` variable, and each field in turn one level down, walks
 A key added to a config struct and not to the doc's table fails here, and so does a documented
 key that no longer exists; each documented default must be the built-in one
 (configs/dev-*.toml, compiled in), and each numeric key must take its `RONDO__SECTION__KEY`
-override (a value of the wrong type there is refused, naming the key).
+override (a value of the wrong type there is refused, naming the key). A key whose default is
+derived from another (`federation.training_timeout_secs`) is documented as "unset: …" and must
+then be absent from the dev config.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ SERVICES = ("coordinator", "aggregator")
 PROBE = "zzprobe"
 # A table of free-form names (the strategy's knobs), documented as one row.
 MAPS = {"aggregation.options": "aggregation.options.<name>"}
+# How the default column starts for a key with no value of its own in the dev config.
+UNSET = "unset"
+NUMERIC_TYPES = ("seconds", "integer", "number", "bytes")
 
 
 def run(service: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -79,16 +84,21 @@ def code_keys(service: str) -> set[str]:
     return keys
 
 
-def doc_rows(service: str) -> dict[str, str]:
-    """key -> its default cell, from the service's table in the doc."""
+def doc_table(service: str) -> dict[str, list[str]]:
+    """key -> its row's cells, from the service's table in the doc."""
     text = DOC.read_text()
     section = text.split(f"\n## {service.capitalize()}\n", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 5 and (m := re.fullmatch(r"`([a-z0-9_.<>]+)`", cells[0])):
-            rows[m.group(1)] = cells[2]
+            rows[m.group(1)] = cells
     return rows
+
+
+def doc_rows(service: str) -> dict[str, str]:
+    """key -> its default cell, from the service's table in the doc."""
+    return {key: cells[2] for key, cells in doc_table(service).items()}
 
 
 def dev_value(service: str, key: str):
@@ -96,6 +106,14 @@ def dev_value(service: str, key: str):
     for part in key.split("."):
         value = value[part]
     return value
+
+
+def in_dev_config(service: str, key: str) -> bool:
+    try:
+        dev_value(service, key)
+    except KeyError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -113,6 +131,10 @@ def test_documented_defaults_are_the_built_in_ones(service):
     for key, cell in doc_rows(service).items():
         if key in MAPS.values():
             continue
+        if cell.startswith(UNSET):
+            assert not in_dev_config(service, key), f"{service} {key}: documented {cell}"
+            checked += 1
+            continue
         m = re.match(r"`([^`]*)`", cell)
         assert m, f"{service} {key}: the default column should start with the value: {cell!r}"
         documented = tomllib.loads(f"v = {m.group(1)}")["v"]
@@ -124,12 +146,16 @@ def test_documented_defaults_are_the_built_in_ones(service):
 @pytest.mark.parametrize("service", SERVICES)
 def test_every_numeric_key_takes_its_environment_override(service):
     checked = 0
-    for key in doc_rows(service):
+    for key, cells in doc_table(service).items():
         if key in MAPS.values():
             continue
-        default = dev_value(service, key)
-        if isinstance(default, bool) or not isinstance(default, int | float):
-            continue
+        if cells[2].startswith(UNSET):
+            if cells[1] not in NUMERIC_TYPES:
+                continue
+        else:
+            default = dev_value(service, key)
+            if isinstance(default, bool) or not isinstance(default, int | float):
+                continue
         var = env_name(key)
         result = run(service, {var: "not-a-number"})
         assert result.returncode == 2, f"{var}=not-a-number: {result.returncode} {result.stderr}"

@@ -138,8 +138,10 @@ def cmd_status(args: argparse.Namespace, out) -> int:
     closed = [r for r in status["history"] if r.get("outcome")]
     if closed:
         last = closed[-1]
+        # The code tells kinds of close apart at a glance; the reason says it in words.
+        code = f" ({last['close_reason']})" if last.get("close_reason") else ""
         out.write(
-            f"last round   {last['round']} (attempt {last['attempt']}) {last['outcome']}: "
+            f"last round   {last['round']} (attempt {last['attempt']}) {last['outcome']}{code}: "
             f"{last.get('reason') or '-'}\n"
         )
     running = status["history"][-1] if status["history"] else None
@@ -173,6 +175,7 @@ def cmd_history(args: argparse.Namespace, out) -> int:
             "samples",
             "train loss",
             "eval loss",
+            "closed by",
             "reason",
         ]
     ]
@@ -188,6 +191,7 @@ def cmd_history(args: argparse.Namespace, out) -> int:
                 str(r["total_samples"]),
                 _number((r.get("training_metrics") or {}).get("loss")),
                 _number(evaluation.get("loss")),
+                r.get("close_reason") or "-",
                 r.get("reason") or "-",
             ]
         )

@@ -136,7 +136,10 @@ def test_status_of_a_finished_federation(finished):
     assert lines["round"] == f"{ROUNDS} of {ROUNDS} (attempt 0)"
     assert lines["participants"].startswith("2: 2 available, 0 selected")
     assert "connected" in lines["aggregator"] and f"model of round {ROUNDS}" in lines["aggregator"]
-    assert lines["last round"].startswith(f"{ROUNDS} (attempt 0) aggregated: all 2 selected")
+    assert lines["last round"] == (
+        f"{ROUNDS} (attempt 0) aggregated (all_delivered): "
+        f"round {ROUNDS}: 2 of 2 updates; every selected participant delivered"
+    )
 
     code, out, _ = run_cli("status", finished["coordinator"], "--json")
     assert code == 0
@@ -150,7 +153,7 @@ def test_history_as_a_table_as_json_and_as_the_coordinators_csv(finished):
     header, *rows = out.splitlines()
     assert header.split()[:3] == ["round", "attempt", "outcome"]
     assert [row.split()[0] for row in rows] == [str(r) for r in range(ROUNDS + 1)]
-    assert all(" aggregated " in row and "delivered" in row for row in rows), rows
+    assert all(" aggregated " in row and " all_delivered " in row for row in rows), rows
     # Round r's training loss is 1/r, the mean of what both participants reported.
     assert rows[1].split()[7] == "1" and rows[2].split()[7] == "0.5"
 

@@ -24,6 +24,8 @@ const HEARTBEAT_SECS: (f64, f64) = (0.001, 86_400.0);
 const ROUND_TIMEOUT_SECS: (f64, f64) = (0.001, 31_536_000.0);
 const MAX_ROUNDS: u32 = 1_000_000;
 const MAX_MIN_CLIENTS: usize = 1_000_000;
+/// Over-selection beyond ten times the target is a typo, not a plan.
+const MAX_OVERCOMMIT: f64 = 10.0;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +88,13 @@ pub struct FederationConfig {
     pub heartbeat_timeout_secs: f64,
     #[serde(deserialize_with = "settings::number")]
     pub round_timeout_secs: f64,
+    /// Unset (the built-in default): the same as `round_timeout_secs`.
+    #[serde(default, deserialize_with = "optional_number")]
+    pub training_timeout_secs: Option<f64>,
+    #[serde(deserialize_with = "settings::integer")]
+    pub min_updates: usize,
+    #[serde(deserialize_with = "settings::number")]
+    pub selection_overcommit: f64,
     #[serde(deserialize_with = "settings::integer")]
     pub evaluate_every: u32,
     #[serde(deserialize_with = "settings::number")]
@@ -94,6 +103,13 @@ pub struct FederationConfig {
     pub join_secret_file: String,
     #[serde(deserialize_with = "names")]
     pub allowed_participants: Vec<String>,
+}
+
+/// A number that may be left out ([`settings::number`] when it is there).
+fn optional_number<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<f64>, D::Error> {
+    settings::number(deserializer).map(Some)
 }
 
 /// A list of names: a TOML array of strings, or (from an environment variable) one string of
@@ -148,6 +164,28 @@ fn join_secret(inline: &str, file: &str) -> Result<Option<SecretHash>, ConfigErr
         ));
     }
     Ok(Some(SecretHash::of(&secret)))
+}
+
+/// `federation.training_timeout_secs`: unset, the round timeout; else more than 0 and at
+/// most `federation.round_timeout_secs` (already checked), since the round's own deadline would
+/// cut a longer one short.
+fn training_timeout(
+    secs: Option<f64>,
+    round_timeout_secs: f64,
+) -> Result<Option<Duration>, ConfigError> {
+    let Some(secs) = secs else {
+        return Ok(None);
+    };
+    const KEY: &str = "federation.training_timeout_secs";
+    let timeout = settings::secs(KEY, secs, ROUND_TIMEOUT_SECS.0, ROUND_TIMEOUT_SECS.1)?;
+    if secs > round_timeout_secs {
+        return Err(ConfigError::invalid(
+            KEY,
+            secs,
+            format!("must be at most federation.round_timeout_secs ({round_timeout_secs})"),
+        ));
+    }
+    Ok(Some(timeout))
 }
 
 /// A join secret shorter than this could be guessed.
@@ -207,6 +245,35 @@ impl FromConfig for CoordinatorSettings {
                 ),
             ));
         }
+        let min_clients =
+            settings::int("federation.min_clients", f.min_clients, 1, MAX_MIN_CLIENTS)?;
+        let round_timeout = settings::secs(
+            "federation.round_timeout_secs",
+            f.round_timeout_secs,
+            ROUND_TIMEOUT_SECS.0,
+            ROUND_TIMEOUT_SECS.1,
+        )?;
+        let training_timeout = training_timeout(f.training_timeout_secs, f.round_timeout_secs)?;
+        // Every round selects at least min_clients: a larger quorum could never be reached.
+        if !(1..=min_clients).contains(&f.min_updates) {
+            return Err(ConfigError::invalid(
+                "federation.min_updates",
+                f.min_updates,
+                format!(
+                    "must be an integer between 1 and federation.min_clients ({min_clients}): \
+                     a round selects at least min_clients participants, so a larger quorum \
+                     could be out of reach"
+                ),
+            ));
+        }
+        let selection_overcommit = f.selection_overcommit;
+        if !(1.0..=MAX_OVERCOMMIT).contains(&selection_overcommit) {
+            return Err(ConfigError::invalid(
+                "federation.selection_overcommit",
+                format!("{selection_overcommit:?}"),
+                format!("must be a number between 1 and {MAX_OVERCOMMIT}"),
+            ));
+        }
         let advertise_address = match raw.rpc.advertise_address {
             empty if empty.is_empty() => empty,
             address => settings::host_port("rpc.advertise_address", address)?,
@@ -236,23 +303,16 @@ impl FromConfig for CoordinatorSettings {
             },
             federation: FederationSettings {
                 rounds: settings::int("federation.rounds", f.rounds, 0, MAX_ROUNDS)?,
-                min_clients: settings::int(
-                    "federation.min_clients",
-                    f.min_clients,
-                    1,
-                    MAX_MIN_CLIENTS,
-                )?,
+                min_clients,
                 participants_ratio: settings::ratio(
                     "federation.participants_ratio",
                     f.participants_ratio,
                 )?,
                 heartbeat_timeout,
-                round_timeout: settings::secs(
-                    "federation.round_timeout_secs",
-                    f.round_timeout_secs,
-                    ROUND_TIMEOUT_SECS.0,
-                    ROUND_TIMEOUT_SECS.1,
-                )?,
+                round_timeout,
+                training_timeout,
+                min_updates: f.min_updates,
+                selection_overcommit,
                 evaluate_every: settings::int(
                     "federation.evaluate_every",
                     f.evaluate_every,
@@ -330,6 +390,7 @@ mod tests {
             "federation.heartbeat_period_secs",
             "federation.heartbeat_timeout_secs",
             "federation.round_timeout_secs",
+            "federation.training_timeout_secs",
             "aggregator.call_timeout_secs",
         ] {
             let (section, name) = key.split_once('.').expect("section.key");
@@ -344,6 +405,78 @@ mod tests {
                     "{text}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_training_deadline_quorum_and_overcommit_are_read_and_checked() {
+        let defaults = load("").expect("valid").federation;
+        assert_eq!(defaults.training_timeout, None);
+        assert_eq!(defaults.training_timeout(), defaults.round_timeout);
+        assert_eq!(defaults.min_updates, 1);
+        assert_eq!(defaults.selection_overcommit, 1.0);
+        let set = load(
+            "[federation]\nround_timeout_secs = 10\ntraining_timeout_secs = 10\nmin_clients = 5\n\
+             min_updates = 5\nselection_overcommit = 1.3\n",
+        )
+        .expect("valid")
+        .federation;
+        assert_eq!(set.training_timeout, Some(Duration::from_secs(10)));
+        assert_eq!((set.min_updates, set.selection_overcommit), (5, 1.3));
+        for (overrides, wanted) in [
+            (
+                "round_timeout_secs = 10\ntraining_timeout_secs = 10.5",
+                "federation.training_timeout_secs = 10.5: must be at most \
+                 federation.round_timeout_secs (10)",
+            ),
+            (
+                "training_timeout_secs = 0",
+                "federation.training_timeout_secs = 0.0: must be a finite number of seconds",
+            ),
+            (
+                "training_timeout_secs = -3",
+                "federation.training_timeout_secs = -3.0: must be a finite number of seconds",
+            ),
+            (
+                "min_updates = 0",
+                "federation.min_updates = 0: must be an integer between 1 and \
+                 federation.min_clients (2)",
+            ),
+            (
+                "min_clients = 3\nmin_updates = 4",
+                "federation.min_updates = 4: must be an integer between 1 and \
+                 federation.min_clients (3)",
+            ),
+            (
+                "selection_overcommit = 0.9",
+                "federation.selection_overcommit = 0.9: must be a number between 1 and 10",
+            ),
+            (
+                "selection_overcommit = nan",
+                "federation.selection_overcommit = NaN: must be a number between 1 and 10",
+            ),
+            (
+                "selection_overcommit = inf",
+                "federation.selection_overcommit = inf: must be a number between 1 and 10",
+            ),
+            (
+                "selection_overcommit = 10.5",
+                "federation.selection_overcommit = 10.5: must be a number between 1 and 10",
+            ),
+        ] {
+            let text = error(&format!("[federation]\n{overrides}\n"));
+            assert!(
+                text.starts_with(&format!("invalid config: {wanted}")),
+                "{overrides}: {text}"
+            );
+        }
+        for (overrides, key) in [
+            ("training_timeout_secs = \"soon\"", "training_timeout_secs"),
+            ("min_updates = 1.5", "min_updates"),
+            ("selection_overcommit = true", "selection_overcommit"),
+        ] {
+            let text = error(&format!("[federation]\n{overrides}\n"));
+            assert!(text.contains(key), "{overrides}: {text}");
         }
     }
 

@@ -1,5 +1,6 @@
 //! The round history as CSV (`GET /v1/history.csv`): one row per closed round attempt, for a
-//! spreadsheet or a plotting script.
+//! spreadsheet or a plotting script. `close_reason` is the code of why it closed,
+//! `missed_deadline` the ids of who missed the deadline, separated by spaces.
 
 use std::collections::BTreeSet;
 
@@ -23,9 +24,11 @@ pub fn csv(rows: &[RoundSummary]) -> String {
         "attempt",
         "outcome",
         "reason",
+        "close_reason",
         "duration_secs",
         "selected",
         "delivered",
+        "missed_deadline",
         "total_samples",
         "eval_participants",
         "eval_n_samples",
@@ -50,9 +53,14 @@ pub fn csv(rows: &[RoundSummary]) -> String {
                 None => String::new(),
             },
             row.reason.clone().unwrap_or_default(),
+            row.close_reason
+                .map(|c| c.as_str().to_string())
+                .unwrap_or_default(),
             number(row.duration_secs),
             row.selected.to_string(),
             row.delivered.to_string(),
+            // Ids hold no spaces (the coordinator makes them: UUIDs).
+            row.missed_deadline.join(" "),
             row.total_samples.to_string(),
             evaluation
                 .map(|e| e.participants.to_string())
@@ -80,7 +88,7 @@ pub fn csv(rows: &[RoundSummary]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rondo_core::federation::EvaluationSummary;
+    use rondo_core::federation::{CloseReason, EvaluationSummary};
     use std::collections::BTreeMap;
 
     #[test]
@@ -89,10 +97,12 @@ mod tests {
             round,
             attempt: 0,
             outcome: Some(Outcome::Aggregated),
+            close_reason: Some(CloseReason::TrainingDeadline),
             reason: Some(reason.into()),
             duration_secs: Some(1.5),
             selected: 2,
             delivered: 2,
+            missed_deadline: vec!["p3".into(), "p4".into()],
             total_samples: 30,
             training_metrics: train.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             evaluation: eval.map(|loss| EvaluationSummary {
@@ -110,13 +120,18 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "round,attempt,outcome,reason,duration_secs,selected,delivered,total_samples,\
-             eval_participants,eval_n_samples,eval_loss,train_acc,train_loss,eval_mae"
+            "round,attempt,outcome,reason,close_reason,duration_secs,selected,delivered,\
+             missed_deadline,total_samples,eval_participants,eval_n_samples,eval_loss,train_acc,\
+             train_loss,eval_mae"
         );
-        assert_eq!(lines[1], "1,0,aggregated,all 2 delivered,1.5,2,2,30,,,,,2,");
+        assert_eq!(
+            lines[1],
+            "1,0,aggregated,all 2 delivered,training_deadline,1.5,2,2,p3 p4,30,,,,,2,"
+        );
         assert_eq!(
             lines[2],
-            "2,0,aggregated,\"a \"\"quoted\"\", reason\",1.5,2,2,30,2,40,0.75,0.5,,0.25"
+            "2,0,aggregated,\"a \"\"quoted\"\", reason\",training_deadline,1.5,2,2,p3 p4,30,2,\
+             40,0.75,0.5,,0.25"
         );
     }
 }

@@ -178,13 +178,34 @@ pub async fn drive(
             }
         }
         let now = coordinator.now();
-        let commands = {
+        let (commands, failed_here) = {
             let mut federation = coordinator.federation();
+            let closed_before = federation.round_summaries().len();
             let commands = federation.tick(now, &mut os_rng());
             coordinator.metrics.observe_phase(federation.phase_name());
-            commands
+            // A tick closes an attempt only by failing it (no quorum): there is no aggregator
+            // notice to count it on.
+            let failed_here: Vec<_> = federation.round_summaries()[closed_before..]
+                .iter()
+                .map(|s| (s.round, s.attempt, s.duration_secs, s.reason.clone()))
+                .collect();
+            (commands, failed_here)
         };
         coordinator.touch();
+        for (round, attempt, duration_secs, reason) in &failed_here {
+            tracing::warn!(
+                round,
+                attempt,
+                reason = reason.as_deref().unwrap_or(""),
+                "round failed"
+            );
+            coordinator
+                .metrics
+                .observe_round_closed("failed", *duration_secs);
+        }
+        if !failed_here.is_empty() {
+            coordinator.changed();
+        }
         for command in commands {
             if acked
                 .as_ref()
@@ -211,7 +232,9 @@ pub async fn drive(
                     }) = &command
                     {
                         tracing::info!(round, attempt, selected = grants.len(), "round open");
-                        coordinator.federation().round_opened(*round, *attempt);
+                        coordinator
+                            .federation()
+                            .round_opened(*round, *attempt, coordinator.now());
                         coordinator.touch();
                         coordinator.observe_phase();
                         coordinator.changed();

@@ -7,8 +7,11 @@
 //!   keeps a bounded per-round history that agrees with what the aggregator built. It answers
 //!   with [`federation::Command`]s ("open round r with these tokens" — the
 //!   [`federation::OpenRound`] message the RPC carries as is — and "close round r") that the
-//!   coordinator's edge sends to the aggregator. Its files split it by concern: the participant
-//!   registry, selection, the round phases, federated evaluation, the status view.
+//!   coordinator's edge sends to the aggregator. A round closes at its target of updates, or
+//!   once no one selected is still expected (delivered, dropped, or past the training
+//!   deadline), provided the quorum of updates arrived; one that cannot reach its quorum fails
+//!   and is run again. Its files split it by concern: the participant registry, selection, the
+//!   round phases, when a round closes and why, federated evaluation, the status view.
 //! - [`model`] says what a model is: named tensors with a dtype and a shape, and whether an
 //!   update fits the global model.
 //! - [`aggregate`] is FedAvg: a running weighted sum that updates are folded into as they are

@@ -215,6 +215,13 @@ function renderHistory(status, rounds) {
     badge.className = `badge ${r.outcome}`;
     badge.textContent = r.outcome || "–";
     outcome.appendChild(badge);
+    // The code, for telling kinds of close apart at a glance (the reason beside says it in words).
+    if (r.close_reason) {
+      const code = document.createElement("div");
+      code.className = "close-reason";
+      code.textContent = r.close_reason;
+      outcome.appendChild(code);
+    }
     row.appendChild(outcome);
     cell(row, r.reason, "reason");
     cell(row, seconds(r.duration_secs));

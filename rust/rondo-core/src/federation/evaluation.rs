@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use super::machine::Phase;
 use super::selection::choose;
 use super::{
-    Action, Federation, FederationError, MAX_METRIC_NAME_BYTES, MAX_METRICS_PER_DELIVERY, Outcome,
-    ParticipantId, RoundRecord, Timestamp,
+    Action, CloseReason, Federation, FederationError, MAX_METRIC_NAME_BYTES,
+    MAX_METRICS_PER_DELIVERY, Outcome, ParticipantId, RoundRecord, Timestamp,
 };
 
 /// One participant's score of a global model.
@@ -79,10 +79,16 @@ pub struct RoundSummary {
     pub round: u32,
     pub attempt: u32,
     pub outcome: Option<Outcome>,
+    /// Why it closed, as a code (see [`CloseReason`]).
+    #[serde(default)]
+    pub close_reason: Option<CloseReason>,
     pub reason: Option<String>,
     pub duration_secs: Option<f64>,
     pub selected: usize,
     pub delivered: usize,
+    /// Who missed the training deadline (or `round_timeout`) and is not in the model.
+    #[serde(default)]
+    pub missed_deadline: Vec<ParticipantId>,
     pub total_samples: u64,
     /// Each training metric's sample-weighted mean over the deliveries that carry it.
     pub training_metrics: BTreeMap<String, f64>,
@@ -97,10 +103,12 @@ impl RoundSummary {
             round: record.round,
             attempt: record.attempt,
             outcome: record.outcome,
+            close_reason: record.close_reason,
             reason: record.reason.clone(),
             duration_secs: record.duration_secs,
             selected: record.selected.len(),
             delivered: record.delivered.len(),
+            missed_deadline: record.missed_deadline.clone(),
             total_samples: record
                 .deliveries
                 .iter()

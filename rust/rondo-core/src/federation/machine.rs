@@ -2,15 +2,15 @@
 //! opened, updates accepted or rejected, the round aggregated, and the clock ticking.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::selection::{choose, selection_size, token_from};
+use super::close::{Verdict, verdict};
+use super::selection::{Selection, choose, selection, token_from};
 use super::{
-    AggregationResult, Command, Delivery, Federation, MAX_METRIC_NAME_BYTES,
+    AggregationResult, CloseReason, Command, Delivery, Federation, MAX_METRIC_NAME_BYTES,
     MAX_METRICS_PER_DELIVERY, MAX_REJECTION_REASON_BYTES, MAX_REJECTIONS_PER_PARTICIPANT,
     MAX_REJECTIONS_PER_ROUND, OpenRound, Outcome, ParticipantId, Rejection, RoundRecord, Timestamp,
 };
@@ -20,11 +20,22 @@ pub(super) struct ActiveRound {
     pub(super) record: RoundRecord,
     pub(super) tokens: BTreeMap<ParticipantId, String>,
     pub(super) opened_at: Timestamp,
-    pub(super) close_reason: Option<String>,
+    /// When the aggregator acknowledged the opening: the training deadline counts from here
+    /// (an aggregator slow to answer must not eat the participants' time). `None` in a round
+    /// saved before this was kept: the opening then stands in.
+    #[serde(default)]
+    pub(super) training_since: Option<Timestamp>,
+    /// Why it is closing, once it is.
+    #[serde(default)]
+    pub(super) closing_for: Option<CloseReason>,
     // Sets beside the record's lists (which keep the order the status shows), so that the
     // per-tick and per-heartbeat questions cost O(1) per participant, not a scan.
-    delivered: HashSet<ParticipantId>,
-    dropped: HashSet<ParticipantId>,
+    pub(super) delivered: HashSet<ParticipantId>,
+    pub(super) dropped: HashSet<ParticipantId>,
+    /// No longer waited for: not delivered when the training deadline (or round_timeout)
+    /// passed.
+    #[serde(default)]
+    pub(super) missed: HashSet<ParticipantId>,
     started: HashSet<ParticipantId>,
     rejections_by: HashMap<ParticipantId, usize>,
 }
@@ -48,11 +59,46 @@ impl ActiveRound {
         }
     }
 
-    fn outstanding(&self) -> usize {
-        self.tokens
-            .keys()
-            .filter(|id| !self.delivered.contains(*id) && !self.dropped.contains(*id))
-            .count()
+    /// Whether the round still waits for `id`'s update: selected, and neither delivered,
+    /// dropped nor past its deadline.
+    pub(super) fn expects(&self, id: &str) -> bool {
+        self.is_selected(id)
+            && !self.delivered.contains(id)
+            && !self.dropped.contains(id)
+            && !self.missed.contains(id)
+    }
+
+    /// How many updates the round still waits for.
+    pub(super) fn expected(&self) -> usize {
+        self.tokens.keys().filter(|id| self.expects(id)).count()
+    }
+
+    /// Every participant still expected is no longer waited for: its deadline passed.
+    pub(super) fn miss_outstanding(&mut self) {
+        let late: Vec<ParticipantId> = self
+            .record
+            .selected
+            .iter()
+            .filter(|id| self.expects(id))
+            .cloned()
+            .collect();
+        for id in late {
+            self.missed.insert(id.clone());
+            self.record.missed_deadline.push(id);
+        }
+    }
+
+    /// The updates the round closes at; a record saved before targets were kept: all.
+    pub(super) fn target(&self) -> usize {
+        match self.record.target {
+            0 => self.tokens.len(),
+            target => target,
+        }
+    }
+
+    /// The updates the round needs to aggregate; a record saved before quorums were kept: 1.
+    pub(super) fn quorum(&self) -> usize {
+        self.record.quorum.max(1)
     }
 
     fn open_round(&self) -> OpenRound {
@@ -143,8 +189,13 @@ impl ActiveRound {
             .collect();
         record.deliveries = deliveries;
         record.dropped.retain(|id| !contributors.contains_key(id));
+        // Whoever is in the model delivered, deadline or not.
+        record
+            .missed_deadline
+            .retain(|id| !contributors.contains_key(id));
         self.delivered = heard;
         self.dropped.retain(|id| !contributors.contains_key(id));
+        self.missed.retain(|id| !contributors.contains_key(id));
         (discrepancies, unheard)
     }
 }
@@ -203,8 +254,10 @@ impl Federation {
             _ if resume_at >= self.round => None,
             _ => {
                 let reason = format!(
-                    "the aggregator restarted holding the model of {}; rounds from {resume_at} \
-                     are run again",
+                    "round {} attempt {} failed: the aggregator restarted holding the model of \
+                     {}; rounds from {resume_at} are run again",
+                    self.round,
+                    self.attempt,
                     model_round.map_or("no round".to_string(), |r| format!("round {r}")),
                 );
                 let phase = std::mem::replace(&mut self.phase, Phase::WaitingForParticipants);
@@ -213,6 +266,7 @@ impl Federation {
                 | Phase::Closing(mut active) = phase
                 {
                     active.record.outcome = Some(Outcome::Failed);
+                    active.record.close_reason = Some(CloseReason::AggregatorRestarted);
                     active.record.reason = Some(reason);
                     active.record.duration_secs = Some(now.since(active.opened_at).as_secs_f64());
                     self.push_history(active.record);
@@ -226,15 +280,18 @@ impl Federation {
         }
     }
 
-    /// The aggregator acknowledged `OpenRound`.
-    pub fn round_opened(&mut self, round: u32, attempt: u32) {
+    /// The aggregator acknowledged `OpenRound` at `now`: training starts, and the training
+    /// deadline counts from here.
+    pub fn round_opened(&mut self, round: u32, attempt: u32, now: Timestamp) {
         if (round, attempt) != (self.round, self.attempt) {
             return;
         }
         if let Phase::Opening(_) = self.phase {
-            let Phase::Opening(active) = std::mem::replace(&mut self.phase, Phase::Finished) else {
+            let Phase::Opening(mut active) = std::mem::replace(&mut self.phase, Phase::Finished)
+            else {
                 unreachable!("matched above")
             };
+            active.training_since = Some(now);
             self.phase = Phase::Training(active);
         }
     }
@@ -270,6 +327,10 @@ impl Federation {
         active.delivered.insert(id.to_string());
         if active.dropped.remove(id) {
             active.record.dropped.retain(|d| d != id);
+        }
+        // Late, but in: the aggregator counts it (its contributors settle it at the close).
+        if active.missed.remove(id) {
+            active.record.missed_deadline.retain(|d| d != id);
         }
         active.record.delivered.push(id.to_string());
         active.record.deliveries.push(Delivery {
@@ -352,7 +413,10 @@ impl Federation {
         else {
             unreachable!("matched above")
         };
-        let close_reason = active.close_reason.take().unwrap_or_default();
+        let closed_for = active
+            .closing_for
+            .take()
+            .unwrap_or_else(|| active.settled_reason());
         active.record.duration_secs = Some(now.since(active.opened_at).as_secs_f64());
         let mut closed = RoundClosed::default();
         self.awaiting_notices = None;
@@ -373,7 +437,8 @@ impl Federation {
                     });
                 }
                 active.record.outcome = Some(Outcome::Aggregated);
-                active.record.reason = Some(close_reason);
+                active.record.close_reason = Some(closed_for);
+                active.record.reason = Some(self.describe(&active, closed_for));
                 if self.round >= self.settings.rounds {
                     self.phase = Phase::Finished;
                     // Chosen now, before any heartbeat can hear "finish". Who scores the
@@ -386,7 +451,9 @@ impl Federation {
             }
             AggregationResult::Failed { reason } => {
                 active.record.outcome = Some(Outcome::Failed);
-                active.record.reason = Some(format!("{close_reason}; {reason}; round is rerun"));
+                active.record.close_reason = Some(CloseReason::AggregationFailed);
+                active.record.reason =
+                    Some(self.describe_aggregation_failure(&active, closed_for, &reason));
                 self.attempt += 1;
             }
         }
@@ -402,7 +469,9 @@ impl Federation {
             &mut self.phase
         {
             for id in newly_dropped {
-                if active.is_selected(&id) && !active.has_delivered(&id) {
+                // One already past its deadline stays listed as that: it is why the round
+                // stopped waiting for it.
+                if active.expects(&id) {
                     active.dropped.insert(id.clone());
                     active.record.dropped.push(id);
                 }
@@ -417,9 +486,10 @@ impl Federation {
                 }
             }
             Phase::Opening(active) => commands.push(Command::OpenRound(active.open_round())),
-            Phase::Training(active) => {
-                if let Some(reason) = close_reason(active, now, self.settings.round_timeout) {
-                    active.close_reason = Some(reason);
+            Phase::Training(active) => match verdict(active, now, &self.settings) {
+                None => {}
+                Some(Verdict::Close(reason)) => {
+                    active.closing_for = Some(reason);
                     let Phase::Training(active) =
                         std::mem::replace(&mut self.phase, Phase::Finished)
                     else {
@@ -428,7 +498,15 @@ impl Federation {
                     self.phase = Phase::Closing(active);
                     commands.push(self.close_command());
                 }
-            }
+                Some(Verdict::Fail(reason)) => {
+                    let Phase::Training(active) =
+                        std::mem::replace(&mut self.phase, Phase::WaitingForParticipants)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    self.fail_attempt(active, reason, now);
+                }
+            },
             Phase::Closing(_) => commands.push(self.close_command()),
         }
         commands
@@ -441,9 +519,26 @@ impl Federation {
         }
     }
 
+    /// Fails the attempt `active` ran, here rather than at the aggregator: the round is run
+    /// again (same number, next attempt) with whoever is available then.
+    ///
+    /// No close is sent: the aggregator would make a model of whatever it has, which is what
+    /// the quorum forbids. The next attempt's opening replaces the one it holds, dropping that
+    /// attempt's partial sum and its tokens.
+    fn fail_attempt(&mut self, mut active: ActiveRound, reason: CloseReason, now: Timestamp) {
+        active.record.outcome = Some(Outcome::Failed);
+        active.record.close_reason = Some(reason);
+        active.record.duration_secs = Some(now.since(active.opened_at).as_secs_f64());
+        active.record.reason = Some(self.describe(&active, reason));
+        self.push_history(active.record);
+        self.attempt += 1;
+        self.phase = Phase::WaitingForParticipants;
+    }
+
     fn try_open_round<R: Rng + ?Sized>(&mut self, now: Timestamp, rng: &mut R) -> Option<Command> {
-        let count = selection_size(&self.settings, self.round, self.available().count())?;
-        let selected = choose(self.available(), count, rng);
+        let Selection { target, selects } =
+            selection(&self.settings, self.round, self.available().count())?;
+        let selected = choose(self.available(), selects, rng);
         let tokens: BTreeMap<_, _> = selected
             .iter()
             .map(|id| (id.clone(), token_from(rng)))
@@ -459,16 +554,22 @@ impl Federation {
                 dropped: Vec::new(),
                 rejections: Vec::new(),
                 rejections_dropped: 0,
+                missed_deadline: Vec::new(),
+                target,
+                quorum: self.settings.min_updates.clamp(1, target),
                 outcome: None,
+                close_reason: None,
                 reason: None,
                 duration_secs: None,
                 evaluation: None,
             },
             tokens,
             opened_at: now,
-            close_reason: None,
+            training_since: None,
+            closing_for: None,
             delivered: HashSet::new(),
             dropped: HashSet::new(),
+            missed: HashSet::new(),
             started: HashSet::new(),
             rejections_by: HashMap::new(),
         };
@@ -496,30 +597,6 @@ impl Federation {
             _ => None,
         }
     }
-}
-
-fn close_reason(active: &ActiveRound, now: Timestamp, round_timeout: Duration) -> Option<String> {
-    let selected = active.tokens.len();
-    let delivered = active.record.delivered.len();
-    let dropped = active.record.dropped.len();
-    if active.outstanding() == 0 {
-        return Some(match (delivered, dropped) {
-            (_, 0) => format!("all {selected} selected participants delivered"),
-            (0, _) => format!("all {selected} selected participants dropped (heartbeat timeout)"),
-            _ => format!(
-                "{delivered} of {selected} selected participants delivered; \
-                 {dropped} dropped (heartbeat timeout)"
-            ),
-        });
-    }
-    if now.since(active.opened_at) >= round_timeout {
-        return Some(format!(
-            "round_timeout of {:.1} s reached with {delivered} of {selected} updates \
-             ({dropped} dropped)",
-            round_timeout.as_secs_f64()
-        ));
-    }
-    None
 }
 
 /// The metrics a delivery keeps, and how many it dropped.

@@ -9,32 +9,42 @@
 //! By concern:
 //!
 //! - `registry`: participants joining, authenticating and heartbeating.
-//! - `selection`: how many and which participants a round takes, and their tokens.
+//! - `selection`: how many and which participants a round takes (its target, and more with
+//!   over-selection), and their tokens.
 //! - `machine`: the phases of a round — open, train, close — and the history they leave.
+//! - `close`: when a training round closes or fails (target, quorum, training deadline,
+//!   `round_timeout`), and the words and code its record gives for it.
+//! - `evaluation`: who scores which global model, and the weighted means.
 //! - `status`: the view of it all that the status endpoint serializes.
 //!
 //! Life of a round `r`, attempt `a`:
 //!
 //! ```text
-//! WaitingForParticipants ──enough available──▶ Opening ──aggregator acked──▶ Training
-//!        ▲                   (Command::OpenRound)                              │
-//!        │                                      all selected delivered or dropped, or deadline
-//!        │                                                                     ▼
-//!        └──── next round (or same round, next attempt, if it failed) ◀── Closing
-//!                                        (Command::CloseRound … round_aggregated)
+//! WaitingForParticipants ──enough available──▶ Opening ──aggregator acked──▶ Training ───┐
+//!     ▲   ▲                 (Command::OpenRound)                              │         │
+//!     │   │                          target reached, or no one expected any   │ quorum  │
+//!     │   │                          more (delivered, dropped, past deadline) │  met    │ quorum
+//!     │   │                                                                   ▼         │ out of
+//!     │   └── next round (or same round, next attempt, if it failed) ◀── Closing        │ reach
+//!     │                                  (Command::CloseRound … round_aggregated)       │
+//!     └──────────────────── same round, next attempt (no close is sent) ◀───────────────┘
 //! ```
 //!
 //! When a round is aggregated, its record is made to agree with the model that was built: the
 //! aggregator's list of contributors, not the notices that happened to arrive, says who
-//! delivered.
+//! delivered. `proptests` drives random lives of the machine against a simulated aggregator
+//! and checks that this, and the rest of what the history promises, always holds.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod close;
 mod evaluation;
 mod machine;
+#[cfg(test)]
+mod proptests;
 mod registry;
 mod selection;
 mod status;
@@ -45,8 +55,8 @@ pub use evaluation::{EvaluationError, EvaluationReport, EvaluationSummary, Round
 pub use machine::RoundClosed;
 pub use selection::token_from;
 pub use status::{
-    Delivery, FederationStatus, Outcome, ParticipantState, ParticipantStatus, PhaseName, Rejection,
-    RoundRecord,
+    CloseReason, Delivery, FederationStatus, Outcome, ParticipantState, ParticipantStatus,
+    PhaseName, Rejection, RoundRecord,
 };
 
 use evaluation::Evaluation;
@@ -119,12 +129,41 @@ pub struct FederationSettings {
     /// A round closes with what it has after this long (and participants asked to evaluate
     /// the final model are asked for this long after the last round).
     pub round_timeout: Duration,
+    /// Each selected participant's update must arrive within this long of training opening
+    /// (the aggregator acknowledging the round); one that has not is no longer waited for.
+    /// `None`: `round_timeout`, which then comes first (it counts from the opening).
+    #[serde(default)]
+    pub training_timeout: Option<Duration>,
+    /// The quorum: a round aggregates only with at least this many updates (capped by its
+    /// target); one that can no longer reach it fails and is run again.
+    #[serde(default = "one")]
+    pub min_updates: usize,
+    /// Over-selection: a round selects `ceil(target × this)` participants (as many as are
+    /// available) and closes once `target` updates arrived. At least 1.
+    #[serde(default = "one_f64")]
+    pub selection_overcommit: f64,
     /// Evaluate the model of every round divisible by this, and the final one (0: never).
     pub evaluate_every: u32,
     /// Share of the participants able to evaluate that are asked to (rounded up).
     pub evaluate_fraction: f64,
     /// Who may join.
     pub join: JoinPolicy,
+}
+
+// Defaults of settings added after federations were first saved, so older saves read back.
+fn one() -> usize {
+    1
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+impl FederationSettings {
+    /// The training deadline: `training_timeout`, or `round_timeout` when not set.
+    pub fn training_timeout(&self) -> Duration {
+        self.training_timeout.unwrap_or(self.round_timeout)
+    }
 }
 
 /// Who may join a federation: the holders of its join secret (when it has one), under a name

@@ -31,6 +31,34 @@ pub(super) fn selection_size(
     Some(by_ratio.max(needed).min(available))
 }
 
+/// What a round takes: its `target` (the updates it closes at) and how many it `selects`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Selection {
+    pub(super) target: usize,
+    pub(super) selects: usize,
+}
+
+/// The target (what [`selection_size`] gives) and, over-selecting by
+/// `selection_overcommit`, how many participants are selected: `ceil(target × overcommit)`,
+/// no more than are available. Round 0, which takes one participant's weights as the initial
+/// model, never over-selects: two initial models would be averaged into neither.
+pub(super) fn selection(
+    settings: &FederationSettings,
+    round: u32,
+    available: usize,
+) -> Option<Selection> {
+    let target = selection_size(settings, round, available)?;
+    if round == 0 {
+        return Some(Selection { target, selects: 1 });
+    }
+    // The cast saturates (and a NaN becomes 0, which `max` lifts back to the target).
+    let over = (target as f64 * settings.selection_overcommit).ceil() as usize;
+    Some(Selection {
+        target,
+        selects: over.max(target).min(available),
+    })
+}
+
 /// `count` of `candidates` drawn uniformly with `rng`, in the candidates' order.
 pub(super) fn choose<'a, R: Rng + ?Sized>(
     candidates: impl Iterator<Item = &'a ParticipantId>,

@@ -37,6 +37,50 @@ pub enum Outcome {
     Failed,
 }
 
+/// Why a round attempt closed, as a code a script can match on; the record's `reason` says it
+/// in words. The first five close a round that then aggregates (unless the aggregator fails
+/// it: `aggregation_failed`); the others fail the attempt, which is run again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// Every selected participant delivered.
+    AllDelivered,
+    /// The round's target of updates arrived while over-selected participants still trained.
+    TargetReached,
+    /// The training deadline passed with at least the quorum of updates.
+    TrainingDeadline,
+    /// Every selected participant delivered or was dropped (heartbeat timeout), with at least
+    /// the quorum of updates.
+    ParticipantsDropped,
+    /// `round_timeout` passed with at least the quorum of updates.
+    RoundTimeout,
+    /// Too few participants were still expected to reach the quorum (`min_updates`).
+    QuorumUnreachable,
+    /// `round_timeout` passed before the quorum of updates arrived.
+    QuorumTimeout,
+    /// The aggregator could not make a model of the round's updates.
+    AggregationFailed,
+    /// The aggregator restarted without the round's model; the rounds it lost are run again.
+    AggregatorRestarted,
+}
+
+impl CloseReason {
+    /// The code, as JSON and the CSV write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AllDelivered => "all_delivered",
+            Self::TargetReached => "target_reached",
+            Self::TrainingDeadline => "training_deadline",
+            Self::ParticipantsDropped => "participants_dropped",
+            Self::RoundTimeout => "round_timeout",
+            Self::QuorumUnreachable => "quorum_unreachable",
+            Self::QuorumTimeout => "quorum_timeout",
+            Self::AggregationFailed => "aggregation_failed",
+            Self::AggregatorRestarted => "aggregator_restarted",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delivery {
     pub participant_id: ParticipantId,
@@ -66,9 +110,25 @@ pub struct RoundRecord {
     pub rejections: Vec<Rejection>,
     /// Rejections not kept (beyond the per-participant cap).
     pub rejections_dropped: usize,
+    /// Selected participants that had not delivered when the training deadline (or
+    /// `round_timeout`) passed and are not in the model, in selection order.
+    #[serde(default)]
+    pub missed_deadline: Vec<ParticipantId>,
+    /// How many updates the round closes at once they arrived (fewer than `selected` when it
+    /// over-selects); 0 in records saved before targets were kept.
+    #[serde(default)]
+    pub target: usize,
+    /// How many updates the round needs to aggregate (`min_updates`, capped by `target`); 0 in
+    /// records saved before quorums were kept.
+    #[serde(default)]
+    pub quorum: usize,
     /// `None` while the round runs; `aggregated` or `failed` once closed.
     pub outcome: Option<Outcome>,
-    /// Why the round closed (or failed), in words.
+    /// Why the round closed (or failed), as a code; `None` while it runs.
+    #[serde(default)]
+    pub close_reason: Option<CloseReason>,
+    /// Why the round closed (or failed), in words: "round 7: 9 of 10 updates; p3 missed the
+    /// training deadline (30 s)", participants by name where they have one.
     pub reason: Option<String>,
     pub duration_secs: Option<f64>,
     /// How participants scored the model this attempt made (aggregated rounds that were

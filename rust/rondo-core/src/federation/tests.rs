@@ -11,6 +11,9 @@ fn settings() -> FederationSettings {
         participants_ratio: 1.0,
         heartbeat_timeout: Duration::from_secs(5),
         round_timeout: Duration::from_secs(60),
+        training_timeout: None,
+        min_updates: 1,
+        selection_overcommit: 1.0,
         evaluate_every: 0,
         evaluate_fraction: 1.0,
         join: JoinPolicy::default(),
@@ -79,7 +82,7 @@ impl World {
         else {
             panic!("expected OpenRound, phase {:?}", self.fed.phase_name());
         };
-        self.fed.round_opened(round, attempt);
+        self.fed.round_opened(round, attempt, self.now);
         grants
     }
 
@@ -297,7 +300,11 @@ fn silent_selected_participant_is_dropped_and_round_closes_without_it() {
     let status = w.fed.status(w.now);
     let record = &status.history[0];
     assert_eq!(record.dropped, vec![w.id(2).to_string()]);
-    assert!(record.reason.as_deref().unwrap().contains("1 dropped"));
+    assert_eq!(record.close_reason, Some(CloseReason::ParticipantsDropped));
+    assert_eq!(
+        record.reason.as_deref(),
+        Some("round 1: 2 of 3 updates; p2 dropped (heartbeat timeout)")
+    );
     assert!(matches!(w.beat(2), Action::Rejected { .. }));
     assert_eq!(status.participants[2].state, ParticipantState::Dropped);
 }
@@ -325,40 +332,67 @@ fn late_joiner_waits_for_next_round_and_is_selected_then() {
 }
 
 #[test]
-fn deadline_closes_round_and_empty_round_is_rerun() {
+fn a_round_with_no_update_at_its_deadline_fails_here_and_is_rerun() {
     let mut w = World::new(settings(), Some(0));
     w.join();
     w.join();
     w.open();
+    let mut commands = Vec::new();
     for _ in 0..15 {
         w.advance(4);
         w.beat(0);
         w.beat(1);
-        if !w.tick().is_empty() {
+        commands.extend(w.tick());
+        if w.fed.phase_name() != PhaseName::Training {
             break;
         }
     }
-    assert_eq!(w.fed.phase_name(), PhaseName::Closing);
-    w.fed.round_aggregated(
-        1,
-        0,
-        AggregationResult::Failed {
-            reason: "no update was accepted".into(),
-        },
-        w.now,
+    // No quorum (min_updates = 1): nothing to ask the aggregator to aggregate.
+    assert_eq!(
+        commands,
+        vec![],
+        "no CloseRound for a round without its quorum"
     );
+    assert_eq!(w.fed.phase_name(), PhaseName::WaitingForParticipants);
     assert_eq!(w.fed.current_round(), (1, 1));
     let status = w.fed.status(w.now);
-    assert_eq!(status.history[0].outcome, Some(Outcome::Failed));
-    assert!(
-        status.history[0]
-            .reason
-            .as_deref()
-            .unwrap()
-            .contains("round_timeout")
+    let record = &status.history[0];
+    assert_eq!(record.outcome, Some(Outcome::Failed));
+    assert_eq!(record.close_reason, Some(CloseReason::QuorumTimeout));
+    assert_eq!(record.missed_deadline, vec!["p0".to_string(), "p1".into()]);
+    assert_eq!(
+        record.reason.as_deref(),
+        Some(
+            "round 1 attempt 0 failed: 0 of 2 updates, short of the quorum of 1 (min_updates); \
+             p0 and p1 had not delivered at round_timeout (60 s); the round is run again"
+        )
     );
     let grants = w.open();
     assert_eq!(grants.len(), 2, "same round, new attempt, new tokens");
+}
+
+#[test]
+fn a_round_the_aggregator_fails_is_rerun_and_says_why_in_both_words_and_code() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    w.deliver(0, 5);
+    w.deliver(1, 5);
+    w.close(AggregationResult::Failed {
+        reason: "Krum needs more than 2f + 2 updates".into(),
+    });
+    assert_eq!(w.fed.current_round(), (1, 1));
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.close_reason, Some(CloseReason::AggregationFailed));
+    assert_eq!(
+        record.reason.as_deref(),
+        Some(
+            "round 1 attempt 0 failed: the aggregator could not make a model: Krum needs more \
+             than 2f + 2 updates; it had closed with 2 of 2 updates; every selected participant \
+             delivered; the round is run again"
+        )
+    );
 }
 
 #[test]
@@ -983,4 +1017,325 @@ fn an_open_round_logged_shows_no_token() {
         "{shown}"
     );
     assert!(!shown.contains("secret-token-abc"), "{shown}");
+}
+
+impl World {
+    fn join_named(&mut self, name: &str) -> usize {
+        let id = format!("p{}", self.people.len());
+        let secret = token_from(&mut self.rng);
+        let joining = Joining {
+            name: Some(name.into()),
+            ..Joining::default()
+        };
+        self.fed
+            .join(id.clone(), &secret, joining, self.now)
+            .unwrap();
+        self.people.push((id, secret));
+        self.people.len() - 1
+    }
+
+    fn beat_all(&mut self) {
+        for i in 0..self.people.len() {
+            self.beat(i);
+        }
+    }
+
+    /// Ticks until something changes the phase (or `limit` seconds passed), everyone
+    /// heartbeating every second; returns the commands the ticks gave.
+    fn run_until_phase_changes(&mut self, limit: u64) -> Vec<Command> {
+        let phase = self.fed.phase_name();
+        let mut commands = Vec::new();
+        for _ in 0..limit {
+            self.advance(1);
+            self.beat_all();
+            commands.extend(self.tick());
+            if self.fed.phase_name() != phase {
+                break;
+            }
+        }
+        commands
+    }
+}
+
+fn deadline_settings() -> FederationSettings {
+    FederationSettings {
+        min_clients: 10,
+        heartbeat_timeout: Duration::from_secs(30),
+        round_timeout: Duration::from_secs(60),
+        training_timeout: Some(Duration::from_secs(10)),
+        min_updates: 5,
+        ..settings()
+    }
+}
+
+#[test]
+fn participants_past_the_training_deadline_are_not_waited_for_and_are_named() {
+    let mut w = World::new(deadline_settings(), Some(0));
+    for i in 0..10 {
+        // Names for most; p8 goes by its id.
+        if i == 8 {
+            w.join();
+        } else {
+            w.join_named(&format!("site-{i}"));
+        }
+    }
+    w.open();
+    for i in 0..7 {
+        w.deliver(i, 10 * (i as u64 + 1));
+    }
+    let commands = w.run_until_phase_changes(9);
+    assert_eq!(commands, vec![], "the deadline has not passed");
+    let commands = w.run_until_phase_changes(2);
+    assert_eq!(
+        commands,
+        vec![Command::CloseRound {
+            round: 1,
+            attempt: 0
+        }]
+    );
+    let (round, attempt) = w.fed.current_round();
+    let result = agreed(&w.fed);
+    w.fed.round_aggregated(round, attempt, result, w.now);
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.outcome, Some(Outcome::Aggregated));
+    assert_eq!(record.close_reason, Some(CloseReason::TrainingDeadline));
+    assert_eq!(
+        record.missed_deadline,
+        vec!["p7".to_string(), "p8".into(), "p9".into()]
+    );
+    assert_eq!(record.delivered.len(), 7);
+    assert_eq!((record.target, record.quorum), (10, 5));
+    assert_eq!(
+        record.reason.as_deref(),
+        Some("round 1: 7 of 10 updates; site-7, p8 and site-9 missed the training deadline (10 s)")
+    );
+    let line = w.fed.round_summaries().last().unwrap().clone();
+    assert_eq!(line.close_reason, Some(CloseReason::TrainingDeadline));
+    assert_eq!(line.missed_deadline, record.missed_deadline);
+}
+
+#[test]
+fn the_training_deadline_counts_from_when_the_aggregator_opened_the_round() {
+    let mut w = World::new(deadline_settings(), Some(0));
+    for _ in 0..10 {
+        w.join();
+    }
+    // The aggregator takes 8 s to acknowledge the opening.
+    let Some(Command::OpenRound(open)) = w.tick().into_iter().next() else {
+        panic!("expected OpenRound")
+    };
+    w.advance(8);
+    w.beat_all();
+    w.fed.round_opened(open.round, open.attempt, w.now);
+    for i in 0..5 {
+        w.deliver(i, 1);
+    }
+    assert_eq!(
+        w.run_until_phase_changes(9),
+        vec![],
+        "10 s from the ack, not the opening"
+    );
+    assert_eq!(w.fed.phase_name(), PhaseName::Training);
+    assert_eq!(w.run_until_phase_changes(2).len(), 1);
+    assert_eq!(w.fed.phase_name(), PhaseName::Closing);
+}
+
+#[test]
+fn an_update_that_comes_after_the_deadline_but_is_aggregated_counts_as_delivered() {
+    let mut w = World::new(deadline_settings(), Some(0));
+    for _ in 0..10 {
+        w.join();
+    }
+    w.open();
+    for i in 0..6 {
+        w.deliver(i, 1);
+    }
+    w.run_until_phase_changes(11);
+    assert_eq!(w.fed.phase_name(), PhaseName::Closing);
+    // p6's update was being folded as the deadline passed: its notice comes while closing.
+    w.deliver(6, 1);
+    let (round, attempt) = w.fed.current_round();
+    let result = agreed(&w.fed);
+    w.fed.round_aggregated(round, attempt, result, w.now);
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.delivered.len(), 7);
+    assert_eq!(
+        record.missed_deadline,
+        vec!["p7".to_string(), "p8".into(), "p9".into()]
+    );
+    assert!(!record.reason.unwrap().contains("p6"));
+}
+
+#[test]
+fn a_round_that_can_no_longer_reach_its_quorum_fails_and_is_run_again() {
+    let mut s = settings();
+    s.min_clients = 3;
+    s.min_updates = 3;
+    s.rounds = 1;
+    let mut w = World::new(s, Some(0));
+    for _ in 0..3 {
+        w.join();
+    }
+    w.open();
+    w.deliver(0, 5);
+    // p2 falls silent: dropped at the heartbeat timeout, 2 updates at most are left in reach.
+    let mut commands = Vec::new();
+    for _ in 0..6 {
+        w.advance(1);
+        w.beat(0);
+        w.beat(1);
+        commands.extend(w.tick());
+    }
+    assert_eq!(commands, vec![], "nothing is closed at the aggregator");
+    assert_eq!(w.fed.phase_name(), PhaseName::WaitingForParticipants);
+    assert_eq!(w.fed.current_round(), (1, 1));
+    let failed = w.fed.status(w.now).history[0].clone();
+    assert_eq!(failed.outcome, Some(Outcome::Failed));
+    assert_eq!(failed.close_reason, Some(CloseReason::QuorumUnreachable));
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some(
+            "round 1 attempt 0 failed: 1 of 3 updates and 1 more expected, short of the quorum \
+             of 3 (min_updates); p2 dropped (heartbeat timeout); the round is run again"
+        )
+    );
+    // Two are left: too few to start; a third comes back (joining again) and the round runs.
+    assert!(w.tick().is_empty());
+    w.join();
+    let grants = w.open();
+    assert_eq!(grants.len(), 3);
+    assert!(!grants.contains_key("p2"));
+    for i in [0, 1, 3] {
+        w.deliver(i, 5);
+    }
+    w.close(agreed(&w.fed));
+    let status = w.fed.status(w.now);
+    assert_eq!(status.phase, PhaseName::Finished);
+    let done = status.history.last().unwrap();
+    assert_eq!((done.round, done.attempt), (1, 1));
+    assert_eq!(done.close_reason, Some(CloseReason::AllDelivered));
+    assert_eq!(
+        done.reason.as_deref(),
+        Some("round 1: 3 of 3 updates; every selected participant delivered")
+    );
+}
+
+#[test]
+fn over_selection_closes_at_the_target_and_the_rest_are_told_the_round_is_over() {
+    let mut s = settings();
+    s.participants_ratio = 0.5;
+    s.selection_overcommit = 1.5;
+    s.min_clients = 2;
+    let mut w = World::new(s, Some(0));
+    for _ in 0..10 {
+        w.join();
+    }
+    let grants = w.open();
+    assert_eq!(grants.len(), 8, "target ceil(0.5 × 10) = 5, × 1.5 → 8");
+    let selected: Vec<usize> = (0..10).filter(|&i| grants.contains_key(w.id(i))).collect();
+    for &i in &selected[..4] {
+        w.deliver(i, 1);
+    }
+    assert!(w.tick().is_empty(), "4 of a target of 5");
+    w.deliver(selected[4], 1);
+    let (round, attempt) = w.fed.current_round();
+    assert_eq!(w.tick(), vec![Command::CloseRound { round, attempt }]);
+    for &i in &selected[5..] {
+        assert_eq!(w.beat(i), Action::Standby, "the round is over for them");
+        let (id, secret) = w.people[i].clone();
+        assert_eq!(
+            w.fed.start_training(&id, &secret, w.now),
+            Err(FederationError::NotSelected(id))
+        );
+    }
+    let result = agreed(&w.fed);
+    w.fed.round_aggregated(round, attempt, result, w.now);
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.close_reason, Some(CloseReason::TargetReached));
+    assert_eq!((record.selected.len(), record.target), (8, 5));
+    let rest: Vec<&str> = selected[5..].iter().map(|&i| w.id(i)).collect();
+    assert_eq!(
+        record.reason.unwrap(),
+        format!(
+            "round 1: 5 of 8 updates; the target of 5 was reached, so {}, {} and {} were not \
+             waited for",
+            rest[0], rest[1], rest[2]
+        )
+    );
+}
+
+#[test]
+fn over_selection_is_capped_by_the_available_and_round_zero_takes_one() {
+    let mut s = settings();
+    s.selection_overcommit = 1.5;
+    s.min_clients = 4;
+    let mut w = World::new(s, None);
+    for _ in 0..4 {
+        w.join();
+    }
+    assert_eq!(w.open().len(), 1, "round 0: one initial model");
+    let chosen = w.fed.status(w.now).history[0].selected[0].clone();
+    let i = w.people.iter().position(|p| p.0 == chosen).unwrap();
+    w.deliver(i, 1);
+    w.close(agreed(&w.fed));
+    assert_eq!(w.open().len(), 4, "target 4 × 1.5, but only 4 are there");
+}
+
+#[test]
+fn the_default_deadline_is_round_timeout_and_names_who_had_not_delivered() {
+    let mut w = World::new(settings(), Some(0));
+    w.join_named("alice");
+    w.join_named("bob");
+    w.open();
+    w.deliver(0, 3);
+    let commands = w.run_until_phase_changes(61);
+    assert_eq!(
+        commands,
+        vec![Command::CloseRound {
+            round: 1,
+            attempt: 0
+        }]
+    );
+    let result = agreed(&w.fed);
+    w.fed.round_aggregated(1, 0, result, w.now);
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.close_reason, Some(CloseReason::RoundTimeout));
+    assert_eq!(record.missed_deadline, vec!["p1".to_string()]);
+    assert_eq!(
+        record.reason.as_deref(),
+        Some("round 1: 1 of 2 updates; bob had not delivered at round_timeout (60 s)")
+    );
+}
+
+#[test]
+fn a_federation_saved_before_deadlines_and_quorums_reads_back_and_carries_on() {
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    w.open();
+    w.deliver(0, 4);
+    let mut saved = serde_json::to_value(&w.fed).unwrap();
+    // What a snapshot written by the previous version lacks.
+    let settings = saved["settings"].as_object_mut().unwrap();
+    for key in ["training_timeout", "min_updates", "selection_overcommit"] {
+        assert!(settings.remove(key).is_some(), "{key}");
+    }
+    let active = saved["phase"]["Training"].as_object_mut().unwrap();
+    for key in ["training_since", "closing_for", "missed"] {
+        assert!(active.remove(key).is_some(), "{key}");
+    }
+    let record = active["record"].as_object_mut().unwrap();
+    for key in ["missed_deadline", "target", "quorum", "close_reason"] {
+        assert!(record.remove(key).is_some(), "{key}");
+    }
+    let old: Federation = serde_json::from_value(saved).expect("an old snapshot reads back");
+    assert_eq!(old.settings().min_updates, 1);
+    assert_eq!(old.settings().selection_overcommit, 1.0);
+    w.fed = old;
+    w.deliver(1, 6);
+    w.close(agreed(&w.fed));
+    let record = w.fed.status(w.now).history[0].clone();
+    assert_eq!(record.close_reason, Some(CloseReason::AllDelivered));
+    assert_eq!(record.delivered.len(), 2);
+    assert_eq!(w.fed.current_round(), (2, 0));
 }
