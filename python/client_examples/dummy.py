@@ -18,6 +18,7 @@ import argparse
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,9 +51,10 @@ def n_samples(index: int) -> int:
 class Dummy(rondo.Participant):
     """Participant ``index``: adds ``index + 1`` to every weight."""
 
-    def __init__(self, index: int, n_elements: int) -> None:
+    def __init__(self, index: int, n_elements: int, train_secs: float = 0.0) -> None:
         self.index = index
         self.n_elements = n_elements
+        self.train_secs = train_secs
 
     def initial_weights(self) -> rondo.Weights:
         # np.zeros maps zeroed pages lazily: a 1 GB model costs nothing until it is sent.
@@ -61,6 +63,8 @@ class Dummy(rondo.Participant):
     def train_round(
         self, weights: rondo.Weights, round: int
     ) -> tuple[rondo.Weights, int, dict[str, float]]:
+        if self.train_secs:
+            time.sleep(self.train_secs)  # as long as real training would take
         delta = np.float32(self.index + 1)
         # The downloaded arrays are writable views of the download buffer: update them in
         # place and send them back, so a round holds one copy of the model, not two.
@@ -118,6 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--connect-timeout", type=positive(float), default=60.0, metavar="SECS",
         help="how long to wait for the coordinator to answer the first join (default: 60)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--train-secs", type=float, default=0.0, metavar="SECS",
+        help="how long each round's training takes, as if it were real (default: 0)",
     )  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="log every SDK step")
     parser.add_argument(
@@ -252,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     def participate(index: int) -> None:
         try:
             reports[index] = rondo.run_participant(
-                Dummy(index, n_elements),
+                Dummy(index, n_elements, args.train_secs),
                 args.coordinator_url,
                 heartbeat_period=args.heartbeat_period,
                 name=f"dummy-{index}",
