@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""What durable acknowledgements cost: the same Rondo federation with the in-memory store and
-with a Redis store plus a data directory (every accepted update written and fsynced under
-store.data_dir, and its record saved in Redis, before its upload is answered).
+"""What durable acknowledgements cost: the same Rondo federation in memory, with a data
+directory only (the model store), and with a Redis store plus a data directory (every accepted
+update also written and fsynced under store.data_dir, and its record saved in Redis, before its
+upload is answered).
 
 Runs the workload (compare_flower.py's: N clients, a float32 model of SIZE bytes, R rounds)
 ``--repeat`` times per store, alternating, against one redis-server started here on a free
@@ -24,6 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import compare_flower as bench
+
+
+# In memory; a data directory only (the model store: each round's model written and fsynced);
+# Redis and a data directory (also every accepted update written, fsynced and recorded before
+# its upload is answered).
+MODES = ("memory", "models", "durable")
 
 
 def start_redis(port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -57,18 +64,17 @@ def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="rondo-durable-"))
     port = bench.free_port()
     redis = start_redis(port, logs / "redis.log")
-    runs: dict[str, list[dict[str, Any]]] = {"memory": [], "durable": []}
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in MODES}
     try:
         for attempt in range(args.repeat):
-            for label in ("memory", "durable"):
+            for label in MODES:
                 run_dir = logs / f"run{attempt + 1}" / label
                 env: dict[str, str] = {}
+                if label != "memory":
+                    env["RONDO__STORE__DATA_DIR"] = str(run_dir / "data")
                 if label == "durable":
-                    env = {
-                        "RONDO__STORE__URL": f"redis://127.0.0.1:{port}/0",
-                        "RONDO__STORE__NAMESPACE": f"bench{attempt}",
-                        "RONDO__STORE__DATA_DIR": str(run_dir / "data"),
-                    }
+                    env["RONDO__STORE__URL"] = f"redis://127.0.0.1:{port}/0"
+                    env["RONDO__STORE__NAMESPACE"] = f"bench{attempt}"
                 deadline = time.monotonic() + args.timeout
                 runner = lambda w, d, t, env=env: bench.run_rondo(w, d, t, env)  # noqa: E731
                 result = bench.run_one(f"Rondo, {label} store", runner, w, run_dir, deadline)
@@ -88,17 +94,21 @@ def main() -> int:
             "peak": max(r["server_peak_bytes"] for r in results) / bench.MB,
         }
 
-    memory, durable = figures(runs["memory"]), figures(runs["durable"])
+    memory, models, durable = (figures(runs[label]) for label in MODES)
     print(f"\n{w.clients} clients x {w.label} x {w.rounds} rounds, {args.repeat} runs each\n")
-    print("| | in-memory store | Redis + data_dir (durable acks) | durable / memory |")
-    print("|---|---|---|---|")
+    print(
+        "| | in memory | data_dir only (model store) | Redis + data_dir (durable acks) "
+        "| models / memory | durable / memory |"
+    )
+    print("|---|---|---|---|---|---|")
     for key, name, unit in (
-        ("wall", "wall time, median", "s"),
-        ("round", "mean round time, median", "s"),
+        ("wall", "wall time, median", " s"),
+        ("round", "mean round time, median", " s"),
         ("peak", "server peak RSS (both services)", " MB"),
     ):
         print(
-            f"| {name} | {memory[key]:.3f}{unit} | {durable[key]:.3f}{unit} | "
+            f"| {name} | {memory[key]:.3f}{unit} | {models[key]:.3f}{unit} | "
+            f"{durable[key]:.3f}{unit} | {models[key] / memory[key]:.2f}x | "
             f"{durable[key] / memory[key]:.2f}x |"
         )
     shutil.rmtree(logs, ignore_errors=True)
