@@ -444,3 +444,51 @@ def test_dummy_stays_exact_across_every_restart(start_federation, redis_server, 
         }
         served = requests.get(f"{url}/v1/rounds/{manifest['round']}/model", timeout=10)
         assert hashlib.sha256(served.content).hexdigest() == manifest["sha256"]
+
+
+def test_a_server_optimizer_keeps_its_moments_across_an_aggregator_restart(
+    start_federation, redis_server, tmp_path
+):
+    """FedAdam's moments are saved beside each round's model: an aggregator killed mid-round
+    steps on from them, and the federation ends where one that was never killed ends (moments
+    begun again from zero would take it elsewhere: server_opt's
+    `a_saved_state_carries_the_optimizer_on_exactly_in_a_new_aggregator`)."""
+    initial = tmp_path / "initial.safetensors"
+    save_file({"layer/w": np.zeros((100, 10), np.float32), "layer/b": np.zeros(10, np.float32)},
+              str(initial))  # fmt: skip
+    coordinator = {**COORDINATOR, "federation.rounds": 4, "aggregator.call_timeout_secs": 1}
+
+    def run(kill: bool, store: dict) -> float:
+        aggregator = {
+            "model.initial_model": initial,
+            "aggregation.strategy": "fedadam",
+            "aggregation.deterministic": "true",
+            **store,
+        }
+        federation = start_federation(coordinator={**coordinator, **store}, aggregator=aggregator)
+        people = {"a": Adder(1.0, 10, train_secs=0.3), "b": Adder(3.0, 30, train_secs=0.3)}
+        reports: dict = {}
+        threads = [
+            run_in_thread(p, federation.coordinator_url, n, reports) for n, p in people.items()
+        ]
+        if kill:
+            federation.wait_for(
+                lambda s: len(aggregated_rounds(s)) >= 2 and s["phase"] == "training",
+                what="round 3 to be training",
+            )
+            federation.restart_aggregator(tmp_path, aggregator)
+        status = federation.wait_for(lambda s: s["phase"] == "finished", what="all rounds")
+        for thread in threads:
+            thread.join(timeout=20)
+        assert aggregated_rounds(status) == [1, 2, 3, 4], status["history"]
+        value = model_value(federation)
+        federation.stop()
+        return value
+
+    never_killed = run(False, {})
+    killed = run(True, durable(redis_server, tmp_path / "aggregator"))
+    np.testing.assert_allclose(killed, never_killed, rtol=1e-5)
+    states = sorted(p.name for p in (tmp_path / "aggregator" / "strategy").iterdir())
+    assert states == ["round-000003.state", "round-000004.state"], states
+    restarted_logs = [p.read_text() for p in tmp_path.glob("aggregator*.log")]
+    assert any("the rule's state resumed" in text for text in restarted_logs)

@@ -369,8 +369,20 @@ class _Run:
             self.log.warning("%s: round %d: %s", self.label, round_, exc)
             self.report.rejected_uploads[round_] = exc.code
         except NetworkError as exc:
-            self.log.warning("%s: round %d: aggregator not reachable: %s", self.label, round_, exc)
+            # The aggregator may be restarting: while the coordinator still says "train", the
+            # round is tried again (start_training answers the same token; an update that did
+            # get in is then answered as such, never counted twice).
+            self.log.warning(
+                "%s: round %d: aggregator not reachable (%s); trying the round again",
+                self.label,
+                round_,
+                exc,
+            )
             self.report.rejected_uploads[round_] = "network_error"
+            return False
+        else:
+            # A try of this round that failed on the network earlier is behind it now.
+            self.report.rejected_uploads.pop(round_, None)
         return True
 
     def _train_on(

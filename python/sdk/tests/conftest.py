@@ -166,6 +166,9 @@ class FakeRondo:
 
     def start_training(self, pid: str) -> tuple[int, Any]:
         self.start_trainings.append((pid, self.round))
+        if self.round > self.rounds or (self.round, pid) in self.accepted:
+            # As the coordinator: nothing to train once finished, or once delivered.
+            return _error(409, "not_selected", f"{pid} is not selected for an open round")
         token = f"token-{pid}-{self.round}"
         self.tokens[token] = (pid, self.round)
         return 200, {
@@ -178,8 +181,9 @@ class FakeRondo:
     def model(self, r: int) -> bytes:
         self.downloads.append(r)
         assert self.global_model is not None
-        if r in self.truncate_downloads:
-            self.refused_heartbeats_left = self.linger  # no update will come: close later
+        if r in self.truncate_downloads and self.refused_heartbeats_left is None:
+            # No update will come (each try of the round is cut short too): close later.
+            self.refused_heartbeats_left = self.linger
         return encode(self.global_model, {"rondo.round": str(r - 1)})
 
     def update(self, r: int, pid: str, body: bytes, chunked: bool) -> tuple[int, Any] | None:

@@ -399,12 +399,19 @@ def test_upload_in_progress_without_a_failure_before_is_a_refusal(serve) -> None
     assert fake.upload_requests.count((1, "p1")) == 1
 
 
-def test_upload_retries_are_bounded(serve, quick_upload_retries) -> None:
+def test_upload_retries_are_bounded_and_then_the_round_is_tried_again(
+    serve, quick_upload_retries
+) -> None:
+    """An upload is sent at most 1 + UPLOAD_RETRIES times; when all fail on the network and the
+    coordinator still says "train", the whole round is tried again (a new download, training,
+    upload), which gets in here."""
     fake = serve(rounds=2, drop_uploads={2, 3, 4}, linger=50)
+    assert rondo.runner.UPLOAD_RETRIES == 2, "drop_uploads covers the first try's attempts"
     report = run(fake)
-    assert report.rejected_uploads == {1: "network_error"}
-    assert report.rounds_trained == [0, 2]
-    assert fake.upload_requests.count((1, "p1")) == 1 + rondo.runner.UPLOAD_RETRIES
+    assert report.rejected_uploads == {}
+    assert report.rounds_trained == [0, 1, 2]
+    assert fake.upload_requests.count((1, "p1")) == 1 + rondo.runner.UPLOAD_RETRIES + 1
+    assert fake.downloads.count(1) == 2
 
 
 def test_a_refused_upload_is_not_sent_again(serve, quick_upload_retries) -> None:

@@ -256,7 +256,50 @@ impl Durable {
     }
 }
 
+/// The saved states of the rule kept: the newest two, so that a crash between a model and its
+/// state still finds the state of the model it restarts from.
+const STATES_KEPT: usize = 2;
+
 impl Durable {
+    fn states_dir(&self) -> PathBuf {
+        self.updates_dir.with_file_name("strategy")
+    }
+
+    /// Keeps the rule's state after `round` (a server optimizer's moments), beside the model
+    /// store: written, fsynced, renamed into place. Blocking.
+    pub fn save_strategy_state(&self, round: u32, state: &[u8]) -> anyhow::Result<()> {
+        let dir = self.states_dir();
+        std::fs::create_dir_all(&dir)?;
+        let name = format!("round-{round:06}.state");
+        let temporary = dir.join(format!(".{name}.partial"));
+        {
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(state)?;
+            file.sync_all()?;
+        }
+        std::fs::rename(&temporary, dir.join(&name))?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        let mut kept: Vec<_> = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n.starts_with("round-") && n.ends_with(".state"))
+            .collect();
+        kept.sort();
+        for old in kept.iter().rev().skip(STATES_KEPT) {
+            let _ = std::fs::remove_file(dir.join(old));
+        }
+        Ok(())
+    }
+
+    /// The rule's state saved after `round`, if it was.
+    pub fn strategy_state(&self, round: u32) -> anyhow::Result<Option<Vec<u8>>> {
+        let path = self.states_dir().join(format!("round-{round:06}.state"));
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(anyhow::anyhow!("reading {}: {err}", path.display())),
+        }
+    }
+
     /// Whether files of updates of some round are on disk: with no saved round in the store,
     /// that means the store lost what it held about them.
     pub fn has_update_files(&self) -> bool {

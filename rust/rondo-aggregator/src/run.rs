@@ -69,6 +69,25 @@ fn resume_model(book: RoundBook, models: &crate::models::ModelStore) -> anyhow::
     ))
 }
 
+/// Gives the rule back the state it had after the round of the model the aggregator starts
+/// from (a server optimizer's moments), when it was saved.
+fn resume_strategy(book: &RoundBook, durable: &Durable) -> anyhow::Result<()> {
+    let Some(round) = book.model().map(|m| m.round).filter(|r| *r > 0) else {
+        return Ok(());
+    };
+    match durable.strategy_state(round)? {
+        Some(state) => {
+            book.strategy()
+                .restore_state(&state)
+                .map_err(|e| anyhow::anyhow!("the rule's saved state after round {round}: {e}"))?;
+            tracing::info!(round, bytes = state.len(), "the rule's state resumed");
+        }
+        // A rule without state across rounds, or one whose state was never saved.
+        None => {}
+    }
+    Ok(())
+}
+
 /// Folds the updates accepted before a crash back into the round they belong to, when that
 /// round follows the model this aggregator starts with; forgets them when the round's model
 /// was stored already. Updates on disk that the store knows nothing of are refused: the store
@@ -155,7 +174,11 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
     }
     let model_store = crate::models::open_configured(&config.store, &book)?;
     let book = match (&durable, &model_store) {
-        (Some(_), Some(models)) => resume_model(book, models)?,
+        (Some(durable), Some(models)) => {
+            let book = resume_model(book, models)?;
+            resume_strategy(&book, durable)?;
+            book
+        }
         _ => book,
     };
     let upload_bytes = book.model().map(|m| m.spec.byte_len());

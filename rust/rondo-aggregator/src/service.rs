@@ -551,7 +551,16 @@ impl Aggregator {
                 output.publish(model.round, model.file.clone(), &self.shutdown);
             }
         }
+        let strategy = book.strategy().clone();
         drop(book);
+        // The rule's state after this round goes beside its model, so that a restarted
+        // aggregator steps on from it rather than from zero.
+        if let (Some(durable), AggregationResult::Aggregated { .. }) = (&self.durable, &result)
+            && let Some(state) = strategy.saved_state()
+            && let Err(err) = durable.save_strategy_state(round, &state)
+        {
+            tracing::warn!(round, %err, "the rule's state could not be saved; a restart would begin it again");
+        }
         // The round is over (its model stored, or it failed): its saved updates go.
         if let Some(durable) = &self.durable {
             tokio::runtime::Handle::current().block_on(durable.forget_round(round, attempt));

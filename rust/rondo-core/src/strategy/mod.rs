@@ -109,6 +109,22 @@ pub trait Strategy: Send + Sync + Debug {
     /// Whether updates are kept in memory until the round closes (so the staging buffers
     /// they arrived in cannot be reused for the next upload).
     fn holds_updates(&self) -> bool;
+
+    /// The state the rule carries from round to round (a server optimizer's moments), as
+    /// bytes to keep beside the round's model, so that a restarted aggregator carries on with
+    /// it ([`Strategy::restore_state`]). `None`: the rule has none (yet).
+    fn saved_state(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Takes back what [`Strategy::saved_state`] returned; refuses bytes it cannot use,
+    /// changing nothing.
+    fn restore_state(&self, _state: &[u8]) -> Result<(), String> {
+        Err(format!(
+            "the {} rule keeps no state across rounds",
+            self.name()
+        ))
+    }
 }
 
 /// What a round's aggregation starts from.

@@ -426,6 +426,131 @@ impl<R: Rule> Strategy for ServerOpt<R> {
     fn holds_updates(&self) -> bool {
         self.accumulation.deterministic
     }
+
+    fn saved_state(&self) -> Option<Vec<u8>> {
+        self.state
+            .lock()
+            .as_ref()
+            .map(|state| state.to_bytes(R::NAME))
+    }
+
+    fn restore_state(&self, bytes: &[u8]) -> Result<(), String> {
+        let state = State::from_bytes(bytes, R::NAME, R::SECOND_MOMENT)?;
+        *self.state.lock() = Some(state);
+        Ok(())
+    }
+}
+
+/// The saved form of a [`State`]: this line, a JSON header (rule, spec, element counts), a
+/// newline, then `m` and `v` of the narrow moments (f32) and of the wide ones (f64), each
+/// little-endian.
+const STATE_MAGIC: &[u8] = b"rondo-optimizer-state 1\n";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StateHeader {
+    rule: String,
+    spec: ModelSpec,
+    narrow_m: usize,
+    narrow_v: usize,
+    wide_m: usize,
+    wide_v: usize,
+}
+
+impl State {
+    fn to_bytes(&self, rule: &str) -> Vec<u8> {
+        let header = StateHeader {
+            rule: rule.to_string(),
+            spec: self.spec.clone(),
+            narrow_m: self.narrow.m.len(),
+            narrow_v: self.narrow.v.len(),
+            wide_m: self.wide.m.len(),
+            wide_v: self.wide.v.len(),
+        };
+        let header = serde_json::to_vec(&header).unwrap_or_default();
+        let mut out = Vec::with_capacity(STATE_MAGIC.len() + header.len() + 1 + self.bytes());
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(&header);
+        out.push(b'\n');
+        for part in [&self.narrow.m, &self.narrow.v] {
+            for x in part {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        for part in [&self.wide.m, &self.wide.v] {
+            for x in part {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    fn from_bytes(bytes: &[u8], rule: &str, second: bool) -> Result<Self, String> {
+        let rest = bytes
+            .strip_prefix(STATE_MAGIC)
+            .ok_or("not a saved optimizer state")?;
+        let end = rest
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or("the saved optimizer state has no header")?;
+        let header: StateHeader = serde_json::from_slice(&rest[..end])
+            .map_err(|e| format!("the saved optimizer state's header: {e}"))?;
+        if header.rule != rule {
+            return Err(format!(
+                "the saved optimizer state is {}'s, not {rule}'s",
+                header.rule
+            ));
+        }
+        let count = |wide: bool| -> usize {
+            header
+                .spec
+                .tensors
+                .iter()
+                .filter(|t| (t.dtype == DType::F64) == wide)
+                .map(|t| t.element_count())
+                .sum()
+        };
+        let (narrow, wide) = (count(false), count(true));
+        let expected = [
+            narrow,
+            if second { narrow } else { 0 },
+            wide,
+            if second { wide } else { 0 },
+        ];
+        let counts = [
+            header.narrow_m,
+            header.narrow_v,
+            header.wide_m,
+            header.wide_v,
+        ];
+        let data = &rest[end + 1..];
+        if counts != expected
+            || data.len() != 4 * (counts[0] + counts[1]) + 8 * (counts[2] + counts[3])
+        {
+            return Err("the saved optimizer state does not fit its model".to_string());
+        }
+        let (narrow, wide) = data.split_at(4 * (counts[0] + counts[1]));
+        let f32s: Vec<f32> = narrow
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let f64s: Vec<f64> = wide
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        let (nm, nv) = f32s.split_at(counts[0]);
+        let (wm, wv) = f64s.split_at(counts[2]);
+        Ok(Self {
+            spec: header.spec,
+            narrow: Moments {
+                m: nm.to_vec(),
+                v: nv.to_vec(),
+            },
+            wide: Moments {
+                m: wm.to_vec(),
+                v: wv.to_vec(),
+            },
+        })
+    }
 }
 
 /// One round of a [`ServerOpt`]: FedAvg's aggregation, and the optimizer's state.
@@ -1464,5 +1589,61 @@ mod tests {
                 format!("aggregation.options.{option}: is not an option of strategy \"{name}\"")
             );
         }
+    }
+
+    #[test]
+    fn a_saved_state_carries_the_optimizer_on_exactly_in_a_new_aggregator() {
+        let spec = model(&[(DType::F32, 37), (DType::F64, 5), (DType::BF16, 9)]);
+        for name in ["fedavgm", "fedadagrad", "fedadam", "fedyogi"] {
+            let mut rng = StdRng::seed_from_u64(11);
+            let running = make(name, &[], ACCUMULATIONS[0]);
+            assert!(
+                running.saved_state().is_none(),
+                "{name}: no state before a step"
+            );
+            let mut x = random_model(&mut rng, &spec);
+            for _ in 0..2 {
+                let round = random_round(&mut rng, &spec, &x);
+                let next = run(&*running, &spec, &round, Some(&encode(&spec, &x))).unwrap();
+                x = decode(&spec, &next);
+            }
+            let saved = running.saved_state().expect("a state after two steps");
+            // A restarted aggregator: a fresh rule, given the saved state back.
+            let restarted = make(name, &[], ACCUMULATIONS[0]);
+            restarted.restore_state(&saved).expect("its own state");
+            assert_eq!(restarted.saved_state().as_deref(), Some(&saved[..]));
+            let round = random_round(&mut rng, &spec, &x);
+            let previous = encode(&spec, &x);
+            let carried_on = run(&*running, &spec, &round, Some(&previous)).unwrap();
+            let resumed = run(&*restarted, &spec, &round, Some(&previous)).unwrap();
+            assert_eq!(carried_on, resumed, "{name}: the same step, bit for bit");
+            let forgotten = make(name, &[], ACCUMULATIONS[0]);
+            let from_zero = run(&*forgotten, &spec, &round, Some(&previous)).unwrap();
+            assert_ne!(carried_on, from_zero, "{name}: the state matters");
+        }
+        // Bytes it cannot use are refused and change nothing.
+        let adam = make("fedadam", &[], ACCUMULATIONS[0]);
+        let avgm = make("fedavgm", &[], ACCUMULATIONS[0]);
+        let mut rng = StdRng::seed_from_u64(3);
+        let x = random_model(&mut rng, &spec);
+        let round = random_round(&mut rng, &spec, &x);
+        run(&*avgm, &spec, &round, Some(&encode(&spec, &x))).unwrap();
+        let avgm_state = avgm.saved_state().unwrap();
+        assert!(
+            adam.restore_state(&avgm_state)
+                .unwrap_err()
+                .contains("fedavgm")
+        );
+        assert!(
+            adam.restore_state(&avgm_state[..avgm_state.len() - 1])
+                .is_err()
+        );
+        assert!(adam.restore_state(b"junk").is_err());
+        assert!(adam.saved_state().is_none());
+        assert!(
+            make("fedavg", &[], ACCUMULATIONS[0])
+                .restore_state(&avgm_state)
+                .is_err()
+        );
     }
 }
