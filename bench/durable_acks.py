@@ -26,7 +26,6 @@ from typing import Any
 
 import compare_flower as bench
 
-
 # In memory; a data directory only (the model store: each round's model written and fsynced);
 # Redis and a data directory (also every accepted update written, fsynced and recorded before
 # its upload is answered).

@@ -75,15 +75,12 @@ fn resume_strategy(book: &RoundBook, durable: &Durable) -> anyhow::Result<()> {
     let Some(round) = book.model().map(|m| m.round).filter(|r| *r > 0) else {
         return Ok(());
     };
-    match durable.strategy_state(round)? {
-        Some(state) => {
-            book.strategy()
-                .restore_state(&state)
-                .map_err(|e| anyhow::anyhow!("the rule's saved state after round {round}: {e}"))?;
-            tracing::info!(round, bytes = state.len(), "the rule's state resumed");
-        }
-        // A rule without state across rounds, or one whose state was never saved.
-        None => {}
+    // None: a rule without state across rounds, or one whose state was never saved.
+    if let Some(state) = durable.strategy_state(round)? {
+        book.strategy()
+            .restore_state(&state)
+            .map_err(|e| anyhow::anyhow!("the rule's saved state after round {round}: {e}"))?;
+        tracing::info!(round, bytes = state.len(), "the rule's state resumed");
     }
     Ok(())
 }
