@@ -7,6 +7,7 @@ Each service is started with port 0 and writes its bound addresses to a JSON fil
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -81,6 +82,14 @@ def start_service(binary: str, tmp: Path, settings: dict[str, object], tag: str 
     return Service(binary, process, _wait_for_file(addresses, process, log), log)
 
 
+_restarts = itertools.count(1)
+
+
+def restart_tag() -> str:
+    """File tag of a restarted service: never one that a started federation uses (".1", ...)."""
+    return f".restart{next(_restarts)}"
+
+
 @dataclass
 class Federation:
     """A running coordinator + aggregator pair."""
@@ -129,7 +138,7 @@ class Federation:
             "aggregator",
             tmp,
             {"api.port": api_port, "rpc.port": rpc_port, **settings},
-            tag=f".{len(self.services)}",
+            tag=restart_tag(),
         )
 
     def restart_coordinator(self, tmp: Path, settings: dict[str, object]) -> None:
@@ -147,7 +156,7 @@ class Federation:
                 "api.port": port,
                 **settings,
             },
-            tag=f".{len(self.services)}",
+            tag=restart_tag(),
         )
 
 

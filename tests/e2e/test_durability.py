@@ -492,3 +492,32 @@ def test_a_server_optimizer_keeps_its_moments_across_an_aggregator_restart(
     assert states == ["round-000003.state", "round-000004.state"], states
     restarted_logs = [p.read_text() for p in tmp_path.glob("aggregator*.log")]
     assert any("the rule's state resumed" in text for text in restarted_logs)
+
+
+def test_an_aggregator_whose_store_lost_its_round_refuses_to_start(
+    start_federation, redis_server, tmp_path
+):
+    """Updates on disk that the store knows nothing of (Redis and the aggregator lost together)
+    cannot be told apart from stale ones: the aggregator says so at start-up rather than start
+    without them."""
+    coordinator, aggregator = one_round(redis_server, tmp_path)
+    federation = start_federation(coordinator=coordinator, aggregator=aggregator)
+    people = three_people(c_secs=30.0)
+    reports: dict = {}
+    for name, person in people.items():
+        run_in_thread(person, federation.coordinator_url, name, reports)
+    wait_for_accepted(federation, 2)
+    federation.aggregator.process.kill()
+    federation.aggregator.process.wait()
+    redis_server.restart()
+    try:
+        federation.restart_aggregator(tmp_path, aggregator)
+    except RuntimeError as exited:
+        message = str(exited)
+    else:
+        raise AssertionError("the aggregator started without the updates it had accepted")
+    finally:
+        for person in people.values():
+            person.stop.set()
+    assert "holds no round" in message and "cannot be recovered" in message, message
+    assert any((tmp_path / "aggregator" / "updates").iterdir()), "nothing was deleted"

@@ -111,9 +111,6 @@ def final_model(start_federation, tmp_path: Path, aggregator: dict) -> dict[str,
     response = requests.get(f"{federation.aggregator_url}/v1/model", timeout=10)
     assert response.headers["x-rondo-round"] == "3"
     federation.stop()
-    # The next federation of this test writes its addresses where this one did.
-    for binary in ("aggregator", "coordinator"):
-        (tmp_path / f"{binary}.addresses.json").unlink()
     return decode(response.content)[0]
 
 

@@ -317,7 +317,11 @@ impl Federation {
             self.late_metrics(round, attempt, id, metrics);
             return;
         }
-        let (Phase::Training(active) | Phase::Closing(active)) = &mut self.phase else {
+        // Opening too: a coordinator restored from its store before it saved the aggregator's
+        // acknowledgement hears of updates the aggregator accepted meanwhile; they count.
+        let (Phase::Opening(active) | Phase::Training(active) | Phase::Closing(active)) =
+            &mut self.phase
+        else {
             return;
         };
         if !active.is_selected(id) || active.has_delivered(id) {

@@ -250,6 +250,26 @@ fn a_resumed_federation_gives_its_participants_a_heartbeat_timeout_to_show_up() 
 }
 
 #[test]
+fn an_update_accepted_before_the_opening_is_acknowledged_here_counts() {
+    // A coordinator restored from a save taken between OpenRound and its acknowledgement
+    // hears of an update the aggregator accepted before it sees the acknowledgement again.
+    let mut w = World::new(settings(), Some(0));
+    w.join();
+    w.join();
+    let commands = w.tick();
+    let Some(Command::OpenRound(opening)) = commands.into_iter().next() else {
+        panic!("expected OpenRound");
+    };
+    let id = w.id(0).to_string();
+    w.fed
+        .update_accepted(opening.round, opening.attempt, &id, 10, BTreeMap::new());
+    w.fed.round_opened(opening.round, opening.attempt, w.now);
+    let status = w.fed.status(w.now);
+    let running = status.history.last().expect("the running round");
+    assert_eq!(running.delivered, vec![id]);
+}
+
+#[test]
 fn selection_follows_ratio_and_min_clients() {
     let mut s = settings();
     s.participants_ratio = 0.3;
