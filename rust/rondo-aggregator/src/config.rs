@@ -50,6 +50,7 @@ pub struct ApiConfig {
     pub max_body_bytes: u64,
     #[serde(deserialize_with = "settings::number")]
     pub upload_idle_timeout_secs: f64,
+    pub tls: rondo_net::tls::TlsFiles,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +175,8 @@ pub struct AggregatorSettings {
 
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
+    /// `[api.tls]`, loaded: the API serves HTTPS only; `None`: plain HTTP.
+    pub tls: Option<rondo_net::tls::ServerTls>,
     pub host: String,
     pub port: u16,
     /// Empty, or an http(s) URL.
@@ -211,6 +214,7 @@ impl FromConfig for AggregatorSettings {
             strategy,
             link_key,
             api: ApiSettings {
+                tls: rondo_net::tls::server("api.tls", &raw.api.tls)?,
                 host: settings::non_empty("api.host", raw.api.host)?,
                 port: raw.api.port,
                 public_url: settings::base_url("api.public_url", raw.api.public_url)?,

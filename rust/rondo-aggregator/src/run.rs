@@ -183,7 +183,12 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
     let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
     let api_addr = api_listener.local_addr()?;
     let public_url = if config.api.public_url.is_empty() {
-        format!("http://{api_addr}")
+        let scheme = if config.api.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{api_addr}")
     } else {
         config.api.public_url.trim_end_matches('/').to_string()
     };
@@ -247,6 +252,7 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
         api_listener,
         crate::http::router(aggregator.clone()),
         boot::HttpLimits::default(),
+        config.api.tls.clone(),
         shutdown.signalled(),
     )
     .await;

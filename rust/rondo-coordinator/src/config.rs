@@ -53,6 +53,7 @@ pub struct Endpoint {
     pub host: String,
     #[serde(deserialize_with = "settings::integer")]
     pub port: u16,
+    pub tls: rondo_net::tls::TlsFiles,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -207,6 +208,8 @@ pub struct CoordinatorSettings {
     pub heartbeat_period: Duration,
     pub store: StoreSettings,
     pub runtime: RuntimeConfig,
+    /// `[api.tls]`, loaded: the API serves HTTPS only; `None`: plain HTTP.
+    pub api_tls: Option<rondo_net::tls::ServerTls>,
     /// The key both RPC directions prove (`rpc.key_file`); `None`: an open link.
     pub link_key: Option<LinkKey>,
 }
@@ -279,9 +282,11 @@ impl FromConfig for CoordinatorSettings {
             address => settings::host_port("rpc.advertise_address", address)?,
         };
         Ok(Self {
+            api_tls: rondo_net::tls::server("api.tls", &raw.api.tls)?,
             api: Endpoint {
                 host: settings::non_empty("api.host", raw.api.host)?,
                 port: raw.api.port,
+                tls: raw.api.tls,
             },
             rpc: RpcEndpoint {
                 host: settings::non_empty("rpc.host", raw.rpc.host)?,

@@ -135,6 +135,7 @@ pub async fn run(config: CoordinatorSettings) -> anyhow::Result<()> {
         api_listener,
         crate::http::router(coordinator),
         boot::HttpLimits::default(),
+        config.api_tls.clone(),
         shutdown.signalled(),
     )
     .await;

@@ -116,6 +116,7 @@ pub async fn serve_http(
     listener: TcpListener,
     router: axum::Router,
     limits: HttpLimits,
+    tls: Option<crate::tls::ServerTls>,
     shutdown: impl Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -149,13 +150,45 @@ pub async fn serve_http(
             tracing::debug!(%err, "could not set TCP_NODELAY");
         }
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let stream = JsonParseErrors::new(stream, limits.read_buffer_max);
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%err, "HTTP connection ended with an error");
+        match &tls {
+            None => {
+                let stream = JsonParseErrors::new(stream, limits.read_buffer_max);
+                let connection =
+                    graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    if let Err(err) = connection.await {
+                        tracing::debug!(%err, "HTTP connection ended with an error");
+                    }
+                });
             }
-        });
+            Some(crate::tls::ServerTls(acceptor)) => {
+                // The handshake on the connection's own task, bounded like a request head: a
+                // client that never finishes it neither holds the accept loop nor lingers.
+                let handshake = acceptor.accept(stream);
+                let (http, head_max) = (http.clone(), limits.read_buffer_max);
+                let timeout = limits.header_read_timeout;
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(timeout, handshake).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let stream = JsonParseErrors::new(stream, head_max);
+                    let connection =
+                        watcher.watch(http.serve_connection(TokioIo::new(stream), service));
+                    if let Err(err) = connection.await {
+                        tracing::debug!(%err, "HTTPS connection ended with an error");
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     // Requests in flight get a while to finish; a stalled client does not hold the exit.
@@ -214,15 +247,19 @@ impl<B> tower_http::validate_request::ValidateRequest<B> for HeadLimit {
 /// read all of what the client sent, the connection is closed gently: the write side first,
 /// reading and discarding the rest for a moment, so that the client gets the answer rather
 /// than a reset.
-struct JsonParseErrors {
-    inner: Option<tokio::net::TcpStream>,
+/// What a connection of [`serve_http`] reads and writes: a TCP stream, or TLS over one.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection for S {}
+
+struct JsonParseErrors<S: Connection> {
+    inner: Option<S>,
     /// The JSON answer, and how much of it is written.
     replacement: Option<(Vec<u8>, usize)>,
     head_max: usize,
 }
 
-impl JsonParseErrors {
-    fn new(inner: tokio::net::TcpStream, head_max: usize) -> Self {
+impl<S: Connection> JsonParseErrors<S> {
+    fn new(inner: S, head_max: usize) -> Self {
         Self {
             inner: Some(inner),
             replacement: None,
@@ -282,7 +319,7 @@ fn json_parse_error(head: &[u8], head_max: usize) -> Option<Vec<u8>> {
 /// hyper's own error answers are a status line and three short headers.
 const HYPER_ERROR_HEAD_MAX: usize = 256;
 
-impl JsonParseErrors {
+impl<S: Connection> JsonParseErrors<S> {
     /// Writes what is left of the replacement answer, if any.
     fn poll_replacement(
         &mut self,
@@ -324,14 +361,14 @@ impl JsonParseErrors {
         self.replacement.is_some()
     }
 
-    fn inner(&mut self) -> std::io::Result<&mut tokio::net::TcpStream> {
+    fn inner(&mut self) -> std::io::Result<&mut S> {
         self.inner
             .as_mut()
             .ok_or_else(|| std::io::ErrorKind::NotConnected.into())
     }
 }
 
-impl AsyncRead for JsonParseErrors {
+impl<S: Connection> AsyncRead for JsonParseErrors<S> {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -344,7 +381,7 @@ impl AsyncRead for JsonParseErrors {
     }
 }
 
-impl AsyncWrite for JsonParseErrors {
+impl<S: Connection> AsyncWrite for JsonParseErrors<S> {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -400,7 +437,7 @@ impl AsyncWrite for JsonParseErrors {
     }
 }
 
-impl Drop for JsonParseErrors {
+impl<S: Connection> Drop for JsonParseErrors<S> {
     fn drop(&mut self) {
         // Only after a replaced answer: the usual case needs no lingering.
         if self.replacement.is_none() {
@@ -418,7 +455,7 @@ impl Drop for JsonParseErrors {
 /// Closes `stream` without a reset: shuts the write side, then reads and discards what the
 /// client still sends, for at most a second and 1 MiB. Closing a socket with unread bytes makes
 /// the kernel send a reset, and a client that receives it may lose the answer unread.
-async fn linger(mut stream: tokio::net::TcpStream) {
+async fn linger<S: Connection>(mut stream: S) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if stream.shutdown().await.is_err() {
         return;
@@ -554,7 +591,7 @@ mod tests {
         let shutdown = async {
             let _ = stopped.await;
         };
-        let server = tokio::spawn(serve_http(listener, router, limits, shutdown));
+        let server = tokio::spawn(serve_http(listener, router, limits, None, shutdown));
         (addr, stop, server)
     }
 

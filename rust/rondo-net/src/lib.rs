@@ -21,6 +21,8 @@
 //! - [`store`] is the state store behind one seam (in memory by default, Redis with
 //!   `[store] url`), and [`store::Snapshot`], the group-committing writer of a record that
 //!   changes often.
+//! - [`tls`] loads a listener's certificate and key (`[api.tls]`) into a rustls acceptor;
+//!   `boot::serve_http` then serves HTTPS, with the handshake bounded on the connection's task.
 //! - [`settings`] turns a config's raw values into checked settings (durations, counts, ratios,
 //!   addresses), refusing bad ones with a message that names the key.
 
@@ -32,3 +34,4 @@ pub mod retry;
 pub mod settings;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
