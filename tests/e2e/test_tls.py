@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -70,9 +72,20 @@ def make_pki(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def test_a_whole_federation_over_https(tmp_path):
+def test_a_whole_federation_over_tls_on_every_listener(tmp_path):
+    """Both services, both listeners each: HTTPS for participants, TLS on the RPC link in both
+    directions (with the link key as well), all verified against the test's CA."""
     ca, cert, key = make_pki(tmp_path)
-    tls = {"api.tls.cert": cert, "api.tls.key": key}
+    link_key = tmp_path / "link.key"
+    link_key.write_text("a link key of at least sixteen bytes")
+    tls = {
+        "api.tls.cert": cert,
+        "api.tls.key": key,
+        "rpc.tls.cert": cert,
+        "rpc.tls.key": key,
+        "rpc.tls.ca": ca,
+        "rpc.key_file": link_key,
+    }
     initial = tmp_path / "initial.safetensors"
     save_file({"layer/w": np.zeros((100, 10), np.float32), "layer/b": np.zeros(10, np.float32)},
               str(initial))  # fmt: skip
@@ -97,6 +110,21 @@ def test_a_whole_federation_over_https(tmp_path):
         # own TLS, and says why.
         with pytest.raises(rondo.NetworkError, match="CERTIFICATE_VERIFY_FAILED"):
             HttpClient().call("GET", f"{url}/v1/status", timeout=5)
+        # The RPC listeners speak TLS only: a plain TCP peer gets no link handshake.
+        host, port = aggregator.addresses["rpc"].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as plain:
+            plain.sendall(b"hello\n")
+            plain.settimeout(5)
+            try:
+                answer = plain.recv(100)
+            except OSError:
+                answer = b""
+        assert not answer.startswith(b"rondo"), answer
+        # And speak it with certificates the test's CA signed.
+        context = ssl.create_default_context(cafile=str(ca))
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as wrapped:
+                assert wrapped.version() in ("TLSv1.2", "TLSv1.3")
         people = {"a": Adder(1.0, 10), "b": Adder(3.0, 30)}
         results: dict = {}
 
@@ -136,3 +164,34 @@ def test_half_a_tls_setting_is_a_config_error(tmp_path):
     _, cert, _ = make_pki(tmp_path)
     with pytest.raises(RuntimeError, match=r"api\.tls\.key"):
         start_service("coordinator", tmp_path, {"api.tls.cert": cert})
+
+
+def test_an_rpc_peer_with_a_certificate_from_another_ca_is_not_served(tmp_path):
+    """The coordinator trusts only the CA it is given for the link: an aggregator whose RPC
+    certificate another CA signed is never attached (the round never opens)."""
+    ca, cert, key = make_pki(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    other_ca, _, _ = make_pki(other)
+    aggregator = start_service(
+        "aggregator", tmp_path, {"rpc.tls.cert": cert, "rpc.tls.key": key, "rpc.tls.ca": ca}
+    )
+    coordinator = start_service(
+        "coordinator",
+        tmp_path,
+        {
+            "aggregator.rpc_address": aggregator.addresses["rpc"],
+            "rpc.tls.cert": cert,
+            "rpc.tls.key": key,
+            "rpc.tls.ca": other_ca,
+        },
+    )
+    try:
+        time.sleep(1.5)
+        status = requests.get(f"{coordinator.url}/v1/status", timeout=5).json()
+        assert status["phase"] == "waiting_for_aggregator", status
+        assert status["aggregator"]["connected"] is False
+        assert "certificate" in (status["aggregator"]["last_error"] or "").lower(), status
+    finally:
+        coordinator.stop()
+        aggregator.stop()

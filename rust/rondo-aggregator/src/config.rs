@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rondo_core::aggregate::{AccumulationMode, AccumulatorOptions};
 use rondo_core::strategy::{self as strategies, Options, Strategy};
-use rondo_net::link_key::LinkKey;
+use rondo_net::link::LinkSecurity;
 use rondo_net::settings::{self, ConfigError, FromConfig};
 use serde::Deserialize;
 
@@ -60,6 +60,7 @@ pub struct RpcConfig {
     #[serde(deserialize_with = "settings::integer")]
     pub port: u16,
     pub key_file: String,
+    pub tls: rondo_net::tls::RpcTlsFiles,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,8 +166,8 @@ pub struct AggregatorSettings {
     pub model: ModelConfig,
     pub aggregation: AggregationConfig,
     pub strategy: StrategyChoice,
-    /// The key both RPC directions prove (`rpc.key_file`); `None`: an open link.
-    pub link_key: Option<LinkKey>,
+    /// What both RPC directions prove and how they are protected (`rpc.key_file`, `[rpc.tls]`).
+    pub link_security: LinkSecurity,
     pub link: LinkSettings,
     pub runtime: RuntimeConfig,
     pub limits: crate::wire::UploadLimits,
@@ -209,10 +210,13 @@ impl FromConfig for AggregatorSettings {
             MAX_BYTES,
         )?;
         let strategy = strategy_choice(&aggregation)?;
-        let link_key = settings::link_key("rpc.key_file", &raw.rpc.key_file)?;
+        let link_security = LinkSecurity {
+            key: settings::link_key("rpc.key_file", &raw.rpc.key_file)?,
+            tls: rondo_net::tls::rpc(&raw.rpc.tls)?,
+        };
         Ok(Self {
             strategy,
-            link_key,
+            link_security,
             api: ApiSettings {
                 tls: rondo_net::tls::server("api.tls", &raw.api.tls)?,
                 host: settings::non_empty("api.host", raw.api.host)?,

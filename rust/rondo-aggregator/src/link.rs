@@ -6,11 +6,11 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rondo_core::federation::OpenRound;
+use rondo_net::link::LinkSecurity;
 use rondo_net::link::{
     AggregatorInfo, AggregatorRpc, AggregatorStatus, CoordinatorRpcClient, Notice,
     connect_coordinator, deadline, link_is_broken,
 };
-use rondo_net::link_key::LinkKey;
 use rondo_net::retry::Backoff;
 use rondo_net::shutdown::Shutdown;
 use tarpc::context::Context;
@@ -94,14 +94,14 @@ pub struct Outbox {
 
 impl Outbox {
     /// Starts the delivery task, tracked by `shutdown`.
-    pub fn start(call_timeout: Duration, key: Option<LinkKey>, shutdown: &Shutdown) -> Self {
+    pub fn start(call_timeout: Duration, security: LinkSecurity, shutdown: &Shutdown) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (coordinator, address) = watch::channel(None);
         shutdown.spawn(deliver(
             rx,
             address,
             call_timeout,
-            key,
+            security,
             shutdown.signalled(),
         ));
         Self { tx, coordinator }
@@ -127,7 +127,7 @@ async fn deliver(
     mut rx: mpsc::UnboundedReceiver<Notice>,
     mut address: watch::Receiver<Option<String>>,
     call_timeout: Duration,
-    key: Option<LinkKey>,
+    security: LinkSecurity,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let mut client: Option<(String, CoordinatorRpcClient)> = None;
@@ -161,7 +161,7 @@ async fn deliver(
                 continue;
             };
             if client.as_ref().is_none_or(|(a, _)| *a != addr) {
-                match connect_coordinator(&addr, key.as_ref()).await {
+                match connect_coordinator(&addr, &security).await {
                     Ok(c) => client = Some((addr.clone(), c)),
                     Err(err) => {
                         tracing::warn!(%addr, %err, "coordinator unreachable; retrying");

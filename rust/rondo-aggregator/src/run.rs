@@ -193,7 +193,11 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
         config.api.public_url.trim_end_matches('/').to_string()
     };
     let shutdown = Shutdown::new();
-    let outbox = Outbox::start(config.link.call_timeout, config.link_key.clone(), &shutdown);
+    let outbox = Outbox::start(
+        config.link.call_timeout,
+        config.link_security.clone(),
+        &shutdown,
+    );
     let aggregator = Aggregator::new(
         book,
         config.aggregation.staging_memory_bytes,
@@ -234,7 +238,7 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
         rpc_listener,
         AggregatorRpcServer::new(&aggregator).serve(),
         shutdown.signalled(),
-        config.link_key.clone()
+        config.link_security.clone()
     )
     .await?;
     tracing::info!(%api_addr, %rpc_addr, %public_url, "aggregator listening");

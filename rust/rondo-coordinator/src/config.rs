@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rondo_core::federation::FederationSettings;
 use rondo_core::federation::{JoinPolicy, SecretHash};
-use rondo_net::link_key::LinkKey;
+use rondo_net::link::LinkSecurity;
 use rondo_net::settings::{self, ConfigError, FromConfig};
 use rondo_net::store::StoreSettings;
 use serde::Deserialize;
@@ -64,6 +64,7 @@ pub struct RpcEndpoint {
     pub port: u16,
     pub advertise_address: String,
     pub key_file: String,
+    pub tls: rondo_net::tls::RpcTlsFiles,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,8 +211,9 @@ pub struct CoordinatorSettings {
     pub runtime: RuntimeConfig,
     /// `[api.tls]`, loaded: the API serves HTTPS only; `None`: plain HTTP.
     pub api_tls: Option<rondo_net::tls::ServerTls>,
-    /// The key both RPC directions prove (`rpc.key_file`); `None`: an open link.
-    pub link_key: Option<LinkKey>,
+    /// What both RPC directions prove and how they are protected (`rpc.key_file`,
+    /// `[rpc.tls]`).
+    pub link_security: LinkSecurity,
 }
 
 #[derive(Debug, Clone)]
@@ -225,7 +227,10 @@ impl FromConfig for CoordinatorSettings {
 
     fn from_config(raw: CoordinatorConfig) -> Result<Self, ConfigError> {
         let f = raw.federation;
-        let link_key = settings::link_key("rpc.key_file", &raw.rpc.key_file)?;
+        let link_security = LinkSecurity {
+            key: settings::link_key("rpc.key_file", &raw.rpc.key_file)?,
+            tls: rondo_net::tls::rpc(&raw.rpc.tls)?,
+        };
         let heartbeat_period = settings::secs(
             "federation.heartbeat_period_secs",
             f.heartbeat_period_secs,
@@ -293,6 +298,7 @@ impl FromConfig for CoordinatorSettings {
                 port: raw.rpc.port,
                 advertise_address,
                 key_file: raw.rpc.key_file,
+                tls: raw.rpc.tls,
             },
             aggregator: AggregatorSettings {
                 rpc_address: settings::host_port(
@@ -336,7 +342,7 @@ impl FromConfig for CoordinatorSettings {
             heartbeat_period,
             store: StoreSettings::new(&raw.store.url, &raw.store.namespace, &raw.store.data_dir)?,
             runtime: raw.runtime,
-            link_key,
+            link_security,
         })
     }
 }

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rondo_core::federation::{AggregationResult, Command, OpenRound, Outcome};
+use rondo_net::link::LinkSecurity;
 use rondo_net::link::{
     AggregatorRpcClient, CoordinatorRpc, Notice, connect_aggregator, deadline, link_is_broken,
 };
-use rondo_net::link_key::LinkKey;
 use rondo_net::retry::Backoff;
 use tarpc::context::Context;
 
@@ -147,7 +147,7 @@ pub async fn drive(
     aggregator_rpc: String,
     own_rpc: String,
     call_timeout: Duration,
-    key: Option<LinkKey>,
+    security: LinkSecurity,
 ) {
     let mut client: Option<AggregatorRpcClient> = None;
     let mut acked: Option<(Command, Instant)> = None;
@@ -160,7 +160,7 @@ pub async fn drive(
                 &aggregator_rpc,
                 &own_rpc,
                 call_timeout,
-                key.as_ref(),
+                &security,
             )
             .await
             {
@@ -297,9 +297,9 @@ async fn attach(
     aggregator_rpc: &str,
     own_rpc: &str,
     call_timeout: Duration,
-    key: Option<&LinkKey>,
+    security: &LinkSecurity,
 ) -> anyhow::Result<AggregatorRpcClient> {
-    let client = connect_aggregator(aggregator_rpc, key).await?;
+    let client = connect_aggregator(aggregator_rpc, security).await?;
     let info = client
         .attach(deadline(call_timeout), own_rpc.to_string())
         .await?;

@@ -97,7 +97,7 @@ pub async fn run(config: CoordinatorSettings) -> anyhow::Result<()> {
         }
         .serve(),
         shutdown.signalled(),
-        config.link_key.clone()
+        config.link_security.clone()
     )
     .await?;
     tracing::info!(%api_addr, %rpc_addr, aggregator = %config.aggregator.rpc_address, "coordinator listening");
@@ -114,7 +114,7 @@ pub async fn run(config: CoordinatorSettings) -> anyhow::Result<()> {
         config.aggregator.rpc_address.clone(),
         advertised,
         config.aggregator.call_timeout,
-        config.link_key.clone(),
+        config.link_security.clone(),
     );
     // The driver keeps no work of its own (every command is resent from the state machine),
     // so it simply stops at shutdown, between two of its steps.

@@ -105,54 +105,100 @@ pub fn deadline(timeout: Duration) -> context::Context {
     ctx
 }
 
-/// A tarpc transport (length-delimited JSON frames) over `stream`, with Nagle's algorithm off:
-/// the link's messages are small and each one waits for an answer, the exact case where
-/// Nagle and delayed acknowledgements together add tens of milliseconds per call.
+/// How the link proves and protects itself: the shared key's handshake (`rpc.key_file`) and
+/// TLS (`[rpc.tls]`), each optional. The same for both directions of the link.
+#[derive(Debug, Clone, Default)]
+pub struct LinkSecurity {
+    pub key: Option<LinkKey>,
+    pub tls: Option<crate::tls::RpcTls>,
+}
+
+/// What a link connection reads and writes: TCP, or TLS over TCP.
+pub trait LinkStream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
+{
+}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> LinkStream for S {}
+
+/// A link connection, whichever it is.
+pub type LinkConnection = Box<dyn LinkStream>;
+
+/// A tarpc transport (length-delimited JSON frames) over `stream`.
 pub fn transport<Item, SinkItem>(
-    stream: TcpStream,
-) -> io::Result<Transport<TcpStream, Item, SinkItem, Json<Item, SinkItem>>>
+    stream: LinkConnection,
+) -> Transport<LinkConnection, Item, SinkItem, Json<Item, SinkItem>>
 where
     Item: for<'de> Deserialize<'de>,
     SinkItem: Serialize,
 {
-    stream.set_nodelay(true)?;
-    Ok(serde_transport::new(
+    serde_transport::new(
         LengthDelimitedCodec::builder().new_framed(stream),
         Json::default(),
-    ))
+    )
 }
 
-/// A TCP connection to `addr` that passed the link handshake ([`crate::link_key`]).
-async fn connect_proven(addr: &str, key: Option<&LinkKey>) -> io::Result<TcpStream> {
-    let mut stream = TcpStream::connect(addr).await?;
-    link_key::connect(&mut stream, key)
+/// The server side of a new link connection: TLS first (when configured), then the key's
+/// handshake over it. Nagle's algorithm is off: the link's messages are small and each one
+/// waits for an answer, the exact case where Nagle and delayed acknowledgements together add
+/// tens of milliseconds per call.
+pub async fn accept_link(stream: TcpStream, security: &LinkSecurity) -> io::Result<LinkConnection> {
+    stream.set_nodelay(true)?;
+    let mut stream: LinkConnection = match &security.tls {
+        Some(tls) => Box::new(tls.acceptor.accept(stream).await?),
+        None => Box::new(stream),
+    };
+    link_key::accept(&mut stream, security.key.as_ref())
+        .await
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+    Ok(stream)
+}
+
+/// A link connection to `addr` that passed TLS (the peer's certificate verified for the host
+/// of `addr`) and the key's handshake, as configured.
+async fn connect_proven(addr: &str, security: &LinkSecurity) -> io::Result<LinkConnection> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut stream: LinkConnection = match &security.tls {
+        Some(tls) => {
+            let host = addr
+                .rsplit_once(':')
+                .map_or(addr, |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{addr}: {e}")))?;
+            Box::new(tls.connector.connect(name, tcp).await?)
+        }
+        None => Box::new(tcp),
+    };
+    link_key::connect(&mut stream, security.key.as_ref())
         .await
         .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, format!("{addr}: {e}")))?;
     Ok(stream)
 }
 
-/// Connects an [`AggregatorRpcClient`] to `addr`, proving `key` when there is one.
+/// Connects an [`AggregatorRpcClient`] to `addr`, as `security` says.
 pub async fn connect_aggregator(
     addr: &str,
-    key: Option<&LinkKey>,
+    security: &LinkSecurity,
 ) -> io::Result<AggregatorRpcClient> {
-    let stream = connect_proven(addr, key).await?;
-    Ok(AggregatorRpcClient::new(client::Config::default(), transport(stream)?).spawn())
+    let stream = connect_proven(addr, security).await?;
+    Ok(AggregatorRpcClient::new(client::Config::default(), transport(stream)).spawn())
 }
 
-/// Connects a [`CoordinatorRpcClient`] to `addr`, proving `key` when there is one.
+/// Connects a [`CoordinatorRpcClient`] to `addr`, as `security` says.
 pub async fn connect_coordinator(
     addr: &str,
-    key: Option<&LinkKey>,
+    security: &LinkSecurity,
 ) -> io::Result<CoordinatorRpcClient> {
-    let stream = connect_proven(addr, key).await?;
-    Ok(CoordinatorRpcClient::new(client::Config::default(), transport(stream)?).spawn())
+    let stream = connect_proven(addr, security).await?;
+    Ok(CoordinatorRpcClient::new(client::Config::default(), transport(stream)).spawn())
 }
 
 /// Serves a tarpc service on a bound `tokio::net::TcpListener` in the background, one task per
 /// connection and per request, until `shutdown` (a future) resolves; evaluates to
-/// `io::Result<SocketAddr>` (the bound address). With a [`LinkKey`] (`Option<LinkKey>`), a
-/// connection is served only once its peer passed the handshake ([`crate::link_key`]); one
+/// `io::Result<SocketAddr>` (the bound address). A connection is served only once it passed
+/// what its [`LinkSecurity`] asks for (TLS, then the key's handshake, [`accept_link`]); one
 /// that fails is closed before any request is read.
 ///
 /// A macro rather than a generic function: tarpc's service futures are only known to be `Send`
@@ -170,11 +216,11 @@ macro_rules! serve_rpc {
             let addr = listener.local_addr()?;
             let serve = $serve;
             let shutdown = $shutdown;
-            let key: Option<$crate::link_key::LinkKey> = $key;
+            let security: $crate::link::LinkSecurity = $key;
             tokio::spawn(async move {
                 tokio::pin!(shutdown);
                 loop {
-                    let (mut stream, peer) = tokio::select! {
+                    let (stream, peer) = tokio::select! {
                         accepted = listener.accept() => match accepted {
                             Ok(accepted) => accepted,
                             Err(err) => {
@@ -187,17 +233,27 @@ macro_rules! serve_rpc {
                         () = &mut shutdown => break,
                     };
                     let serve = serve.clone();
-                    let key = key.clone();
-                    // The handshake in the connection's own task: a silent stranger must not
-                    // hold up the accept loop.
+                    let security = security.clone();
+                    // The handshakes in the connection's own task, bounded: a silent stranger
+                    // must not hold up the accept loop, nor a task for long.
                     tokio::spawn(async move {
-                        if let Err(err) = $crate::link_key::accept(&mut stream, key.as_ref()).await {
-                            tracing::warn!(%peer, %err, "refused an RPC connection");
-                            return;
-                        }
-                        let Ok(transport) = $crate::link::transport(stream) else {
-                            return;
+                        let accepted = tokio::time::timeout(
+                            std::time::Duration::from_secs(10),
+                            $crate::link::accept_link(stream, &security),
+                        )
+                        .await;
+                        let stream = match accepted {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(err)) => {
+                                tracing::warn!(%peer, %err, "refused an RPC connection");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::warn!(%peer, "an RPC connection did not finish its handshake in time");
+                                return;
+                            }
                         };
+                        let transport = $crate::link::transport(stream);
                         BaseChannel::with_defaults(transport)
                             .execute(serve)
                             .for_each(|response| async move {

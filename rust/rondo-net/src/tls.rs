@@ -39,6 +39,78 @@ pub fn server(section: &str, files: &TlsFiles) -> Result<Option<ServerTls>, Conf
     acceptor(section, files).map(|a| a.map(ServerTls))
 }
 
+/// `[rpc.tls]`: this service's certificate and key for its RPC listener, and the CA file that
+/// the other service's RPC certificate must chain to (all three set, or none).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcTlsFiles {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
+}
+
+/// The link's TLS: the acceptor of this service's RPC listener, and the connector that calls
+/// the other service, verifying its certificate against the configured CA.
+#[derive(Clone)]
+pub struct RpcTls {
+    pub acceptor: TlsAcceptor,
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for RpcTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RpcTls(..)")
+    }
+}
+
+/// The link's TLS from `[rpc.tls]`; `None` when none of its files is set.
+pub fn rpc(files: &RpcTlsFiles) -> Result<Option<RpcTls>, ConfigError> {
+    let server_files = TlsFiles {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+    };
+    match (acceptor("rpc.tls", &server_files)?, files.ca.is_empty()) {
+        (None, true) => Ok(None),
+        (None, false) => Err(ConfigError::invalid(
+            "rpc.tls.cert",
+            "\"\"",
+            "must be set with rpc.tls.ca (and rpc.tls.key)",
+        )),
+        (Some(_), true) => Err(ConfigError::invalid(
+            "rpc.tls.ca",
+            "\"\"",
+            "must be set with rpc.tls.cert: the CA the other service's certificate chains to",
+        )),
+        (Some(acceptor), false) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_file_iter(Path::new(&files.ca))
+                    .and_then(|certs| certs.collect::<Result<_, _>>())
+                    .map_err(|e| {
+                        ConfigError::invalid("rpc.tls.ca", format!("{:?}", files.ca), e)
+                    })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(ConfigError::invalid(
+                    "rpc.tls.ca",
+                    format!("{:?}", files.ca),
+                    "holds no usable PEM certificate",
+                ));
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| ConfigError::invalid("rpc.tls.ca", format!("{:?}", files.ca), e))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(Some(RpcTls {
+                acceptor,
+                connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            }))
+        }
+    }
+}
+
 fn acceptor(section: &str, files: &TlsFiles) -> Result<Option<TlsAcceptor>, ConfigError> {
     match (files.cert.is_empty(), files.key.is_empty()) {
         (true, true) => return Ok(None),
