@@ -395,31 +395,9 @@ async fn receive_update(
         err
     };
 
-    // Taken before any byte of the body is read, so that uploads beyond the budget wait with
-    // their bytes still in the socket. Round 0 before its first upload does not know the size
-    // yet: the buffer then holds the whole budget until the header declares it.
-    let staging = aggregator
-        .staging
-        .take(expected.as_ref().map(|spec| spec.byte_len()))
-        .await;
-    // A participant that stops sending mid-upload must not hold its staging memory for ever.
-    let idle = aggregator.upload_idle_timeout;
-    let body = futures::stream::unfold(body.into_data_stream(), move |mut body| async move {
-        match tokio::time::timeout(idle, body.next()).await {
-            Ok(Some(chunk)) => Some((chunk.map_err(|e| BodyError::Broken(e.to_string())), body)),
-            Ok(None) => None,
-            Err(_) => Some((Err(BodyError::Stalled(idle)), body)),
-        }
-    });
-    let update = wire::read_update(
-        Box::pin(body),
-        expected.as_deref(),
-        aggregator.max_body_bytes,
-        &aggregator.limits,
-        staging,
-    )
-    .await
-    .map_err(|e| reject(upload_error(&e)))?;
+    let update = read_body(aggregator, expected, body)
+        .await
+        .map_err(|e| reject(upload_error(&e)))?;
 
     let n_samples = update.n_samples;
     let bytes = update.data.len() as u64;
@@ -470,6 +448,38 @@ async fn receive_update(
     })))
 }
 
+/// Reads an upload's body into a staging buffer and validates it against `expected`.
+async fn read_body(
+    aggregator: &Arc<Aggregator>,
+    expected: Option<Arc<rondo_core::model::ModelSpec>>,
+    body: Body,
+) -> Result<wire::StagedUpdate, UploadError> {
+    // Taken before any byte of the body is read, so that uploads beyond the budget wait with
+    // their bytes still in the socket. Round 0 before its first upload does not know the size
+    // yet: the buffer then holds the whole budget until the header declares it.
+    let staging = aggregator
+        .staging
+        .take(expected.as_ref().map(|spec| spec.byte_len()))
+        .await;
+    // A participant that stops sending mid-upload must not hold its staging memory for ever.
+    let idle = aggregator.upload_idle_timeout;
+    let body = futures::stream::unfold(body.into_data_stream(), move |mut body| async move {
+        match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(chunk)) => Some((chunk.map_err(|e| BodyError::Broken(e.to_string())), body)),
+            Ok(None) => None,
+            Err(_) => Some((Err(BodyError::Stalled(idle)), body)),
+        }
+    });
+    wire::read_update(
+        Box::pin(body),
+        expected.as_deref(),
+        aggregator.max_body_bytes,
+        &aggregator.limits,
+        staging,
+    )
+    .await
+}
+
 /// Reads a retried upload whose update was already accepted and saved: the same bytes (and
 /// sample count) get the answer the first attempt should have had, other bytes a 409. Nothing
 /// is counted either way.
@@ -481,22 +491,9 @@ async fn check_retry(
     digest: &str,
     accepted_samples: u64,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let staging = aggregator
-        .staging
-        .take(expected.as_ref().map(|spec| spec.byte_len()))
-        .await;
-    let body = body
-        .into_data_stream()
-        .map(|chunk| chunk.map_err(|e| BodyError::Broken(e.to_string())));
-    let update = wire::read_update(
-        Box::pin(body),
-        expected.as_deref(),
-        aggregator.max_body_bytes,
-        &aggregator.limits,
-        staging,
-    )
-    .await
-    .map_err(|e| upload_error(&e))?;
+    let update = read_body(aggregator, expected, body)
+        .await
+        .map_err(|e| upload_error(&e))?;
     let n_samples = update.n_samples;
     let (data, _staging) = update.data.into_bytes();
     if crate::durable::digest(&data) != digest || n_samples != accepted_samples {
