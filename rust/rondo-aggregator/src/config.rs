@@ -37,6 +37,7 @@ pub struct AggregatorConfig {
     pub runtime: RuntimeConfig,
     pub limits: crate::wire::UploadLimits,
     pub store: StoreConfig,
+    pub log: rondo_net::settings::LogConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +173,8 @@ pub struct AggregatorSettings {
     pub runtime: RuntimeConfig,
     pub limits: crate::wire::UploadLimits,
     pub store: StoreSettings,
+    /// `log.format`.
+    pub log_format: rondo_net::settings::LogFormat,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +197,10 @@ pub struct LinkSettings {
 impl FromConfig for AggregatorSettings {
     type Raw = AggregatorConfig;
 
+    fn log_format(&self) -> rondo_net::settings::LogFormat {
+        self.log_format
+    }
+
     fn from_config(raw: AggregatorConfig) -> Result<Self, ConfigError> {
         let aggregation = raw.aggregation;
         if aggregation.deterministic && aggregation.mode == AccumulationMode::Hogwild {
@@ -215,6 +222,7 @@ impl FromConfig for AggregatorSettings {
             tls: rondo_net::tls::rpc(&raw.rpc.tls)?,
         };
         Ok(Self {
+            log_format: raw.log.format,
             strategy,
             link_security,
             api: ApiSettings {

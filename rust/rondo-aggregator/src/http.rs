@@ -329,6 +329,13 @@ fn upload_error(err: &UploadError) -> ApiError {
     ApiError::new(status, err.code(), err.to_string())
 }
 
+/// One span per upload (`upload`: round, attempt, participant, filled once the token says
+/// whose it is), so that every event of it carries them.
+#[tracing::instrument(
+    name = "upload",
+    skip_all,
+    fields(round = tracing::field::Empty, attempt = tracing::field::Empty, participant = tracing::field::Empty)
+)]
 async fn upload_update(
     State(aggregator): State<Arc<Aggregator>>,
     OriginalUri(uri): OriginalUri,
@@ -386,6 +393,10 @@ async fn receive_update(
     if let Some((digest, n_samples)) = already {
         return check_retry(aggregator, &grant, expected, body, &digest, n_samples).await;
     }
+    let span = tracing::Span::current();
+    span.record("round", grant.round);
+    span.record("attempt", grant.attempt);
+    span.record("participant", grant.participant_id.as_str());
     let slot = UploadSlot {
         aggregator: aggregator.clone(),
         grant: grant.clone(),

@@ -346,6 +346,14 @@ impl Aggregator {
             metrics,
             recovered,
         } = commit;
+        // Its own thread: the upload's span does not follow, so the fold has one of its own.
+        let _span = tracing::info_span!(
+            "fold",
+            round = grant.round,
+            attempt = grant.attempt,
+            participant = %grant.participant_id
+        )
+        .entered();
         let mut guard = CommitGuard {
             aggregator: self,
             grant: &grant,
@@ -499,6 +507,7 @@ impl Aggregator {
     /// [`Aggregator::close_wait`]) for folds in flight, and the finalize pass reads the whole
     /// sum, off the book's lock so that downloads and status are served meanwhile.
     pub fn close_round_blocking(&self, round: u32, attempt: u32) -> Result<(), String> {
+        let _span = tracing::info_span!("close", round, attempt).entered();
         let started = Instant::now();
         let give_up_at = started + self.close_wait;
         let closing = {

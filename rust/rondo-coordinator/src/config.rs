@@ -36,6 +36,7 @@ pub struct CoordinatorConfig {
     pub federation: FederationConfig,
     pub store: StoreConfig,
     pub runtime: RuntimeConfig,
+    pub log: rondo_net::settings::LogConfig,
 }
 
 /// `[store]`: where the federation's state is kept (see [`rondo_net::store`]).
@@ -214,6 +215,8 @@ pub struct CoordinatorSettings {
     /// What both RPC directions prove and how they are protected (`rpc.key_file`,
     /// `[rpc.tls]`).
     pub link_security: LinkSecurity,
+    /// `log.format`.
+    pub log_format: rondo_net::settings::LogFormat,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +227,10 @@ pub struct AggregatorSettings {
 
 impl FromConfig for CoordinatorSettings {
     type Raw = CoordinatorConfig;
+
+    fn log_format(&self) -> rondo_net::settings::LogFormat {
+        self.log_format
+    }
 
     fn from_config(raw: CoordinatorConfig) -> Result<Self, ConfigError> {
         let f = raw.federation;
@@ -287,6 +294,7 @@ impl FromConfig for CoordinatorSettings {
             address => settings::host_port("rpc.advertise_address", address)?,
         };
         Ok(Self {
+            log_format: raw.log.format,
             api_tls: rondo_net::tls::server("api.tls", &raw.api.tls)?,
             api: Endpoint {
                 host: settings::non_empty("api.host", raw.api.host)?,

@@ -38,6 +38,24 @@ impl CoordinatorRpc for CoordinatorRpcServer {
 
 impl CoordinatorRpcServer {
     fn apply(&self, notice: Notice) {
+        let _span = match &notice {
+            Notice::Accepted {
+                round,
+                attempt,
+                participant_id,
+                ..
+            }
+            | Notice::Rejected {
+                round,
+                attempt,
+                participant_id,
+                ..
+            } => tracing::info_span!("notice", round, attempt, participant = %participant_id),
+            Notice::RoundAggregated { round, attempt, .. } => {
+                tracing::info_span!("notice", round, attempt)
+            }
+        }
+        .entered();
         match notice {
             Notice::Accepted {
                 round,
@@ -333,9 +351,19 @@ async fn execute(
     command: &Command,
     call_timeout: Duration,
 ) -> Result<Result<(), String>, tarpc::client::RpcError> {
+    use tracing::Instrument;
     let ctx = deadline(call_timeout);
     match command {
-        Command::OpenRound(open) => client.open_round(ctx, open.clone()).await,
-        Command::CloseRound { round, attempt } => client.close_round(ctx, *round, *attempt).await,
+        Command::OpenRound(open) => {
+            let span = tracing::info_span!("round", round = open.round, attempt = open.attempt);
+            client.open_round(ctx, open.clone()).instrument(span).await
+        }
+        Command::CloseRound { round, attempt } => {
+            let span = tracing::info_span!("round", round, attempt);
+            client
+                .close_round(ctx, *round, *attempt)
+                .instrument(span)
+                .await
+        }
     }
 }

@@ -67,15 +67,25 @@ pub fn load_settings_with<S: FromConfig>(
 
 /// Logs to stderr; `RUST_LOG` overrides the default filter (`info`, with tarpc's per-call
 /// spans kept quiet).
-pub fn init_tracing() {
+pub fn init_tracing(format: crate::settings::LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tarpc=warn"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::settings::LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        // One object a line: the event's fields, its span (`upload`, `close`, ...) and the
+        // spans around it, each with their fields (round, attempt, participant).
+        crate::settings::LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
+    };
 }
 
 /// What [`serve_http`] allows an HTTP connection.
@@ -534,7 +544,6 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     use clap::{CommandFactory, FromArgMatches};
-    init_tracing();
     let matches = Cli::command()
         .name(name)
         .about(about)
@@ -551,6 +560,8 @@ where
             return std::process::ExitCode::from(2);
         }
     };
+    // After the config, which says in what format; a config error is one line on stderr.
+    init_tracing(settings.log_format());
     match run(settings).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // Found unusable only once running started (e.g. a plug-in the config names that

@@ -42,6 +42,28 @@ pub trait FromConfig: Sized {
     type Raw: serde::de::DeserializeOwned;
 
     fn from_config(raw: Self::Raw) -> Result<Self, ConfigError>;
+
+    /// How the service writes its log (`log.format`).
+    fn log_format(&self) -> LogFormat {
+        LogFormat::Text
+    }
+}
+
+/// `log.format`: lines for people (the default), or one JSON object per event for machines,
+/// with the spans it happened in (round, attempt, participant).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
 }
 
 /// For `#[serde(deserialize_with)]` on a number: an integer or a float, nothing else. (The
