@@ -83,6 +83,24 @@ def _not_available(exc: ApiError, url: str, round: int | None) -> ModelNotAvaila
     return None
 
 
+def _store_json(
+    base: str, path: str, round: int | None, client: HttpClient | None, timeout: float
+) -> Any:
+    """``GET base + path`` as JSON, with the store's "not kept" answers as
+    :class:`ModelNotAvailable` (about ``round``, or the store as a whole)."""
+    http = client if client is not None else HttpClient()
+    try:
+        return _get_json(http, f"{base}{path}", timeout)
+    except ApiError as exc:
+        missing = _not_available(exc, base, round)
+        if missing is None:
+            raise
+        raise missing from exc
+    finally:
+        if client is None:
+            http.close()
+
+
 def list_models(
     url: str, *, client: HttpClient | None = None, timeout: float = DOWNLOAD_TIMEOUT
 ) -> list[dict[str, Any]]:
@@ -100,18 +118,7 @@ def list_models(
         NetworkError: the service could not be reached, or did not answer with manifests.
     """
     base = _base(url)
-    own = client is None
-    http = client if client is not None else HttpClient()
-    try:
-        answer = _get_json(http, f"{base}/v1/models", timeout)
-    except ApiError as exc:
-        missing = _not_available(exc, base, None)
-        if missing is None:
-            raise
-        raise missing from exc
-    finally:
-        if own:
-            http.close()
+    answer = _store_json(base, "/v1/models", None, client, timeout)
     models = answer.get("models") if isinstance(answer, dict) else None
     if not isinstance(models, list):
         raise NetworkError(f"GET {base}/v1/models did not answer with a list of manifests")
@@ -133,18 +140,7 @@ def manifest(
     """
     _check_round(round)
     base = _base(url)
-    own = client is None
-    http = client if client is not None else HttpClient()
-    try:
-        answer = _get_json(http, f"{base}/v1/rounds/{round}/manifest", timeout)
-    except ApiError as exc:
-        missing = _not_available(exc, base, round)
-        if missing is None:
-            raise
-        raise missing from exc
-    finally:
-        if own:
-            http.close()
+    answer = _store_json(base, f"/v1/rounds/{round}/manifest", round, client, timeout)
     return _checked_manifest(answer, f"GET {base}/v1/rounds/{round}/manifest")
 
 

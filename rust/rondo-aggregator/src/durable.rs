@@ -16,7 +16,6 @@
 //! `data_dir`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,6 +25,8 @@ use bytes::Bytes;
 use rondo_core::federation::SecretHash;
 use rondo_core::model::ModelSpec;
 use rondo_net::store::{Snapshot, Store};
+
+use crate::models::{sha256_hex, write_durably};
 use serde::{Deserialize, Serialize};
 
 const ROUND_KEY: &str = "aggregator:round";
@@ -56,11 +57,6 @@ pub struct SavedUpdate {
     pub file: String,
     /// The update's layout: round 0's model takes it from its update.
     pub spec: ModelSpec,
-}
-
-/// The SHA-256 of an update's tensor bytes, hex: how a retried upload is recognized.
-pub fn digest(data: &[u8]) -> String {
-    crate::models::sha256_hex(data)
 }
 
 /// The aggregator's durable side: the store, where update files go, and a copy of what is
@@ -141,21 +137,16 @@ impl Durable {
         let dir = self.round_dir(round, attempt);
         std::fs::create_dir_all(&dir)?;
         // File names from a hash of the id: participant ids come from outside.
-        let name = format!("{}.update", &digest(update.participant_id.as_bytes())[..32]);
-        let path = dir.join(&name);
-        let temporary = dir.join(format!("{name}.partial"));
-        {
-            let mut file = std::fs::File::create(&temporary)?;
-            file.write_all(update.data)?;
-            file.sync_all()?;
-        }
-        std::fs::rename(&temporary, &path)?;
-        std::fs::File::open(&dir)?.sync_all()?;
+        let name = format!(
+            "{}.update",
+            &sha256_hex(update.participant_id.as_bytes())[..32]
+        );
+        write_durably(&dir, &name, update.data)?;
         let saved = SavedUpdate {
             participant_id: update.participant_id.to_string(),
             n_samples: update.n_samples,
             metrics: update.metrics.clone(),
-            sha256: digest(update.data),
+            sha256: sha256_hex(update.data),
             bytes: update.data.len() as u64,
             file: format!("{round}-{attempt}/{name}"),
             spec: update.spec.clone(),
@@ -211,7 +202,7 @@ impl Durable {
                     path.display()
                 )
             })?;
-            if digest(&data) != saved.sha256 {
+            if sha256_hex(&data) != saved.sha256 {
                 anyhow::bail!(
                     "the accepted update of {participant} in round {} ({}) is corrupted: its \
                      SHA-256 differs from the one recorded",
@@ -270,15 +261,7 @@ impl Durable {
     pub fn save_strategy_state(&self, round: u32, state: &[u8]) -> anyhow::Result<()> {
         let dir = self.states_dir();
         std::fs::create_dir_all(&dir)?;
-        let name = format!("round-{round:06}.state");
-        let temporary = dir.join(format!(".{name}.partial"));
-        {
-            let mut file = std::fs::File::create(&temporary)?;
-            file.write_all(state)?;
-            file.sync_all()?;
-        }
-        std::fs::rename(&temporary, dir.join(&name))?;
-        std::fs::File::open(&dir)?.sync_all()?;
+        write_durably(&dir, &format!("round-{round:06}.state"), state)?;
         let mut kept: Vec<_> = std::fs::read_dir(&dir)?
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
             .filter(|n| n.starts_with("round-") && n.ends_with(".state"))

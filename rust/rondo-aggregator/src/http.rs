@@ -507,7 +507,7 @@ async fn check_retry(
         .map_err(|e| upload_error(&e))?;
     let n_samples = update.n_samples;
     let (data, _staging) = update.data.into_bytes();
-    if crate::durable::digest(&data) != digest || n_samples != accepted_samples {
+    if crate::models::sha256_hex(&data) != digest || n_samples != accepted_samples {
         return Err(ApiError::conflict(
             "duplicate_update",
             "an update with other bytes was already accepted for this participant in this round",

@@ -167,13 +167,13 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 /// Writes `data` as `dir/name`: a temp file in `dir`, fsynced, renamed over `name`, and `dir`
 /// fsynced, so that the name holds the old bytes or all the new ones, also after a crash.
-fn write_durably(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_durably(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let written = (|| {
         let mut file = File::create(&tmp)?;
