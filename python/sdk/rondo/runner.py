@@ -65,9 +65,19 @@ round closed, to tell whether the first attempt had got in."""
 # (`upload_in_progress`).
 _RETRY_ANSWERS = ("duplicate_update", "token_expired", "upload_in_progress")
 
+# Refusals of a service at one of its limits, before it read or changed anything: the request
+# is sent again after a while, as after a network failure.
+_BUSY_ANSWERS = (
+    "too_many_connections",
+    "too_many_uploads",
+    "too_many_joins",
+    "federation_full",
+    "store_unavailable",
+)
+
 # Heartbeat errors that mean the coordinator does not know this identity (any more): the
 # participant must join again, exactly as after a `rejected` answer.
-_IDENTITY_ERRORS = ("unknown_participant", "invalid_secret")
+_IDENTITY_ERRORS = ("unknown_participant", "invalid_secret", "credential_expired")
 
 
 class _Identity(NamedTuple):
@@ -154,9 +164,9 @@ class _Run:
             except NetworkError as exc:
                 failure: Exception = exc
             except ApiError as exc:
-                if exc.status < 500:
+                if exc.status < 500 and exc.code not in _BUSY_ANSWERS:
                     raise
-                failure = exc  # e.g. a restarting coordinator behind a proxy
+                failure = exc  # e.g. a restarting coordinator behind a proxy, or a full one
             except (ValueError, KeyError, TypeError) as exc:
                 raise RondoError(f"unexpected answer to join: {exc!r}") from exc
             remaining = deadline - time.monotonic()
@@ -341,6 +351,9 @@ class _Run:
                 idempotent=True,
             )
         except ApiError as exc:
+            if exc.code in _BUSY_ANSWERS:
+                self.log.warning("%s: start_training for round %d: %s", self.label, round_, exc)
+                return False
             # e.g. not_selected: the round closed between the heartbeat and this call.
             self.log.warning("%s: start_training for round %d refused: %s", self.label, round_, exc)
             return True
@@ -366,8 +379,13 @@ class _Run:
                     (identity, int(evaluate)) if evaluate is not None else None,
                 )
         except ApiError as exc:
-            self.log.warning("%s: round %d: %s", self.label, round_, exc)
+            if exc.code not in _BUSY_ANSWERS:
+                self.log.warning("%s: round %d: %s", self.label, round_, exc)
+                self.report.rejected_uploads[round_] = exc.code
+                return True
+            self.log.warning("%s: round %d: %s; trying the round again", self.label, round_, exc)
             self.report.rejected_uploads[round_] = exc.code
+            return False
         except NetworkError as exc:
             # The aggregator may be restarting: while the coordinator still says "train", the
             # round is tried again (start_training answers the same token; an update that did
@@ -505,7 +523,12 @@ class _Run:
                 closed without this update.
             ApiError: the aggregator refused the update.
         """
-        headers = {**_bearer(token), "Content-Type": "application/octet-stream"}
+        headers = {
+            **_bearer(token),
+            "Content-Type": "application/octet-stream",
+            # The aggregator then takes the token only from the participant it was issued to.
+            "X-Rondo-Participant": self.training_as,
+        }
         backoff = Backoff(UPLOAD_RETRY_DELAY, MAX_BACKOFF, attempts=UPLOAD_RETRIES)
         failure: RondoError | None = None  # the network failure that led to retrying
         while True:
@@ -515,6 +538,21 @@ class _Run:
             except NetworkError as exc:
                 failure = exc
             except ApiError as exc:
+                if exc.code in _BUSY_ANSWERS:
+                    # Refused before the body was read: nothing of this attempt got in.
+                    delay = backoff.next_delay()
+                    if delay is None:
+                        raise
+                    self.log.warning(
+                        "%s: round %d: upload refused for now (%s); sending it again in %g s",
+                        self.label,
+                        round_,
+                        exc.code,
+                        delay,
+                    )
+                    if self.stop.wait(delay):
+                        raise
+                    continue
                 if failure is None or exc.code not in _RETRY_ANSWERS:
                     raise
                 if exc.code == "duplicate_update" or (

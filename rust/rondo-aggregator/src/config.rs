@@ -18,6 +18,8 @@ use serde::Deserialize;
 pub const DEFAULTS: &str = include_str!("../../../configs/dev-aggregator.toml");
 
 /// Sizes in bytes (uploads, staging memory): from 1 byte to 1 TiB.
+/// More uploads at once than this would run out of file descriptors first.
+const MAX_UPLOADS_IN_FLIGHT: usize = 1 << 20;
 const MAX_BYTES: u64 = 1 << 40;
 /// Calls to the coordinator: from 1 ms to an hour.
 const CALL_TIMEOUT_SECS: (f64, f64) = (0.001, 3600.0);
@@ -51,6 +53,14 @@ pub struct ApiConfig {
     pub max_body_bytes: u64,
     #[serde(deserialize_with = "settings::number")]
     pub upload_idle_timeout_secs: f64,
+    #[serde(deserialize_with = "settings::integer")]
+    pub min_upload_bytes_per_sec: u64,
+    #[serde(deserialize_with = "settings::integer")]
+    pub max_uploads_in_flight: usize,
+    #[serde(deserialize_with = "settings::integer")]
+    pub max_connections: usize,
+    #[serde(deserialize_with = "settings::number")]
+    pub header_timeout_secs: f64,
     pub tls: rondo_net::tls::TlsFiles,
 }
 
@@ -186,7 +196,22 @@ pub struct ApiSettings {
     /// Empty, or an http(s) URL.
     pub public_url: String,
     pub max_body_bytes: u64,
-    pub upload_idle_timeout: Duration,
+    pub upload: UploadPace,
+    /// `api.max_connections` and `api.header_timeout_secs`.
+    pub http_limits: rondo_net::boot::HttpLimits,
+}
+
+/// How uploads must arrive (`[api]`): what keeps a slow or stalled participant from holding a
+/// task, a connection and its staging memory for long.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UploadPace {
+    /// No byte for this long: dropped (408 `upload_stalled`).
+    pub idle_timeout: Duration,
+    /// Past `idle_timeout` from its first byte, an upload slower than this on average is
+    /// dropped (408 `upload_too_slow`); 0: no minimum.
+    pub min_bytes_per_sec: u64,
+    /// Uploads being received at once; one more gets 503 `too_many_uploads`.
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -236,11 +261,29 @@ impl FromConfig for AggregatorSettings {
                     1,
                     MAX_BYTES,
                 )?,
-                upload_idle_timeout: settings::secs(
-                    "api.upload_idle_timeout_secs",
-                    raw.api.upload_idle_timeout_secs,
-                    IDLE_TIMEOUT_SECS.0,
-                    IDLE_TIMEOUT_SECS.1,
+                upload: UploadPace {
+                    idle_timeout: settings::secs(
+                        "api.upload_idle_timeout_secs",
+                        raw.api.upload_idle_timeout_secs,
+                        IDLE_TIMEOUT_SECS.0,
+                        IDLE_TIMEOUT_SECS.1,
+                    )?,
+                    min_bytes_per_sec: settings::int(
+                        "api.min_upload_bytes_per_sec",
+                        raw.api.min_upload_bytes_per_sec,
+                        0,
+                        MAX_BYTES,
+                    )?,
+                    max_in_flight: settings::int(
+                        "api.max_uploads_in_flight",
+                        raw.api.max_uploads_in_flight,
+                        1,
+                        MAX_UPLOADS_IN_FLIGHT,
+                    )?,
+                },
+                http_limits: rondo_net::boot::HttpLimits::from_config(
+                    raw.api.max_connections,
+                    raw.api.header_timeout_secs,
                 )?,
             },
             rpc: RpcConfig {
@@ -402,7 +445,7 @@ mod tests {
     fn the_defaults_are_valid() {
         let settings = load("").expect("the defaults are valid");
         assert_eq!(settings.link.call_timeout, Duration::from_secs(5));
-        assert_eq!(settings.api.upload_idle_timeout, Duration::from_secs(30));
+        assert_eq!(settings.api.upload.idle_timeout, Duration::from_secs(30));
         assert_eq!(settings.api.max_body_bytes, 4 << 30);
     }
 
@@ -552,7 +595,7 @@ mod tests {
         .expect("edge values are valid");
         assert_eq!(settings.api.port, 65535);
         assert_eq!(
-            settings.api.upload_idle_timeout,
+            settings.api.upload.idle_timeout,
             Duration::from_secs(86_400)
         );
         assert_eq!(settings.link.call_timeout, Duration::from_millis(1));

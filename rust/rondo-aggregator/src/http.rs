@@ -24,6 +24,7 @@ use crate::wire::{self, BodyError, UploadError};
 const OPENAPI: &str = include_str!("../../../docs/openapi/aggregator.json");
 
 pub fn router(aggregator: Arc<Aggregator>) -> Router {
+    let max_uploads = aggregator.upload.max_in_flight;
     let routes = Router::new()
         .route("/v1/rounds/{round}/model", get(download_round_model))
         .route("/v1/rounds/{round}/manifest", get(round_manifest))
@@ -34,6 +35,18 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
         .route(
             "/v1/rounds/{round}/update",
             post(upload_update)
+                // At most so many uploads at once; one more is refused at once, before its
+                // body is read (tower's concurrency limit, shedding instead of queueing, so that
+                // a flood is refused rather than held). Outside the size check, so that an
+                // upload refused for its size does not take a place.
+                .route_layer(
+                    tower::ServiceBuilder::new()
+                        .layer(axum::error_handling::HandleErrorLayer::new(
+                            move |_: tower::BoxError| async move { too_many_uploads(max_uploads) },
+                        ))
+                        .load_shed()
+                        .concurrency_limit(max_uploads),
+                )
                 .route_layer(api::reject_oversized(
                     aggregator.max_body_bytes,
                     "body_too_large",
@@ -55,6 +68,22 @@ pub fn router(aggregator: Arc<Aggregator>) -> Router {
             api::count_refused,
         ))
         .with_state(aggregator)
+}
+
+/// The answer to an upload beyond `api.max_uploads_in_flight` (see [`router`]).
+fn too_many_uploads(max: usize) -> Response {
+    let mut refused = api::closing(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_uploads",
+        format!(
+            "{max} uploads are being received, the limit (api.max_uploads_in_flight); send it \
+             again shortly"
+        ),
+    ));
+    refused
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    refused
 }
 
 fn grant_error(err: GrantError) -> ApiError {
@@ -323,7 +352,7 @@ impl Drop for UploadSlot {
 fn upload_error(err: &UploadError) -> ApiError {
     let status = match err {
         UploadError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        UploadError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+        UploadError::Stalled(_) | UploadError::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
         _ => StatusCode::BAD_REQUEST,
     };
     ApiError::new(status, err.code(), err.to_string())
@@ -357,6 +386,25 @@ async fn upload_update(
     answer
 }
 
+/// The header in which an uploading participant names itself (the SDK always sends it): a
+/// token is then accepted only from the participant it was issued to.
+const PARTICIPANT_HEADER: &str = "x-rondo-participant";
+
+/// The participant an upload says it comes from, if it says.
+fn claimed_participant(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    headers
+        .get(PARTICIPANT_HEADER)
+        .map(|value| {
+            value.to_str().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_participant",
+                    format!("{PARTICIPANT_HEADER} must be a participant id (visible ASCII)"),
+                )
+            })
+        })
+        .transpose()
+}
+
 async fn receive_update(
     aggregator: &Arc<Aggregator>,
     uri: &axum::http::Uri,
@@ -365,8 +413,30 @@ async fn receive_update(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let round = round_param(uri)?;
     let token = bearer_token(headers, "missing_token")?;
+    let claimed = claimed_participant(headers)?;
     let (grant, expected, already) = {
         let mut book = aggregator.book();
+        // A token sent by someone who says they are another participant than the one it was
+        // issued to is refused before anything is marked.
+        if let Some(claimed) = claimed
+            && let Ok(grant) = book.authorize_download(token, round)
+            && grant.participant_id != claimed
+        {
+            let err = ApiError::new(
+                StatusCode::FORBIDDEN,
+                "token_not_yours",
+                format!(
+                    "the token was issued to another participant than {claimed:?} \
+                     ({PARTICIPANT_HEADER})"
+                ),
+            );
+            aggregator
+                .metrics
+                .updates_rejected
+                .with_label_values(&[err.code])
+                .inc();
+            return Err(err);
+        }
         match book.begin_upload(token, round) {
             Ok(grant) => (grant, book.expected_spec(), None),
             // A retry of an upload that was saved and accepted (its answer was lost, or the
@@ -472,14 +542,35 @@ async fn read_body(
         .staging
         .take(expected.as_ref().map(|spec| spec.byte_len()))
         .await;
-    // A participant that stops sending mid-upload must not hold its staging memory for ever.
-    let idle = aggregator.upload_idle_timeout;
+    // A participant that stops sending mid-upload, or sends a trickle, must not hold its
+    // staging memory for long. The clock starts once the staging memory is granted: waiting for
+    // it is the aggregator's doing, not the participant's.
+    let pace = aggregator.upload;
+    let started = Instant::now();
+    let mut received = 0u64;
     let body = futures::stream::unfold(body.into_data_stream(), move |mut body| async move {
-        match tokio::time::timeout(idle, body.next()).await {
-            Ok(Some(chunk)) => Some((chunk.map_err(|e| BodyError::Broken(e.to_string())), body)),
-            Ok(None) => None,
-            Err(_) => Some((Err(BodyError::Stalled(idle)), body)),
+        let chunk = match tokio::time::timeout(pace.idle_timeout, body.next()).await {
+            Ok(Some(chunk)) => chunk.map_err(|e| BodyError::Broken(e.to_string())),
+            Ok(None) => return None,
+            Err(_) => Err(BodyError::Stalled(pace.idle_timeout)),
+        };
+        Some((chunk, body))
+    })
+    .map(move |chunk| {
+        let chunk = chunk?;
+        received += chunk.len() as u64;
+        let secs = started.elapsed().as_secs_f64();
+        if pace.min_bytes_per_sec > 0
+            && secs > pace.idle_timeout.as_secs_f64()
+            && (received as f64) < pace.min_bytes_per_sec as f64 * secs
+        {
+            return Err(BodyError::TooSlow(wire::UploadTooSlow {
+                received,
+                secs,
+                min_bytes_per_sec: pace.min_bytes_per_sec,
+            }));
         }
+        Ok(chunk)
     });
     wire::read_update(
         Box::pin(body),

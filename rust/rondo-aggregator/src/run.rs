@@ -204,7 +204,7 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
         outbox,
         public_url.clone(),
         config.api.max_body_bytes,
-        config.api.upload_idle_timeout,
+        config.api.upload,
         CLOSE_WAIT,
         shutdown.clone(),
         config.limits,
@@ -213,6 +213,13 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
         durable.clone(),
         model_store,
     );
+    for collector in config.api.http_limits.metrics.collectors() {
+        aggregator
+            .metrics
+            .registry
+            .register(collector)
+            .context("registering the connection metrics")?;
+    }
     recover(&aggregator).await?;
     if let Some(durable) = durable {
         let stopped = shutdown.signalled();
@@ -255,7 +262,7 @@ pub async fn run(config: AggregatorSettings) -> anyhow::Result<()> {
     boot::serve_http(
         api_listener,
         crate::http::router(aggregator.clone()),
-        boot::HttpLimits::default(),
+        config.api.http_limits.clone(),
         config.api.tls.clone(),
         shutdown.signalled(),
     )

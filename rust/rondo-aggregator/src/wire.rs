@@ -111,6 +111,30 @@ pub enum UploadError {
     Incomplete { got: u64, expected: u64 },
     #[error("no byte of the upload arrived for {} s", .0.as_secs_f64())]
     Stalled(std::time::Duration),
+    #[error("{0}")]
+    TooSlow(UploadTooSlow),
+}
+
+/// An upload that came in slower than `api.min_upload_bytes_per_sec`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UploadTooSlow {
+    pub received: u64,
+    pub secs: f64,
+    pub min_bytes_per_sec: u64,
+}
+
+impl std::fmt::Display for UploadTooSlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the upload arrived at {:.0} bytes/s on average ({} bytes in {:.1} s); the minimum \
+             is {} bytes/s (api.min_upload_bytes_per_sec)",
+            self.received as f64 / self.secs.max(f64::MIN_POSITIVE),
+            self.received,
+            self.secs,
+            self.min_bytes_per_sec
+        )
+    }
 }
 
 /// Why reading the request body failed (rather than what it held).
@@ -120,6 +144,8 @@ pub enum BodyError {
     Stalled(std::time::Duration),
     /// The connection broke.
     Broken(String),
+    /// The bytes came too slowly.
+    TooSlow(UploadTooSlow),
 }
 
 impl UploadError {
@@ -133,6 +159,7 @@ impl UploadError {
             UploadError::TooLarge { .. } => "body_too_large",
             UploadError::Incomplete { .. } => "upload_incomplete",
             UploadError::Stalled(_) => "upload_stalled",
+            UploadError::TooSlow(_) => "upload_too_slow",
         }
     }
 }
@@ -415,6 +442,7 @@ where
                 head.extend_from_slice(&chunk);
             }
             Some(Err(BodyError::Stalled(idle))) => return Err(UploadError::Stalled(idle)),
+            Some(Err(BodyError::TooSlow(slow))) => return Err(UploadError::TooSlow(slow)),
             Some(Err(BodyError::Broken(_))) => {
                 return Err(next(received, 8 + header_len.unwrap_or(0)));
             }
@@ -458,6 +486,7 @@ where
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| match e {
             BodyError::Stalled(idle) => UploadError::Stalled(idle),
+            BodyError::TooSlow(slow) => UploadError::TooSlow(slow),
             BodyError::Broken(_) => next(received, total),
         })?;
         received += chunk.len() as u64;

@@ -34,9 +34,30 @@ pub struct CoordinatorConfig {
     pub rpc: RpcEndpoint,
     pub aggregator: AggregatorLink,
     pub federation: FederationConfig,
+    pub limits: LimitsConfig,
     pub store: StoreConfig,
     pub runtime: RuntimeConfig,
     pub log: rondo_net::settings::LogConfig,
+}
+
+/// `[limits]`: how many participants, and how fast they may join.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(deserialize_with = "settings::integer")]
+    pub max_participants: usize,
+    #[serde(deserialize_with = "settings::number")]
+    pub joins_per_second_per_address: f64,
+    #[serde(deserialize_with = "settings::integer")]
+    pub join_burst_per_address: u32,
+}
+
+/// Joins per source address (`[limits]`): a token bucket of `burst` joins refilled at
+/// `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JoinRate {
+    pub per_second: f64,
+    pub burst: u32,
 }
 
 /// `[store]`: where the federation's state is kept (see [`rondo_net::store`]).
@@ -54,6 +75,10 @@ pub struct Endpoint {
     pub host: String,
     #[serde(deserialize_with = "settings::integer")]
     pub port: u16,
+    #[serde(deserialize_with = "settings::integer")]
+    pub max_connections: usize,
+    #[serde(deserialize_with = "settings::number")]
+    pub header_timeout_secs: f64,
     pub tls: rondo_net::tls::TlsFiles,
 }
 
@@ -191,6 +216,35 @@ fn training_timeout(
     Ok(Some(timeout))
 }
 
+const MAX_PARTICIPANTS: usize = 100_000_000;
+/// Joins per second per address: from one a thousand seconds to a million a second (or 0, no
+/// limit).
+const MIN_JOIN_RATE: f64 = 0.001;
+const MAX_JOIN_RATE: f64 = 1_000_000.0;
+const MAX_JOIN_BURST: u32 = 1_000_000;
+
+/// `[limits]`'s joins per source address: `None` when `joins_per_second_per_address` is 0.
+fn join_rate(limits: &LimitsConfig) -> Result<Option<JoinRate>, ConfigError> {
+    let per_second = limits.joins_per_second_per_address;
+    if per_second == 0.0 {
+        return Ok(None);
+    }
+    if !(MIN_JOIN_RATE..=MAX_JOIN_RATE).contains(&per_second) {
+        return Err(ConfigError::invalid(
+            "limits.joins_per_second_per_address",
+            format!("{per_second:?}"),
+            format!("must be 0 (no limit) or a number between {MIN_JOIN_RATE} and {MAX_JOIN_RATE}"),
+        ));
+    }
+    let burst = settings::int(
+        "limits.join_burst_per_address",
+        limits.join_burst_per_address,
+        1,
+        MAX_JOIN_BURST,
+    )?;
+    Ok(Some(JoinRate { per_second, burst }))
+}
+
 /// A join secret shorter than this could be guessed.
 const MIN_JOIN_SECRET_BYTES: usize = 16;
 
@@ -217,6 +271,10 @@ pub struct CoordinatorSettings {
     pub link_security: LinkSecurity,
     /// `log.format`.
     pub log_format: rondo_net::settings::LogFormat,
+    /// `api.max_connections` and `api.header_timeout_secs`.
+    pub http_limits: rondo_net::boot::HttpLimits,
+    /// `[limits]`'s joins per source address; `None`: no limit.
+    pub join_rate: Option<JoinRate>,
 }
 
 #[derive(Debug, Clone)]
@@ -293,12 +351,20 @@ impl FromConfig for CoordinatorSettings {
             empty if empty.is_empty() => empty,
             address => settings::host_port("rpc.advertise_address", address)?,
         };
+        let join_rate = join_rate(&raw.limits)?;
         Ok(Self {
             log_format: raw.log.format,
             api_tls: rondo_net::tls::server("api.tls", &raw.api.tls)?,
+            http_limits: rondo_net::boot::HttpLimits::from_config(
+                raw.api.max_connections,
+                raw.api.header_timeout_secs,
+            )?,
+            join_rate,
             api: Endpoint {
                 host: settings::non_empty("api.host", raw.api.host)?,
                 port: raw.api.port,
+                max_connections: raw.api.max_connections,
+                header_timeout_secs: raw.api.header_timeout_secs,
                 tls: raw.api.tls,
             },
             rpc: RpcEndpoint {
@@ -345,6 +411,12 @@ impl FromConfig for CoordinatorSettings {
                 join: JoinPolicy {
                     secret_hash: join_secret(&f.join_secret, &f.join_secret_file)?,
                     allowed_names: f.allowed_participants.iter().cloned().collect(),
+                    max_participants: Some(settings::int(
+                        "limits.max_participants",
+                        raw.limits.max_participants,
+                        1,
+                        MAX_PARTICIPANTS,
+                    )?),
                 },
             },
             heartbeat_period,

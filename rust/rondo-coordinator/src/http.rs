@@ -19,6 +19,7 @@ use rondo_net::api::{self, ApiError, bearer_token};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::config::JoinRate;
 use crate::service::Coordinator;
 
 const OPENAPI: &str = include_str!("../../../docs/openapi/coordinator.json");
@@ -36,15 +37,51 @@ const STATUS_PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 
 /// Control-plane bodies are tiny; anything bigger is a mistake or an attack.
 const MAX_JSON_BODY: usize = 64 * 1024;
 
-pub fn router(coordinator: Arc<Coordinator>) -> Router {
+/// What the API allows its clients beyond the connection limits of `serve_http`.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    /// Joins per source address; `None`: no limit.
+    pub join_rate: Option<JoinRate>,
+    /// How long a request with a JSON body may take, its body included (`api.header_timeout_secs`):
+    /// a client trickling a body must not hold a task for long.
+    pub request_timeout: Duration,
+}
+
+pub fn router(coordinator: Arc<Coordinator>, limits: ApiLimits) -> Router {
+    let join_limit = limits.join_rate.map(|rate| {
+        axum::middleware::from_fn_with_state(Arc::new(JoinLimiter::new(rate)), limit_joins)
+    });
+    let timeout = limits.request_timeout;
+    let with_bodies = Router::new()
+        .route(
+            "/v1/participants",
+            post(join).route_layer(tower::util::option_layer(join_limit)),
+        )
+        .route("/v1/participants/{id}/start_training", post(start_training))
+        .route("/v1/participants/{id}/evaluation", post(evaluation))
+        .route_layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(
+                    move |_: tower::BoxError| async move {
+                        api::closing(ApiError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request_timeout",
+                            format!(
+                                "the request was not received and answered within {} s \
+                                 (api.header_timeout_secs)",
+                                timeout.as_secs_f64()
+                            ),
+                        ))
+                    },
+                ))
+                .timeout(timeout),
+        );
     let routes = Router::new()
         .route("/", get(status_page))
         .route("/static/status.js", get(status_js))
         .route("/static/status.css", get(status_css))
-        .route("/v1/participants", post(join))
+        .merge(with_bodies)
         .route("/v1/participants/{id}/heartbeat", post(heartbeat))
-        .route("/v1/participants/{id}/start_training", post(start_training))
-        .route("/v1/participants/{id}/evaluation", post(evaluation))
         .route("/v1/status", get(status))
         .route("/v1/history", get(history))
         .route("/v1/history.csv", get(history_csv))
@@ -66,6 +103,84 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .with_state(coordinator)
 }
 
+/// Joins per source address: a token bucket per address (governor's GCRA), forgotten once
+/// full again.
+struct JoinLimiter {
+    limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    rate: JoinRate,
+    /// Checks since the buckets of quiet addresses were last dropped.
+    checks: std::sync::atomic::AtomicU32,
+}
+
+/// Every so many checks, the addresses whose bucket is full again are forgotten, so that the
+/// limiter's memory follows the addresses joining now, not all that ever did.
+const FORGET_QUIET_ADDRESSES_EVERY: u32 = 1024;
+
+impl JoinLimiter {
+    fn new(rate: JoinRate) -> Self {
+        let period = Duration::from_secs_f64(1.0 / rate.per_second);
+        // Both are checked in the config: a period of at least a microsecond, a burst of one or
+        // more.
+        let quota = governor::Quota::with_period(period)
+            .expect("a positive period")
+            .allow_burst(std::num::NonZeroU32::new(rate.burst).expect("a burst of one or more"));
+        Self {
+            limiter: governor::RateLimiter::keyed(quota),
+            rate,
+            checks: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
+    /// How long `address` must wait before its next join, if it must.
+    fn check(&self, address: std::net::IpAddr) -> Result<(), Duration> {
+        use governor::clock::Clock;
+        let checks = self
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if checks % FORGET_QUIET_ADDRESSES_EVERY == FORGET_QUIET_ADDRESSES_EVERY - 1 {
+            self.limiter.retain_recent();
+        }
+        self.limiter.check_key(&address).map_err(|not_until| {
+            not_until.wait_time_from(governor::clock::DefaultClock::default().now())
+        })
+    }
+}
+
+/// Refuses a join beyond its address's rate with 429 `too_many_joins` and `Retry-After`,
+/// before the request is read: nothing changes.
+async fn limit_joins(
+    State(limiter): State<Arc<JoinLimiter>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    if let Some(address) = peer
+        && let Err(wait) = limiter.check(address)
+    {
+        let JoinRate { per_second, burst } = limiter.rate;
+        let mut refused = api::closing(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_joins",
+            format!(
+                "more joins from this address than limits.joins_per_second_per_address \
+                 ({per_second}/s, bursts of {burst}); try again in {:.1} s",
+                wait.as_secs_f64()
+            ),
+        ));
+        let retry_after = wait.as_secs_f64().ceil().max(1.0).to_string();
+        if let Ok(value) = axum::http::HeaderValue::from_str(&retry_after) {
+            refused
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, value);
+        }
+        return refused;
+    }
+    next.run(request).await
+}
+
 fn federation_error(err: FederationError) -> ApiError {
     let message = err.to_string();
     match err {
@@ -84,6 +199,12 @@ fn federation_error(err: FederationError) -> ApiError {
         }
         FederationError::NotAllowed(_) => {
             ApiError::new(StatusCode::FORBIDDEN, "not_allowed", message)
+        }
+        FederationError::CredentialExpired(_) => {
+            ApiError::unauthorized("credential_expired", message)
+        }
+        FederationError::Full(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "federation_full", message)
         }
     }
 }

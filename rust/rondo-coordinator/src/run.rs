@@ -85,6 +85,13 @@ pub async fn run(config: CoordinatorSettings) -> anyhow::Result<()> {
         federation(&config, &store).await?,
         config.heartbeat_period.as_secs_f64(),
     ));
+    for collector in config.http_limits.metrics.collectors() {
+        coordinator
+            .metrics
+            .registry
+            .register(collector)
+            .context("registering the connection metrics")?;
+    }
     let api_listener = boot::bind(&config.api.host, config.api.port).await?;
     let rpc_listener = boot::bind(&config.rpc.host, config.rpc.port).await?;
     let api_addr = api_listener.local_addr()?;
@@ -133,8 +140,14 @@ pub async fn run(config: CoordinatorSettings) -> anyhow::Result<()> {
     });
     boot::serve_http(
         api_listener,
-        crate::http::router(coordinator),
-        boot::HttpLimits::default(),
+        crate::http::router(
+            coordinator,
+            crate::http::ApiLimits {
+                join_rate: config.join_rate,
+                request_timeout: config.http_limits.header_read_timeout,
+            },
+        ),
+        config.http_limits.clone(),
         config.api_tls.clone(),
         shutdown.signalled(),
     )

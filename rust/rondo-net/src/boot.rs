@@ -88,29 +88,148 @@ pub fn init_tracing(format: crate::settings::LogFormat) {
     };
 }
 
-/// What [`serve_http`] allows an HTTP connection.
-#[derive(Debug, Clone, Copy)]
+/// What [`serve_http`] allows its connections.
+#[derive(Debug, Clone)]
 pub struct HttpLimits {
     /// Cap on the connection's read buffer (hyper's own default lets it grow to ~400 KiB while a
     /// large body streams in), and so also on the size of a request's head: a longer head gets
     /// 431 `headers_too_large`.
     pub read_buffer_max: usize,
     /// How long a client may take to send a request's head before the connection is closed.
+    /// hyper runs this clock whenever it waits for a head, so it also ends a kept-alive
+    /// connection idle for this long, and a connection that never sends anything.
     pub header_read_timeout: Duration,
+    /// Connections served at once (`api.max_connections`). One more is answered 503
+    /// `too_many_connections` (plain HTTP) or closed (TLS: no handshake is spent on it) at once,
+    /// so that a flood of connections costs a file descriptor for a moment, not a task and
+    /// buffers for the header timeout.
+    pub max_connections: usize,
+    /// `http_connections_open` and `http_connections_refused_total`.
+    pub metrics: ConnectionMetrics,
 }
 
 impl Default for HttpLimits {
-    /// 64 KiB of read buffer, 30 s for a request's head. The aggregator pins glibc's mmap
-    /// threshold at 128 KiB, so hyper's ~400 KiB buffers were each a fresh mapping, faulted in
-    /// for every upload connection and unmapped after it; under the threshold they come from
-    /// malloc's arenas and are reused, and a connection holds at most this much however many
-    /// are open. (Measured, 100 participants × 1 MB: aggregator CPU −25 %, peak 57 → 53 MB.)
+    /// 64 KiB of read buffer, 30 s for a request's head, 16384 connections. The aggregator
+    /// pins glibc's mmap threshold at 128 KiB, so hyper's ~400 KiB buffers were each a fresh
+    /// mapping, faulted in for every upload connection and unmapped after it; under the
+    /// threshold they come from malloc's arenas and are reused, and a connection holds at most
+    /// this much however many are open. (Measured, 100 participants × 1 MB: aggregator CPU
+    /// −25 %, peak 57 → 53 MB.)
     fn default() -> Self {
         Self {
             read_buffer_max: 64 << 10,
             header_read_timeout: Duration::from_secs(30),
+            max_connections: 16_384,
+            metrics: ConnectionMetrics::new(),
         }
     }
+}
+
+impl HttpLimits {
+    /// The limits of `[api] max_connections` and `header_timeout_secs`, checked (their keys
+    /// named in the error); the rest as [`HttpLimits::default`].
+    pub fn from_config(
+        max_connections: usize,
+        header_timeout_secs: f64,
+    ) -> Result<Self, ConfigError> {
+        Ok(Self {
+            max_connections: crate::settings::int(
+                "api.max_connections",
+                max_connections,
+                1,
+                MAX_CONNECTIONS,
+            )?,
+            header_read_timeout: crate::settings::secs(
+                "api.header_timeout_secs",
+                header_timeout_secs,
+                0.001,
+                3600.0,
+            )?,
+            ..Self::default()
+        })
+    }
+}
+
+/// More connections than this would run out of file descriptors and ports long before.
+const MAX_CONNECTIONS: usize = 1 << 20;
+
+/// How many refused connections may be being answered at once; past that they are closed
+/// without an answer (a flood must not turn into as many tasks).
+const REFUSALS_IN_FLIGHT: usize = 256;
+
+/// The connection counts of [`serve_http`], for a service's registry.
+#[derive(Debug, Clone)]
+pub struct ConnectionMetrics {
+    pub open: prometheus::IntGauge,
+    pub refused: prometheus::IntCounter,
+}
+
+impl ConnectionMetrics {
+    pub fn new() -> Self {
+        Self {
+            open: prometheus::IntGauge::new(
+                "http_connections_open",
+                "HTTP connections being served (at most api.max_connections)",
+            )
+            .expect("a valid metric"),
+            refused: prometheus::IntCounter::new(
+                "http_connections_refused_total",
+                "HTTP connections refused at once because api.max_connections were open",
+            )
+            .expect("a valid metric"),
+        }
+    }
+
+    /// Both metrics, to register with the service's others.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![Box::new(self.open.clone()), Box::new(self.refused.clone())]
+    }
+}
+
+impl Default for ConnectionMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Holds one of [`HttpLimits::max_connections`] for as long as its connection is served.
+struct ConnectionSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    open: prometheus::IntGauge,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// Answers a connection over the limit with 503 `too_many_connections` and closes it gently
+/// (the write side first, then what the client sends is read and dropped for a moment, so that
+/// it reads the answer rather than a reset), all within a second.
+async fn refuse_connection(mut stream: tokio::net::TcpStream, max_connections: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = serde_json::json!({"error": {
+        "code": "too_many_connections",
+        "message": format!(
+            "the server is serving {max_connections} connections, its limit \
+             (api.max_connections); try again shortly"
+        ),
+    }})
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// Serves `router` over HTTP/1.1 on `listener` until `shutdown` completes; then stops
@@ -142,11 +261,13 @@ pub async fn serve_http(
             limits.read_buffer_max,
         )),
     );
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let refusals = std::sync::Arc::new(tokio::sync::Semaphore::new(REFUSALS_IN_FLIGHT));
     tokio::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(err) => {
                     // e.g. out of file descriptors: pause rather than spin.
                     tracing::warn!(%err, "accepting a connection failed");
@@ -156,10 +277,46 @@ pub async fn serve_http(
             },
             () = &mut shutdown => break,
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            limits.metrics.refused.inc();
+            if limits.metrics.refused.get() % 1000 == 1 {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    refused_so_far = limits.metrics.refused.get(),
+                    "refusing connections: api.max_connections are open"
+                );
+            }
+            // Over TLS an answer would need a handshake first: those are just closed.
+            if tls.is_none()
+                && let Ok(refusing) = refusals.clone().try_acquire_owned()
+            {
+                let max = limits.max_connections;
+                tokio::spawn(async move {
+                    refuse_connection(stream, max).await;
+                    drop(refusing);
+                });
+            }
+            continue;
+        };
+        limits.metrics.open.inc();
+        let slot = ConnectionSlot {
+            _permit: permit,
+            open: limits.metrics.open.clone(),
+        };
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(%err, "could not set TCP_NODELAY");
         }
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        // The peer's address, for per-address limits (`axum::extract::ConnectInfo`).
+        let service =
+            hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+                router.clone(),
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    request
+                },
+            ));
         match &tls {
             None => {
                 let stream = JsonParseErrors::new(stream, limits.read_buffer_max);
@@ -169,6 +326,7 @@ pub async fn serve_http(
                     if let Err(err) = connection.await {
                         tracing::debug!(%err, "HTTP connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
             Some(crate::tls::ServerTls(acceptor)) => {
@@ -196,6 +354,7 @@ pub async fn serve_http(
                     if let Err(err) = connection.await {
                         tracing::debug!(%err, "HTTPS connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
         }

@@ -268,7 +268,7 @@ impl Federation {
         round: u32,
         now: Timestamp,
     ) -> Result<EvaluationSummary, EvaluationError> {
-        let participant = self.authenticate(id, secret)?;
+        let participant = self.authenticate_member(id, secret)?;
         participant.last_seen = now;
         if !report.loss.is_finite() || report.n_samples == 0 {
             return Err(EvaluationError::Invalid(

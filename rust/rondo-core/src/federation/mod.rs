@@ -174,6 +174,9 @@ pub struct JoinPolicy {
     pub secret_hash: Option<SecretHash>,
     /// Names allowed to join; empty: any name (or none).
     pub allowed_names: BTreeSet<String>,
+    /// Participants in the federation at once, dropped ones not counted; `None`: no cap.
+    #[serde(default)]
+    pub max_participants: Option<usize>,
 }
 
 /// SHA-256 of a secret: what is kept of secrets that are only ever checked, never shown.
@@ -286,6 +289,13 @@ pub enum FederationError {
     InvalidJoinSecret,
     #[error("the name {0:?} is not among the federation's allowed participants")]
     NotAllowed(Option<String>),
+    #[error("the federation has {0} participants, its limit (limits.max_participants)")]
+    Full(usize),
+    #[error(
+        "the credential of participant `{0}` has expired: it was dropped after no heartbeat \
+         within heartbeat_timeout_secs; join again"
+    )]
+    CredentialExpired(ParticipantId),
 }
 
 /// How the aggregator finished a round.

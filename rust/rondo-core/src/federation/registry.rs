@@ -52,6 +52,11 @@ impl Federation {
         if self.participants.contains_key(&id) {
             return Err(FederationError::AlreadyJoined(id));
         }
+        if let Some(max) = policy.max_participants
+            && self.participants.values().filter(|p| !p.dropped).count() >= max
+        {
+            return Err(FederationError::Full(max));
+        }
         let Joining {
             name, can_evaluate, ..
         } = joining;
@@ -80,6 +85,20 @@ impl Federation {
             .ok_or_else(|| FederationError::UnknownParticipant(id.to_string()))?;
         if !participant.secret.matches(secret) {
             return Err(FederationError::InvalidSecret(id.to_string()));
+        }
+        Ok(participant)
+    }
+
+    /// [`Self::authenticate`], for a participant that is still a member: a dropped one's
+    /// credential has expired (it must join again, under a new id).
+    pub(super) fn authenticate_member(
+        &mut self,
+        id: &str,
+        secret: &str,
+    ) -> Result<&mut Participant, FederationError> {
+        let participant = self.authenticate(id, secret)?;
+        if participant.dropped {
+            return Err(FederationError::CredentialExpired(id.to_string()));
         }
         Ok(participant)
     }
@@ -115,10 +134,7 @@ impl Federation {
         secret: &str,
         now: Timestamp,
     ) -> Result<TrainingGrant, FederationError> {
-        let participant = self.authenticate(id, secret)?;
-        if participant.dropped {
-            return Err(FederationError::NotSelected(id.to_string()));
-        }
+        let participant = self.authenticate_member(id, secret)?;
         participant.last_seen = now;
         let round = self.round;
         let attempt = self.attempt;

@@ -464,7 +464,7 @@ fn bad_credentials_change_nothing() {
     );
     assert_eq!(
         w.fed.start_training(&id, &w.people[0].1.clone(), w.now),
-        Err(FederationError::NotSelected(id))
+        Err(FederationError::CredentialExpired(id))
     );
 }
 
@@ -775,6 +775,7 @@ fn only_holders_of_the_join_secret_under_an_allowed_name_join() {
     s.join = JoinPolicy {
         secret_hash: Some(SecretHash::of("sesame-0123456789")),
         allowed_names: ["hospital-a".to_string()].into(),
+        max_participants: None,
     };
     let mut w = World::new(s, Some(0));
     let joining = |name: &str, secret: Option<&str>| Joining {
