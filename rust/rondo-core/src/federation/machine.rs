@@ -481,6 +481,7 @@ impl Federation {
                 }
             }
         }
+        self.forget_long_dropped(now);
         let mut commands = Vec::new();
         match &mut self.phase {
             Phase::WaitingForAggregator | Phase::Finished => {}

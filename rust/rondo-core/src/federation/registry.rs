@@ -19,6 +19,11 @@ pub(super) struct Participant {
     pub(super) can_evaluate: bool,
 }
 
+/// A dropped participant is forgotten after this many heartbeat timeouts of silence.
+pub const FORGET_AFTER_TIMEOUTS: u32 = 60;
+/// At most this many dropped participants are kept, whatever the cap on live ones.
+pub const MAX_DROPPED_KEPT: usize = 100_000;
+
 impl Federation {
     /// Registers a participant under `id` with `secret`, both made by the caller (the
     /// coordinator draws them from the OS's random source), if the federation's
@@ -172,6 +177,47 @@ impl Federation {
             }
         }
         newly_dropped
+    }
+
+    /// Forgets dropped participants that no open round lists, once they have been silent for
+    /// [`FORGET_AFTER_TIMEOUTS`] heartbeat timeouts, or sooner, oldest first, while more are
+    /// kept than the cap on participants (or [`MAX_DROPPED_KEPT`] without one): a flood of
+    /// joins that never heartbeat must not grow the registry for good. A forgotten participant's
+    /// credential is unknown (`UnknownParticipant`); it joins again, as a dropped one would.
+    pub(super) fn forget_long_dropped(&mut self, now: Timestamp) {
+        let forget_after = self.settings.heartbeat_timeout * FORGET_AFTER_TIMEOUTS;
+        let keep = self
+            .settings
+            .join
+            .max_participants
+            .unwrap_or(MAX_DROPPED_KEPT)
+            .min(MAX_DROPPED_KEPT);
+        let dropped = self.participants.values().filter(|p| p.dropped).count();
+        let mut excess = dropped.saturating_sub(keep);
+        let active = self.active();
+        let forgotten: std::collections::HashSet<ParticipantId> = self
+            .join_order
+            .iter()
+            .filter(|id| {
+                let Some(p) = self.participants.get(*id) else {
+                    return false;
+                };
+                if !p.dropped || active.is_some_and(|a| a.is_selected(id)) {
+                    return false;
+                }
+                if excess > 0 {
+                    excess -= 1;
+                    return true;
+                }
+                now.since(p.last_seen) > forget_after
+            })
+            .cloned()
+            .collect();
+        if forgotten.is_empty() {
+            return;
+        }
+        self.join_order.retain(|id| !forgotten.contains(id));
+        self.participants.retain(|id, _| !forgotten.contains(id));
     }
 
     /// Participants that may be selected, in join order.

@@ -1360,3 +1360,52 @@ fn a_federation_saved_before_deadlines_and_quorums_reads_back_and_carries_on() {
     assert_eq!(record.delivered.len(), 2);
     assert_eq!(w.fed.current_round(), (2, 0));
 }
+
+#[test]
+fn dropped_participants_are_forgotten_beyond_the_cap_and_after_a_long_silence() {
+    let mut s = settings();
+    s.min_clients = 100; // no round opens: only the registry matters here
+    s.join.max_participants = Some(3);
+    let mut w = World::new(s, Some(0));
+    // Six join and fall silent, in two waves: the registry never keeps more than three of
+    // them once dropped, and forgets the oldest first.
+    for _ in 0..3 {
+        w.join();
+    }
+    w.advance(6);
+    w.tick();
+    for _ in 0..3 {
+        w.join();
+    }
+    w.advance(6);
+    w.tick();
+    let status = w.fed.status(w.now);
+    let kept: Vec<&str> = status
+        .participants
+        .iter()
+        .map(|p| p.participant_id.as_str())
+        .collect();
+    assert_eq!(kept, ["p3", "p4", "p5"]);
+    let (id, secret) = w.people[0].clone();
+    assert_eq!(
+        w.fed.heartbeat(&id, &secret, w.now),
+        Err(FederationError::UnknownParticipant(id))
+    );
+    assert!(matches!(w.beat(3), Action::Rejected { .. }));
+    // A live one is never forgotten; the dropped ones go after 60 timeouts of silence.
+    let live = w.join();
+    for _ in 0..60 {
+        w.advance(5);
+        w.beat(live);
+        w.tick();
+    }
+    w.advance(1);
+    w.tick();
+    let status = w.fed.status(w.now);
+    let kept: Vec<&str> = status
+        .participants
+        .iter()
+        .map(|p| p.participant_id.as_str())
+        .collect();
+    assert_eq!(kept, ["p6"]);
+}
