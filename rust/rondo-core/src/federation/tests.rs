@@ -1359,3 +1359,30 @@ fn a_federation_saved_before_deadlines_and_quorums_reads_back_and_carries_on() {
     assert_eq!(record.delivered.len(), 2);
     assert_eq!(w.fed.current_round(), (2, 0));
 }
+
+#[test]
+fn evaluations_at_the_edge_of_f64_have_finite_means_and_the_federation_still_reads_back() {
+    let mut s = settings();
+    s.evaluate_every = 1;
+    let mut w = World::new(s, Some(0));
+    w.join();
+    w.join();
+    w.open();
+    w.evaluate(0, 0, report(1.0, 1, &[])).unwrap();
+    w.evaluate(1, 0, report(1.0, 1, &[])).unwrap();
+    w.deliver(0, 10);
+    w.deliver(1, 20);
+    w.close(agreed(&w.fed));
+    w.open();
+    assert_eq!(w.grant(1).evaluate_round, Some(1));
+    // Finite, as the report's check wants, but 10 × f64::MAX is not.
+    let summary = w
+        .evaluate(1, 1, report(f64::MAX, 10, &[("mae", -f64::MAX)]))
+        .unwrap();
+    assert_eq!(summary.loss, f64::MAX);
+    assert_eq!(summary.metrics["mae"], -f64::MAX);
+    let saved = serde_json::to_string(&w.fed).unwrap();
+    let read_back: Federation =
+        serde_json::from_str(&saved).expect("the saved federation reads back");
+    assert_eq!(read_back, w.fed);
+}
