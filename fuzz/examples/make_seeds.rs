@@ -2,7 +2,7 @@
 //! `rondo_fuzz::Input`: `[selector][0][body]`, the body in one piece. Run from fuzz/:
 //!
 //! ```text
-//! cargo +nightly run --example make_seeds
+//! CARGO_TARGET_DIR=../target cargo run --example make_seeds
 //! ```
 //!
 //! The RPC seeds are frames as the link writes them (a 4-byte big-endian length, then the
