@@ -373,7 +373,9 @@ fn parse_metrics(raw: &str, limits: &UploadLimits) -> Result<BTreeMap<String, f6
     Ok(entries.into_iter().collect())
 }
 
-fn parse_upload_metadata(
+/// An upload's `__metadata__` read into its sample count and metrics, within `limits`: what
+/// [`read_update`] checks once the header is in (public for the fuzz target `json_bodies`).
+pub fn parse_upload_metadata(
     metadata: &HashMap<String, String>,
     limits: &UploadLimits,
 ) -> Result<(u64, BTreeMap<String, f64>), UploadError> {

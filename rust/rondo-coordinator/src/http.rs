@@ -209,13 +209,45 @@ fn federation_error(err: FederationError) -> ApiError {
     }
 }
 
+/// The body of `POST /v1/participants`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct JoinRequest {
-    name: Option<String>,
+pub struct JoinRequest {
+    pub name: Option<String>,
     /// Whether it can score a model on its data (federated evaluation).
     #[serde(default)]
-    can_evaluate: bool,
+    pub can_evaluate: bool,
+}
+
+/// Longest participant name a join may give, in UTF-8 bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+
+impl JoinRequest {
+    /// The join body as sent (blank: no name), checked; a plain function so that the fuzz
+    /// target (`fuzz/fuzz_targets/json_bodies.rs`) reads bodies exactly as the handler does.
+    pub fn from_body(body: &[u8]) -> Result<Self, ApiError> {
+        let request: JoinRequest = if body.iter().all(u8::is_ascii_whitespace) {
+            JoinRequest::default()
+        } else {
+            serde_json::from_slice(body).map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_body",
+                    format!("expected {{\"name\": string, \"can_evaluate\": boolean}}: {e}"),
+                )
+            })?
+        };
+        if request
+            .name
+            .as_ref()
+            .is_some_and(|n| n.len() > MAX_NAME_BYTES)
+        {
+            return Err(ApiError::bad_request(
+                "invalid_body",
+                format!("`name` must be at most {MAX_NAME_BYTES} bytes"),
+            ));
+        }
+        Ok(request)
+    }
 }
 
 async fn join(
@@ -226,22 +258,7 @@ async fn join(
     let body = body.map_err(|rejection| {
         ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
     })?;
-    let request: JoinRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        JoinRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request(
-                "invalid_body",
-                format!("expected {{\"name\": string, \"can_evaluate\": boolean}}: {e}"),
-            )
-        })?
-    };
-    if request.name.as_ref().is_some_and(|n| n.len() > 256) {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "`name` must be at most 256 bytes",
-        ));
-    }
+    let request = JoinRequest::from_body(&body)?;
     // The join secret, when the federation has one, comes as the bearer token.
     let join_secret = bearer_token(&headers, "missing_join_secret")
         .ok()
@@ -271,13 +288,36 @@ async fn join(
         .into_response())
 }
 
+/// The query of `POST /v1/participants/{id}/heartbeat`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct HeartbeatQuery {
+pub struct HeartbeatQuery {
     /// Long-poll: when the answer would equal `since`, wait up to this long for it to change.
-    wait_secs: Option<f64>,
+    pub wait_secs: Option<f64>,
     /// The `state` of the previous answer.
-    since: Option<String>,
+    pub since: Option<String>,
+}
+
+/// The longest a heartbeat is held, whatever `wait_secs` asks.
+pub const MAX_HEARTBEAT_WAIT: Duration = Duration::from_secs(30);
+
+impl HeartbeatQuery {
+    /// How long to hold the heartbeat for a change: `wait_secs`, checked, within
+    /// [`MAX_HEARTBEAT_WAIT`] and half the heartbeat timeout, so that the participant never
+    /// looks silent. A plain function for the fuzz target, like [`JoinRequest::from_body`].
+    pub fn wait(&self, heartbeat_timeout: Duration) -> Result<Duration, ApiError> {
+        let wait_secs = self.wait_secs.unwrap_or(0.0);
+        if !(wait_secs.is_finite() && wait_secs >= 0.0) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "`wait_secs` must be a non-negative number of seconds",
+            ));
+        }
+        Ok(
+            Duration::from_secs_f64(wait_secs.min(MAX_HEARTBEAT_WAIT.as_secs_f64()))
+                .min(heartbeat_timeout / 2),
+        )
+    }
 }
 
 /// A short token for an action: equal tokens mean "nothing new for this participant".
@@ -299,19 +339,11 @@ async fn heartbeat(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(query) =
         query.map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
-    let wait_secs = query.wait_secs.unwrap_or(0.0);
-    if !(wait_secs.is_finite() && wait_secs >= 0.0) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            "`wait_secs` must be a non-negative number of seconds",
-        ));
-    }
+    let heartbeat_timeout = coordinator.federation().settings().heartbeat_timeout;
+    let wait = query.wait(heartbeat_timeout)?;
     let secret = bearer_token(&headers, "missing_secret")?;
     // Subscribe before looking, so that a change between the look and the wait is not missed.
     let mut changes = coordinator.subscribe_changes();
-    let heartbeat_timeout = coordinator.federation().settings().heartbeat_timeout;
-    // Never wait so long that the participant would look silent.
-    let wait = Duration::from_secs_f64(wait_secs.min(30.0)).min(heartbeat_timeout / 2);
     let deadline = tokio::time::Instant::now() + wait;
     let action = loop {
         let action = coordinator
@@ -387,14 +419,31 @@ async fn start_training(
     })))
 }
 
+/// The body of `POST /v1/participants/{id}/evaluation`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EvaluationBody {
-    round: u32,
-    loss: f64,
-    n_samples: u64,
+pub struct EvaluationBody {
+    pub round: u32,
+    pub loss: f64,
+    pub n_samples: u64,
     #[serde(default)]
-    metrics: BTreeMap<String, f64>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl EvaluationBody {
+    /// The evaluation body as sent; its values are checked by the federation
+    /// (`Federation::evaluation_reported`). A plain function for the fuzz target.
+    pub fn from_body(body: &[u8]) -> Result<Self, ApiError> {
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_body",
+                format!(
+                    "expected {{\"round\": integer, \"loss\": number, \"n_samples\": integer, \
+                     \"metrics\": {{name: number}}}}: {e}"
+                ),
+            )
+        })
+    }
 }
 
 /// A participant's score of the model of a round it was asked to evaluate.
@@ -408,15 +457,7 @@ async fn evaluation(
     let body = body.map_err(|rejection| {
         ApiError::new(rejection.status(), "invalid_body", rejection.body_text())
     })?;
-    let request: EvaluationBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_body",
-            format!(
-                "expected {{\"round\": integer, \"loss\": number, \"n_samples\": integer, \
-                 \"metrics\": {{name: number}}}}: {e}"
-            ),
-        )
-    })?;
+    let request = EvaluationBody::from_body(&body)?;
     let report = EvaluationReport {
         participant_id: id.clone(),
         loss: request.loss,
@@ -470,6 +511,12 @@ fn store_unavailable(message: String) -> ApiError {
     )
 }
 
+/// Whether `raw`, the `{round}` of a model route's path, is a round number as the aggregator
+/// reads one: canonical decimal (no sign, no leading zero) within `u32`.
+pub fn is_round_number(raw: &str) -> bool {
+    raw.parse::<u32>().ok().map(|r| r.to_string()).as_deref() == Some(raw)
+}
+
 /// A `307 Temporary Redirect` to the same path on the aggregator's public URL (learned when
 /// the link attaches), for the routes of models, which the coordinator never holds. The round
 /// in a path must be canonical decimal, as the aggregator wants it, so that the redirect never
@@ -482,7 +529,7 @@ async fn to_aggregator(
     if let Some(raw) = path
         .strip_prefix("/v1/rounds/")
         .and_then(|p| p.split('/').next())
-        && raw.parse::<u32>().ok().map(|r| r.to_string()).as_deref() != Some(raw)
+        && !is_round_number(raw)
     {
         return Err(ApiError::bad_request(
             "invalid_round",

@@ -17,6 +17,7 @@ use rondo_core::federation::{AggregationResult, OpenRound};
 use serde::{Deserialize, Serialize};
 use tarpc::serde_transport::{self, Transport};
 use tarpc::tokio_serde::formats::Json;
+use tarpc::tokio_serde::{Deserializer as FrameDeserializer, Serializer as FrameSerializer};
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
 use tarpc::{client, context};
 use tokio::net::TcpStream;
@@ -137,6 +138,114 @@ where
     )
 }
 
+/// The longest deadline a call received over the link may carry. tarpc turns a request's
+/// deadline into `Instant::now() + deadline`, which panics beyond `Instant`'s range, and then
+/// into a timer of a `DelayQueue`, which panics beyond about two years: either way a peer's
+/// one frame would kill the connection's task. Rondo's own calls carry their call timeout
+/// (`call_timeout_secs`, at most 3600 s), far below this.
+pub const MAX_CALL_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
+/// A tarpc transport like [`transport`], for the serving side of a connection (what
+/// [`serve_rpc!`](crate::serve_rpc) reads requests with): a request whose deadline is beyond
+/// [`MAX_CALL_DEADLINE`] is refused as a malformed frame before tarpc reads it.
+pub fn serving_transport<Item, SinkItem>(
+    stream: LinkConnection,
+) -> Transport<LinkConnection, Item, SinkItem, ServingJson<Item, SinkItem>>
+where
+    Item: for<'de> Deserialize<'de>,
+    SinkItem: Serialize,
+{
+    serde_transport::new(
+        LengthDelimitedCodec::builder().new_framed(stream),
+        ServingJson {
+            _types: std::marker::PhantomData,
+        },
+    )
+}
+
+/// The link's JSON frames, with each request's deadline checked first (see
+/// [`serving_transport`]).
+pub struct ServingJson<Item, SinkItem> {
+    /// Read and written as [`Json`] reads and writes them, made afresh per frame (it holds
+    /// nothing); a function type keeps this `Unpin`, `Send` and `Sync` whatever the items are.
+    _types: std::marker::PhantomData<fn() -> (Item, SinkItem)>,
+}
+
+impl<Item, SinkItem> FrameDeserializer<Item> for ServingJson<Item, SinkItem>
+where
+    for<'a> Item: Deserialize<'a>,
+{
+    type Error = serde_json::Error;
+
+    fn deserialize(
+        self: std::pin::Pin<&mut Self>,
+        src: &bytes::BytesMut,
+    ) -> Result<Item, Self::Error> {
+        check_deadline(src)?;
+        std::pin::pin!(Json::<Item, SinkItem>::default()).deserialize(src)
+    }
+}
+
+impl<Item, SinkItem: Serialize> FrameSerializer<SinkItem> for ServingJson<Item, SinkItem> {
+    type Error = serde_json::Error;
+
+    fn serialize(
+        self: std::pin::Pin<&mut Self>,
+        item: &SinkItem,
+    ) -> Result<bytes::Bytes, Self::Error> {
+        std::pin::pin!(Json::<Item, SinkItem>::default()).serialize(item)
+    }
+}
+
+/// tarpc's `ClientMessage` as far as its deadline: every other part, and every part that may be
+/// missing, is taken as anything, so that this reads every frame tarpc would read. A frame it
+/// cannot read is refused: tarpc could have converted the deadline before finding the fault.
+#[derive(Deserialize)]
+enum DeadlineProbe {
+    Request(ProbedRequest),
+    Cancel(serde::de::IgnoredAny),
+}
+
+#[derive(Deserialize)]
+struct ProbedRequest {
+    #[serde(default)]
+    context: Option<ProbedContext>,
+    #[serde(default, rename = "id")]
+    _id: serde::de::IgnoredAny,
+    #[serde(default, rename = "message")]
+    _message: serde::de::IgnoredAny,
+}
+
+#[derive(Deserialize)]
+struct ProbedContext {
+    /// Read as tarpc reads it: a `Duration`, as a map or a sequence.
+    #[serde(default)]
+    deadline: Option<Duration>,
+    #[serde(default, rename = "trace_context")]
+    _trace_context: serde::de::IgnoredAny,
+}
+
+fn check_deadline(frame: &[u8]) -> Result<(), serde_json::Error> {
+    let probe: DeadlineProbe = serde_json::from_slice(frame)?;
+    if let DeadlineProbe::Request(ProbedRequest {
+        context:
+            Some(ProbedContext {
+                deadline: Some(deadline),
+                ..
+            }),
+        ..
+    }) = probe
+        && deadline > MAX_CALL_DEADLINE
+    {
+        return Err(serde::de::Error::custom(format!(
+            "the request's deadline is {} s away; at most {} s are accepted",
+            deadline.as_secs(),
+            MAX_CALL_DEADLINE.as_secs()
+        )));
+    }
+    Ok(())
+}
+
 /// The server side of a new link connection: TLS first (when configured), then the key's
 /// handshake over it. Nagle's algorithm is off: the link's messages are small and each one
 /// waits for an answer, the exact case where Nagle and delayed acknowledgements together add
@@ -253,7 +362,7 @@ macro_rules! serve_rpc {
                                 return;
                             }
                         };
-                        let transport = $crate::link::transport(stream);
+                        let transport = $crate::link::serving_transport(stream);
                         BaseChannel::with_defaults(transport)
                             .execute(serve)
                             .for_each(|response| async move {
@@ -272,4 +381,91 @@ macro_rules! serve_rpc {
 pub mod __private {
     pub use futures::StreamExt;
     pub use tarpc::server::{BaseChannel, Channel};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use tarpc::ClientMessage;
+    use tokio::io::AsyncWriteExt;
+
+    /// A notice to the coordinator as the link frames it, with `deadline` (JSON) in place of
+    /// its own, and the first `cut` bytes of its JSON only when `cut` is given.
+    fn notice_frame(deadline: serde_json::Value, cut: Option<usize>) -> Vec<u8> {
+        let request = ClientMessage::Request(tarpc::Request {
+            context: context::current(),
+            id: 1,
+            message: CoordinatorRpcRequest::Notify {
+                notice: Notice::Rejected {
+                    round: 1,
+                    attempt: 0,
+                    participant_id: "p".into(),
+                    reason: "r".into(),
+                },
+            },
+        });
+        let mut json = serde_json::to_value(&request).unwrap();
+        json["Request"]["context"]["deadline"] = deadline;
+        let mut json = serde_json::to_vec(&json).unwrap();
+        if let Some(cut) = cut {
+            json.truncate(cut);
+        }
+        let mut frame = (json.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&json);
+        frame
+    }
+
+    async fn read_request(
+        frame: Vec<u8>,
+    ) -> Option<io::Result<ClientMessage<CoordinatorRpcRequest>>> {
+        let (mut peer, ours) = tokio::io::duplex(1 << 16);
+        peer.write_all(&frame).await.unwrap();
+        drop(peer);
+        let mut link = serving_transport::<
+            ClientMessage<CoordinatorRpcRequest>,
+            tarpc::Response<CoordinatorRpcResponse>,
+        >(Box::new(ours));
+        link.next().await
+    }
+
+    /// Found by `fuzz/fuzz_targets/rpc_messages.rs` (fuzz/regressions/rpc_messages/): tarpc
+    /// adds a request's deadline to `Instant::now()` unchecked, so one frame panicked the
+    /// connection's task.
+    #[tokio::test]
+    async fn a_request_whose_deadline_is_beyond_the_bound_is_refused_not_a_panic() {
+        let too_far = [
+            u64::MAX,
+            1 << 40,
+            3 * 365 * 24 * 3600, // past what tarpc's DelayQueue of deadlines takes
+            MAX_CALL_DEADLINE.as_secs() + 1,
+        ];
+        for secs in too_far {
+            for deadline in [
+                serde_json::json!({"secs": secs, "nanos": 0}),
+                serde_json::json!([secs, 0]),
+            ] {
+                let read = read_request(notice_frame(deadline.clone(), None)).await;
+                assert!(matches!(read, Some(Err(_))), "{deadline}: {read:?}");
+            }
+        }
+        // Cut after the deadline: tarpc would have read the deadline before the fault.
+        let whole = notice_frame(serde_json::json!({"secs": u64::MAX, "nanos": 0}), None);
+        let text = std::str::from_utf8(&whole[4..]).unwrap();
+        let secs = format!("\"secs\":{}}}", u64::MAX);
+        let cut = text.find(&secs).unwrap() + secs.len();
+        let cut_frame = notice_frame(serde_json::json!({"secs": u64::MAX, "nanos": 0}), Some(cut));
+        assert!(matches!(read_request(cut_frame).await, Some(Err(_))));
+
+        for deadline in [
+            serde_json::json!({"secs": 30, "nanos": 5}),
+            serde_json::json!([MAX_CALL_DEADLINE.as_secs(), 0]),
+        ] {
+            let read = read_request(notice_frame(deadline.clone(), None)).await;
+            assert!(
+                matches!(read, Some(Ok(ClientMessage::Request(_)))),
+                "{deadline}: {read:?}"
+            );
+        }
+    }
 }

@@ -123,18 +123,34 @@ impl RoundSummary {
 fn weighted_means<'a>(
     weighted: impl Iterator<Item = (u64, &'a BTreeMap<String, f64>)>,
 ) -> BTreeMap<String, f64> {
-    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for (n, metrics) in weighted {
-        for (name, value) in metrics {
-            let (sum, weight) = sums.entry(name.clone()).or_insert((0.0, 0.0));
-            *sum += n as f64 * value;
-            *weight += n as f64;
+    let weighted: Vec<_> = weighted.collect();
+    let mut weights: BTreeMap<&str, f64> = BTreeMap::new();
+    for (n, metrics) in &weighted {
+        for name in metrics.keys() {
+            *weights.entry(name).or_insert(0.0) += *n as f64;
         }
     }
-    sums.into_iter()
-        .filter(|(_, (_, weight))| *weight > 0.0)
-        .map(|(name, (sum, weight))| (name, sum / weight))
+    let mut means: BTreeMap<String, f64> = BTreeMap::new();
+    for (n, metrics) in &weighted {
+        for (name, value) in *metrics {
+            let weight = weights.get(name.as_str()).copied().unwrap_or(0.0);
+            if weight > 0.0 {
+                *means.entry(name.clone()).or_insert(0.0) += *n as f64 / weight * value;
+            }
+        }
+    }
+    means
+        .into_iter()
+        .map(|(name, mean)| (name, finite_mean(mean)))
         .collect()
+}
+
+/// A weighted mean summed as `Σ (nᵢ / N) · xᵢ` never leaves the range of its finite values, but
+/// rounding can carry one at the edge of `f64` to infinity; it is brought back. (Summed as
+/// `Σ nᵢ · xᵢ / N`, a loss of 1e308 over 10 samples was infinite, which JSON cannot hold: the
+/// saved federation then no longer read back.)
+fn finite_mean(mean: f64) -> f64 {
+    mean.clamp(f64::MIN, f64::MAX)
 }
 
 impl Evaluation {
@@ -143,12 +159,13 @@ impl Evaluation {
             .reports
             .iter()
             .fold(0u64, |sum, r| sum.saturating_add(r.n_samples));
-        let loss = self
-            .reports
-            .iter()
-            .map(|r| r.n_samples as f64 * r.loss)
-            .sum::<f64>()
-            / (n_samples.max(1) as f64);
+        let weight: f64 = self.reports.iter().map(|r| r.n_samples as f64).sum();
+        let loss = finite_mean(
+            self.reports
+                .iter()
+                .map(|r| r.n_samples as f64 / weight.max(1.0) * r.loss)
+                .sum::<f64>(),
+        );
         EvaluationSummary {
             participants: self.reports.len(),
             asked: self.asked.len(),

@@ -1409,3 +1409,30 @@ fn dropped_participants_are_forgotten_beyond_the_cap_and_after_a_long_silence() 
         .collect();
     assert_eq!(kept, ["p6"]);
 }
+
+#[test]
+fn evaluations_at_the_edge_of_f64_have_finite_means_and_the_federation_still_reads_back() {
+    let mut s = settings();
+    s.evaluate_every = 1;
+    let mut w = World::new(s, Some(0));
+    w.join();
+    w.join();
+    w.open();
+    w.evaluate(0, 0, report(1.0, 1, &[])).unwrap();
+    w.evaluate(1, 0, report(1.0, 1, &[])).unwrap();
+    w.deliver(0, 10);
+    w.deliver(1, 20);
+    w.close(agreed(&w.fed));
+    w.open();
+    assert_eq!(w.grant(1).evaluate_round, Some(1));
+    // Finite, as the report's check wants, but 10 × f64::MAX is not.
+    let summary = w
+        .evaluate(1, 1, report(f64::MAX, 10, &[("mae", -f64::MAX)]))
+        .unwrap();
+    assert_eq!(summary.loss, f64::MAX);
+    assert_eq!(summary.metrics["mae"], -f64::MAX);
+    let saved = serde_json::to_string(&w.fed).unwrap();
+    let read_back: Federation =
+        serde_json::from_str(&saved).expect("the saved federation reads back");
+    assert_eq!(read_back, w.fed);
+}
