@@ -84,6 +84,17 @@ def write_initial_model(path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
 
 
+def set_group_nice(pid: int, nice: int | None) -> None:
+    """The nice value of the process's autogroup (its session's share of the CPU against other
+    sessions'): with autogroup scheduling, a task's own nice counts only within its session."""
+    if nice is None:
+        return
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    except OSError as exc:  # no autogroups, or no right to raise a priority
+        print(f"warning: could not set the autogroup nice of {pid}: {exc}", file=sys.stderr)
+
+
 def start(binary: Path, tmp: Path, name: str, env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
     addresses = tmp / f"{name}.json"
     full_env = {
@@ -148,6 +159,7 @@ def measure(args: argparse.Namespace, bin_dir: Path, tmp: Path) -> dict:
             coordinator_env["RONDO__" + key.upper().replace(".", "__")] = value
         coordinator, addresses = start(bin_dir / "coordinator", tmp, "coordinator", coordinator_env)
         processes.append(coordinator)
+        set_group_nice(coordinator.pid, args.group_nice)
         rss = RssSampler(coordinator.pid)
         rss.start()
         load_before = uptime()
@@ -169,10 +181,13 @@ def measure(args: argparse.Namespace, bin_dir: Path, tmp: Path) -> dict:
             "--json-out",
             str(report_path),
         ]
+        if args.generator_threads:
+            command += ["--threads", str(args.generator_threads)]
         generator = subprocess.Popen(
             command, stdout=subprocess.PIPE, text=True, start_new_session=True
         )
         processes.append(generator)
+        set_group_nice(generator.pid, args.group_nice)
         marks: dict[str, tuple[float, float, float]] = {}
         assert generator.stdout is not None
         for line in generator.stdout:
@@ -253,11 +268,14 @@ def table(result: dict) -> str:
         ]
     else:
         rows.append(("long polls answered unchanged", f"{gen['held_polls_answered_unchanged']:,}"))
-        for news in gen["news"]:
+        # Only the openings: each attempt's state is new, so all hear it. The standby between
+        # two attempts lasts one driver tick, and a participant whose poll was out then may
+        # hear the next opening straight away.
+        for news in (n for n in gen["news"] if n["state"].startswith("train:")):
             after = news["after_first"]
             rows.append(
                 (
-                    f"news {news['state']!r}: heard by, after the first p50 / p99 / max",
+                    f"{news['state'].split()[0]} opened: heard by, after the first p50 / p99 / max",
                     f"{news['heard_by']:,}: {after['p50_ms']:.1f} / {after['p99_ms']:.1f} / "
                     f"{after['max_ms']:.1f} ms",
                 )
@@ -297,6 +315,15 @@ def main() -> int:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="another coordinator setting, e.g. api.max_connections=20000",
+    )
+    parser.add_argument(
+        "--generator-threads", type=int, help="the load generator's tokio workers (default: 1)"
+    )
+    parser.add_argument(
+        "--group-nice",
+        type=int,
+        help="the autogroup nice of the coordinator's and the generator's sessions (e.g. -5, "
+        "so that nice-19 work in other sessions yields to them as nice 19 means)",
     )
     parser.add_argument("--no-build", action="store_true", help="use the binaries as they are")
     parser.add_argument("--bin-dir", type=Path, default=ROOT / "target" / "release")
