@@ -31,6 +31,11 @@ def test_ten_thousand_heartbeating_participants(tmp_path):
             "10000",
             "--duration",
             "20",
+            # Other sessions' nice-19 work (a fuzzer, say) yields to the two sessions under
+            # test as nice 19 means; with autogroup scheduling it would otherwise take an
+            # equal share of the two cores (docs/benchmarks.md).
+            "--group-nice",
+            "-5",
             "--json-out",
             str(out),
         ],
@@ -38,7 +43,6 @@ def test_ten_thousand_heartbeating_participants(tmp_path):
         timeout=900,
     )
     result = json.loads(out.read_text())
-    print(result["table"])
     generator = result["loadgen"]
     assert generator["joined"] == 10_000
     assert generator["join"]["errors"] == {}
