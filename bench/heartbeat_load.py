@@ -136,7 +136,7 @@ def measure(args: argparse.Namespace, bin_dir: Path, tmp: Path) -> dict:
             "RONDO__FEDERATION__MIN_CLIENTS": str(max(20_000, args.participants + 1)),
             "RONDO__FEDERATION__HEARTBEAT_TIMEOUT_SECS": "10",
         }
-        if args.mode == "long-poll":
+        if args.mode == "long-poll" or args.with_aggregator:
             write_initial_model(tmp / "initial.safetensors")
             aggregator, agg = start(
                 bin_dir / "aggregator",
@@ -145,8 +145,11 @@ def measure(args: argparse.Namespace, bin_dir: Path, tmp: Path) -> dict:
                 {"RONDO__MODEL__INITIAL_MODEL": str(tmp / "initial.safetensors")},
             )
             processes.append(aggregator)
+            # Attached, the coordinator's driver ticks (every 200 ms, under the federation's
+            # lock) as it does in a federation; plain mode still opens no round.
+            coordinator_env["RONDO__AGGREGATOR__RPC_ADDRESS"] = agg["rpc"]
+        if args.mode == "long-poll":
             coordinator_env |= {
-                "RONDO__AGGREGATOR__RPC_ADDRESS": agg["rpc"],
                 # The round opens once everyone has joined, and fails (no update) after this:
                 # two changes, each heard by every participant, per attempt.
                 "RONDO__FEDERATION__MIN_CLIENTS": str(args.participants),
@@ -307,6 +310,11 @@ def main() -> int:
     parser.add_argument("--join-concurrency", type=int, default=32)
     parser.add_argument("--mode", choices=["plain", "long-poll"], default="plain")
     parser.add_argument(
+        "--with-aggregator",
+        action="store_true",
+        help="plain mode: attach an aggregator too (the driver then ticks; still no round)",
+    )
+    parser.add_argument(
         "--training-timeout", type=float, default=8.0, help="long-poll mode: seconds per attempt"
     )
     parser.add_argument(
@@ -332,7 +340,7 @@ def main() -> int:
 
     if not args.no_build:
         packages = ["rondo-coordinator", "loadgen"]
-        if args.mode == "long-poll":
+        if args.mode == "long-poll" or args.with_aggregator:
             packages.append("rondo-aggregator")
         # One at a time: built together, cargo would unify their features (the generator's
         # hyper client) and rebuild the services as they are never shipped.
