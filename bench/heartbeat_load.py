@@ -11,6 +11,9 @@ stime``) of each over the measured window, as a percentage of one core. Prints o
     python3 bench/heartbeat_load.py                      # 10,000 participants, 60 s
     python3 bench/heartbeat_load.py --participants 2000 --duration 20 --json-out r.json
 
+``--with-aggregator`` attaches an aggregator as well (still no round): the coordinator's
+driver then ticks, as it does in a federation.
+
 ``--mode long-poll`` measures the SDK's long polls instead: an aggregator is started too (with
 an initial model, so the first round selects everyone), the round opens once every participant
 has joined, and each selected participant that does not train misses the training deadline,
