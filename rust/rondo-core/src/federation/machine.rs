@@ -541,6 +541,11 @@ impl Federation {
     }
 
     fn try_open_round<R: Rng + ?Sized>(&mut self, now: Timestamp, rng: &mut R) -> Option<Command> {
+        // Fewer have ever joined than a round needs: counting the available (a lookup each,
+        // on every tick while the federation waits) cannot find enough.
+        if self.join_order.len() < self.settings.min_clients.max(1) {
+            return None;
+        }
         let Selection { target, selects } =
             selection(&self.settings, self.round, self.available().count())?;
         let selected = choose(self.available(), selects, rng);

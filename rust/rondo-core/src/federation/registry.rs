@@ -166,6 +166,16 @@ impl Federation {
     pub(super) fn drop_silent(&mut self, now: Timestamp) -> Vec<ParticipantId> {
         let timeout = self.settings.heartbeat_timeout;
         let mut newly_dropped = Vec::new();
+        // Every tick comes here (and the driver ticks after every join): one pass over the
+        // map's memory says whether anyone is silent, where the pass in join order below
+        // costs a lookup per participant (2 ms at 10,000, under the federation's lock).
+        if !self
+            .participants
+            .values()
+            .any(|p| !p.dropped && now.since(p.last_seen) > timeout)
+        {
+            return newly_dropped;
+        }
         // In join order, so that a round's `dropped` list comes out the same every time.
         for id in &self.join_order {
             if let Some(participant) = self.participants.get_mut(id)
