@@ -202,7 +202,16 @@ impl Federation {
             .max_participants
             .unwrap_or(MAX_DROPPED_KEPT)
             .min(MAX_DROPPED_KEPT);
-        let dropped = self.participants.values().filter(|p| p.dropped).count();
+        // One pass over the map's memory says whether there is anything to forget (every tick
+        // comes here); the pass in join order below costs a lookup per participant.
+        let (mut dropped, mut any_stale) = (0, false);
+        for p in self.participants.values().filter(|p| p.dropped) {
+            dropped += 1;
+            any_stale |= now.since(p.last_seen) > forget_after;
+        }
+        if dropped <= keep && !any_stale {
+            return;
+        }
         let mut excess = dropped.saturating_sub(keep);
         let active = self.active();
         let forgotten: std::collections::HashSet<ParticipantId> = self
