@@ -123,34 +123,34 @@ impl RoundSummary {
 fn weighted_means<'a>(
     weighted: impl Iterator<Item = (u64, &'a BTreeMap<String, f64>)>,
 ) -> BTreeMap<String, f64> {
-    let weighted: Vec<_> = weighted.collect();
-    let mut weights: BTreeMap<&str, f64> = BTreeMap::new();
-    for (n, metrics) in &weighted {
-        for name in metrics.keys() {
-            *weights.entry(name).or_insert(0.0) += *n as f64;
+    let mut by_name: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    for (n, metrics) in weighted {
+        for (name, value) in metrics {
+            by_name.entry(name).or_default().push((n as f64, *value));
         }
     }
-    let mut means: BTreeMap<String, f64> = BTreeMap::new();
-    for (n, metrics) in &weighted {
-        for (name, value) in *metrics {
-            let weight = weights.get(name.as_str()).copied().unwrap_or(0.0);
-            if weight > 0.0 {
-                *means.entry(name.clone()).or_insert(0.0) += *n as f64 / weight * value;
-            }
-        }
-    }
-    means
+    by_name
         .into_iter()
-        .map(|(name, mean)| (name, finite_mean(mean)))
+        .filter_map(|(name, pairs)| Some((name.to_string(), weighted_mean(&pairs)?)))
         .collect()
 }
 
-/// A weighted mean summed as `Σ (nᵢ / N) · xᵢ` never leaves the range of its finite values, but
-/// rounding can carry one at the edge of `f64` to infinity; it is brought back. (Summed as
-/// `Σ nᵢ · xᵢ / N`, a loss of 1e308 over 10 samples was infinite, which JSON cannot hold: the
-/// saved federation then no longer read back.)
-fn finite_mean(mean: f64) -> f64 {
-    mean.clamp(f64::MIN, f64::MAX)
+/// `Σ nᵢ · xᵢ / Σ nᵢ` over `(nᵢ, xᵢ)` pairs of finite values (`None` without weight): summed so,
+/// as the docs and the participants' own arithmetic have it, while that stays finite; at the
+/// edge of `f64`, where `nᵢ · xᵢ` overflows, as `Σ (nᵢ / N) · xᵢ`, which stays within the
+/// values' range (then clamped against the last rounding). An infinite mean would go into the
+/// round's record, where JSON cannot hold it: the saved federation would no longer read back.
+fn weighted_mean(pairs: &[(f64, f64)]) -> Option<f64> {
+    let weight: f64 = pairs.iter().map(|(n, _)| n).sum();
+    if weight <= 0.0 {
+        return None;
+    }
+    let mean = pairs.iter().map(|(n, x)| n * x).sum::<f64>() / weight;
+    if mean.is_finite() {
+        return Some(mean);
+    }
+    let scaled: f64 = pairs.iter().map(|(n, x)| n / weight * x).sum();
+    Some(scaled.clamp(f64::MIN, f64::MAX))
 }
 
 impl Evaluation {
@@ -159,13 +159,12 @@ impl Evaluation {
             .reports
             .iter()
             .fold(0u64, |sum, r| sum.saturating_add(r.n_samples));
-        let weight: f64 = self.reports.iter().map(|r| r.n_samples as f64).sum();
-        let loss = finite_mean(
-            self.reports
-                .iter()
-                .map(|r| r.n_samples as f64 / weight.max(1.0) * r.loss)
-                .sum::<f64>(),
-        );
+        let pairs: Vec<(f64, f64)> = self
+            .reports
+            .iter()
+            .map(|r| (r.n_samples as f64, r.loss))
+            .collect();
+        let loss = weighted_mean(&pairs).unwrap_or(0.0);
         EvaluationSummary {
             participants: self.reports.len(),
             asked: self.asked.len(),
