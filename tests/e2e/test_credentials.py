@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 import requests
-from safetensors.numpy import save_file
-from test_bad_input import Person, assert_error, upload_bytes, weights
+
+# round_one: the fixture of a federation in round 1, its two participants and their tickets.
+from test_bad_input import Person, assert_error, round_one, upload_bytes, weights  # noqa: F401
 
 from rondo.safetensors_io import decode
 
@@ -26,21 +27,8 @@ def upload(ticket: dict, body: bytes, as_participant: str | None = None, url: st
     return requests.post(url or ticket["upload_url"], data=body, headers=headers, timeout=10)
 
 
-def test_tokens_are_bound_to_their_participant_and_round(start_federation, tmp_path):
-    initial = tmp_path / "initial.safetensors"
-    save_file(weights(0.0), str(initial))
-    federation = start_federation(
-        coordinator={
-            "federation.rounds": 2,
-            "federation.min_clients": 2,
-            "federation.heartbeat_timeout_secs": 120,
-        },
-        aggregator={"model.initial_model": initial},
-    )
-    a = Person(federation.coordinator_url, "a")
-    b = Person(federation.coordinator_url, "b")
-    federation.wait_for(lambda s: s["phase"] == "training", what="round 1 to open")
-    round1 = {p.id: p.post("start_training").json() for p in (a, b)}
+def test_tokens_are_bound_to_their_participant_and_round(round_one):  # noqa: F811
+    federation, a, b, round1 = round_one
     assert round1[a.id]["round"] == 1
 
     # B with A's token, saying who it is: refused, and A's token still works for A.

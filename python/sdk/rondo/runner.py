@@ -536,49 +536,39 @@ class _Run:
                 self.http.upload(upload_url, stream, headers=headers, timeout=DATA_TIMEOUT)
                 return
             except NetworkError as exc:
-                failure = exc
+                failure = retrying_for = exc
             except ApiError as exc:
                 if exc.code in _BUSY_ANSWERS:
                     # Refused before the body was read: nothing of this attempt got in.
-                    delay = backoff.next_delay()
-                    if delay is None:
+                    retrying_for = exc
+                else:
+                    if failure is None or exc.code not in _RETRY_ANSWERS:
                         raise
-                    self.log.warning(
-                        "%s: round %d: upload refused for now (%s); sending it again in %g s",
-                        self.label,
-                        round_,
-                        exc.code,
-                        delay,
-                    )
-                    if self.stop.wait(delay):
-                        raise
-                    continue
-                if failure is None or exc.code not in _RETRY_ANSWERS:
-                    raise
-                if exc.code == "duplicate_update" or (
-                    exc.code == "token_expired" and self._delivered(round_)
-                ):
-                    self.log.info(
-                        "%s: round %d: an earlier attempt of the upload had got in (%s)",
-                        self.label,
-                        round_,
-                        exc.code,
-                    )
-                    return
-                if exc.code == "token_expired":
-                    raise failure from exc  # the round closed without it: that lost attempt
+                    if exc.code == "duplicate_update" or (
+                        exc.code == "token_expired" and self._delivered(round_)
+                    ):
+                        self.log.info(
+                            "%s: round %d: an earlier attempt of the upload had got in (%s)",
+                            self.label,
+                            round_,
+                            exc.code,
+                        )
+                        return
+                    if exc.code == "token_expired":
+                        raise failure from exc  # the round closed without it: that lost attempt
+                    retrying_for = failure
             delay = backoff.next_delay()
             if delay is None:
-                raise failure
+                raise retrying_for
             self.log.warning(
                 "%s: round %d: upload failed (%s); sending it again in %g s",
                 self.label,
                 round_,
-                failure,
+                retrying_for,
                 delay,
             )
             if self.stop.wait(delay):
-                raise failure  # a set stop event plays a crash: no more attempts
+                raise retrying_for  # a set stop event plays a crash: no more attempts
 
     def _delivered(self, round_: int) -> bool:
         """Whether the coordinator's history lists this participant's update in ``round_``

@@ -103,6 +103,14 @@ fn grant_error(err: GrantError) -> ApiError {
             "duplicate_update",
             "this participant's update was already accepted in this round",
         ),
+        GrantError::NotYours { claimed } => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "token_not_yours",
+            format!(
+                "the token was issued to another participant than {claimed:?} \
+                 ({PARTICIPANT_HEADER})"
+            ),
+        ),
         GrantError::InProgress => ApiError::conflict(
             "upload_in_progress",
             "another upload from this participant is still being received",
@@ -416,28 +424,7 @@ async fn receive_update(
     let claimed = claimed_participant(headers)?;
     let (grant, expected, already) = {
         let mut book = aggregator.book();
-        // A token sent by someone who says they are another participant than the one it was
-        // issued to is refused before anything is marked.
-        if let Some(claimed) = claimed
-            && let Ok(grant) = book.authorize_download(token, round)
-            && grant.participant_id != claimed
-        {
-            let err = ApiError::new(
-                StatusCode::FORBIDDEN,
-                "token_not_yours",
-                format!(
-                    "the token was issued to another participant than {claimed:?} \
-                     ({PARTICIPANT_HEADER})"
-                ),
-            );
-            aggregator
-                .metrics
-                .updates_rejected
-                .with_label_values(&[err.code])
-                .inc();
-            return Err(err);
-        }
-        match book.begin_upload(token, round) {
+        match book.begin_upload_by(token, round, claimed) {
             Ok(grant) => (grant, book.expected_spec(), None),
             // A retry of an upload that was saved and accepted (its answer was lost, or the
             // aggregator restarted before it answered): read it to tell the same bytes from

@@ -84,9 +84,15 @@ pub struct Grant {
 pub enum GrantError {
     InvalidToken,
     TokenExpired,
-    WrongRound { token_round: u32 },
+    WrongRound {
+        token_round: u32,
+    },
     Duplicate,
     InProgress,
+    /// The uploader named another participant than the one the token was issued to.
+    NotYours {
+        claimed: String,
+    },
 }
 
 /// Why an update that was read and validated still cannot be folded in.
@@ -496,7 +502,25 @@ impl RoundBook {
     /// Resolves a token presented for an upload to round `round` and marks the participant as
     /// uploading (call [`RoundBook::end_upload`] when done, whatever the outcome).
     pub fn begin_upload(&mut self, token: &str, round: u32) -> Result<Grant, GrantError> {
+        self.begin_upload_by(token, round, None)
+    }
+
+    /// [`RoundBook::begin_upload`] for an uploader that names itself (`claimed`): a token
+    /// issued to another participant is refused before anything is marked.
+    pub fn begin_upload_by(
+        &mut self,
+        token: &str,
+        round: u32,
+        claimed: Option<&str>,
+    ) -> Result<Grant, GrantError> {
         let grant = self.authorize_download(token, round)?;
+        if let Some(claimed) = claimed
+            && claimed != grant.participant_id
+        {
+            return Err(GrantError::NotYours {
+                claimed: claimed.to_string(),
+            });
+        }
         let open = self.open.as_mut().expect("find_token found an open round");
         if open.accepted.contains_key(&grant.participant_id) {
             return Err(GrantError::Duplicate);

@@ -1379,13 +1379,15 @@ fn dropped_participants_are_forgotten_beyond_the_cap_and_after_a_long_silence() 
     }
     w.advance(6);
     w.tick();
-    let status = w.fed.status(w.now);
-    let kept: Vec<&str> = status
-        .participants
-        .iter()
-        .map(|p| p.participant_id.as_str())
-        .collect();
-    assert_eq!(kept, ["p3", "p4", "p5"]);
+    let kept = |w: &World| -> Vec<ParticipantId> {
+        let status = w.fed.status(w.now);
+        status
+            .participants
+            .into_iter()
+            .map(|p| p.participant_id)
+            .collect()
+    };
+    assert_eq!(kept(&w), ["p3", "p4", "p5"]);
     let (id, secret) = w.people[0].clone();
     assert_eq!(
         w.fed.heartbeat(&id, &secret, w.now),
@@ -1401,13 +1403,7 @@ fn dropped_participants_are_forgotten_beyond_the_cap_and_after_a_long_silence() 
     }
     w.advance(1);
     w.tick();
-    let status = w.fed.status(w.now);
-    let kept: Vec<&str> = status
-        .participants
-        .iter()
-        .map(|p| p.participant_id.as_str())
-        .collect();
-    assert_eq!(kept, ["p6"]);
+    assert_eq!(kept(&w), ["p6"]);
 }
 
 #[test]
