@@ -21,6 +21,7 @@ use serde_json::json;
 
 use crate::config::JoinRate;
 use crate::service::Coordinator;
+use crate::status::FederationStatus;
 
 const OPENAPI: &str = include_str!("../../../docs/openapi/coordinator.json");
 
@@ -581,7 +582,7 @@ async fn history_csv(State(coordinator): State<Arc<Coordinator>>) -> Response {
 }
 
 async fn status(State(coordinator): State<Arc<Coordinator>>) -> Json<serde_json::Value> {
-    let status = coordinator.federation().status(coordinator.now());
+    let status = FederationStatus::of(&coordinator.federation(), coordinator.now());
     let mut value = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
     value["aggregator_url"] = json!(coordinator.aggregator_url());
     value["aggregator"] = json!(coordinator.aggregator_health());
@@ -590,10 +591,10 @@ async fn status(State(coordinator): State<Arc<Coordinator>>) -> Json<serde_json:
 
 async fn metrics(State(coordinator): State<Arc<Coordinator>>) -> Response {
     // The gauges are read off the federation when scraped, not kept up to date on every tick.
-    let status = coordinator.federation().status(coordinator.now());
+    let health = coordinator.aggregator_health();
     coordinator
         .metrics
-        .observe(&status, &coordinator.aggregator_health());
+        .observe(&coordinator.federation(), &health);
     api::metrics_response(&coordinator.metrics.registry)
 }
 

@@ -9,6 +9,8 @@
 //!   `rondo_core::federation` behind a lock, plus metrics.
 //! - [`http`]: the participants' HTTP API (axum): join, heartbeat, start_training, evaluation
 //!   reports, status, and the round history (JSON, and CSV from [`history`]).
+//! - [`status`]: the status endpoint's view of the federation, and the counts the metrics
+//!   gauges read.
 //! - [`history`]: the round history as CSV.
 //! - [`link`]: the tarpc side — notices from the aggregator, and the driver loop that ticks the
 //!   state machine and carries its commands to the aggregator, reconnecting as needed.
@@ -20,3 +22,4 @@ pub mod http;
 pub mod link;
 pub mod run;
 pub mod service;
+pub mod status;

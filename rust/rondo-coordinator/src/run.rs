@@ -72,7 +72,7 @@ async fn federation(config: &CoordinatorSettings, store: &Store) -> anyhow::Resu
         round,
         attempt,
         phase = ?federation.phase_name(),
-        participants = federation.status(now).participants.len(),
+        participants = federation.participants().count(),
         store = %store.description(),
         "federation resumed from the store"
     );

@@ -13,8 +13,8 @@ use prometheus::{
 use rand::TryRngCore;
 use rand::rngs::OsRng;
 use rondo_core::federation::{
-    EvaluationSummary, Federation, FederationError, FederationStatus, Joining,
-    MAX_METRICS_PER_DELIVERY, ParticipantId, PhaseName, Timestamp, token_from,
+    EvaluationSummary, Federation, FederationError, Joining, MAX_METRICS_PER_DELIVERY,
+    ParticipantId, PhaseName, Timestamp, token_from,
 };
 use rondo_net::shutdown::Shutdown;
 use rondo_net::store::{Snapshot, Store};
@@ -70,26 +70,6 @@ impl Clock {
 const ROUND_BUCKETS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
-
-/// Every phase, with its label (`PhaseName`'s JSON name), for the `phase` gauge.
-const PHASES: [(PhaseName, &str); 6] = [
-    (PhaseName::WaitingForAggregator, "waiting_for_aggregator"),
-    (
-        PhaseName::WaitingForParticipants,
-        "waiting_for_participants",
-    ),
-    (PhaseName::Opening, "opening"),
-    (PhaseName::Training, "training"),
-    (PhaseName::Closing, "closing"),
-    (PhaseName::Finished, "finished"),
-];
-
-fn phase_label(phase: PhaseName) -> &'static str {
-    PHASES
-        .iter()
-        .find(|(p, _)| *p == phase)
-        .map_or("unknown", |(_, label)| label)
-}
 
 /// The coordinator's metrics (`docs/metrics.md` describes each). Counters are bumped where the
 /// event happens; gauges that mirror the federation are read off it when scraped.
@@ -201,8 +181,8 @@ impl Metrics {
         .expect("valid");
         // Every label value known in advance is exposed from the start (at 0), so that a rate
         // over a series that has not moved yet is 0, not absent.
-        for (_, label) in PHASES {
-            phase.with_label_values(&[label]).set(0);
+        for each in PhaseName::ALL {
+            phase.with_label_values(&[each.as_str()]).set(0);
         }
         for outcome in ["aggregated", "failed"] {
             rounds_closed.with_label_values(&[outcome]);
@@ -262,7 +242,7 @@ impl Metrics {
         if clock.0 != phase {
             let now = Instant::now();
             self.phase_duration
-                .with_label_values(&[phase_label(clock.0)])
+                .with_label_values(&[clock.0.as_str()])
                 .observe(now.duration_since(clock.1).as_secs_f64());
             *clock = (phase, now);
         }
@@ -298,21 +278,23 @@ impl Metrics {
         }
     }
 
-    pub fn observe(&self, status: &FederationStatus, aggregator: &AggregatorHealth) {
-        self.observe_phase(status.phase);
-        for (phase, label) in PHASES {
+    pub fn observe(&self, federation: &Federation, aggregator: &AggregatorHealth) {
+        let phase = federation.phase_name();
+        self.observe_phase(phase);
+        for each in PhaseName::ALL {
             self.phase
-                .with_label_values(&[label])
-                .set(i64::from(phase == status.phase));
+                .with_label_values(&[each.as_str()])
+                .set(i64::from(each == phase));
         }
-        self.round.set(i64::from(status.round));
-        self.attempt.set(i64::from(status.attempt));
-        self.rounds_planned.set(i64::from(status.rounds));
+        let (round, attempt) = federation.current_round();
+        self.round.set(i64::from(round));
+        self.attempt.set(i64::from(attempt));
+        self.rounds_planned
+            .set(i64::from(federation.settings().rounds));
         self.aggregator_up.set(i64::from(aggregator.connected));
-        for state in ["available", "selected", "training", "delivered", "dropped"] {
-            let count = status.counts.get(state).copied().unwrap_or(0);
+        for (state, count) in crate::status::counts_by_state(federation) {
             self.participants
-                .with_label_values(&[state])
+                .with_label_values(&[state.as_str()])
                 .set(count as i64);
         }
     }

@@ -11,7 +11,8 @@
 //!   once no one selected is still expected (delivered, dropped, or past the training
 //!   deadline), provided the quorum of updates arrived; one that cannot reach its quorum fails
 //!   and is run again. Its files split it by concern: the participant registry, selection, the
-//!   round phases, when a round closes and why, federated evaluation, the status view.
+//!   round phases, when a round closes and why, federated evaluation, and the records it shows (the coordinator builds
+//!   its status view of them).
 //! - [`model`] says what a model is: named tensors with a dtype and a shape, and whether an
 //!   update fits the global model.
 //! - [`aggregate`] is FedAvg: a running weighted sum that updates are folded into as they are

@@ -15,7 +15,8 @@
 //! - `close`: when a training round closes or fails (target, quorum, training deadline,
 //!   `round_timeout`), and the words and code its record gives for it.
 //! - `evaluation`: who scores which global model, and the weighted means.
-//! - `status`: the view of it all that the status endpoint serializes.
+//! - `records`: what it shows of itself — the phase, each participant's state, and the round
+//!   records of the history; the coordinator's status view is made of these.
 //!
 //! Life of a round `r`, attempt `a`:
 //!
@@ -45,19 +46,19 @@ mod evaluation;
 mod machine;
 #[cfg(test)]
 mod proptests;
+mod records;
 mod registry;
 mod selection;
-mod status;
 #[cfg(test)]
 mod tests;
 
 pub use evaluation::{EvaluationError, EvaluationReport, EvaluationSummary, RoundSummary};
 pub use machine::RoundClosed;
-pub use selection::token_from;
-pub use status::{
-    CloseReason, Delivery, FederationStatus, Outcome, ParticipantState, ParticipantStatus,
-    PhaseName, Rejection, RoundRecord,
+pub use records::{
+    CloseReason, Delivery, Outcome, ParticipantState, ParticipantView, PhaseName, Rejection,
+    RoundRecord,
 };
+pub use selection::token_from;
 
 use evaluation::Evaluation;
 use machine::{AwaitingNotices, Phase};
@@ -66,7 +67,7 @@ use registry::Participant;
 pub type ParticipantId = String;
 
 /// How many closed round records the history keeps; older ones are forgotten (and counted in
-/// [`FederationStatus::history_forgotten`]), so that the status stays bounded however long the
+/// [`Federation::history_forgotten`]), so that the status stays bounded however long the
 /// federation runs.
 pub const HISTORY_ROUNDS: usize = 100;
 /// At most this many metrics are kept per delivery; the rest are dropped and counted.

@@ -105,10 +105,14 @@ impl World {
     }
 }
 
+/// The history's records, closed then running, owned.
+fn records(fed: &Federation) -> Vec<RoundRecord> {
+    fed.history().cloned().collect()
+}
+
 /// The result an aggregator that heard the same notices as the coordinator reports.
 fn agreed(fed: &Federation) -> AggregationResult {
-    let status = fed.status(Timestamp::default());
-    let record = status.history.last().expect("a round is running");
+    let record = fed.history().last().expect("a round is running");
     let contributors: BTreeMap<_, _> = record
         .deliveries
         .iter()
@@ -159,12 +163,10 @@ fn round_zero_selects_one_then_rounds_select_all() {
     w.close(agreed(&w.fed));
     assert_eq!(w.fed.phase_name(), PhaseName::Finished);
     assert_eq!(w.beat(0), Action::Finish);
-    let status = w.fed.status(w.now);
-    assert_eq!(status.history.len(), 3);
+    assert_eq!(w.fed.history().count(), 3);
     assert!(
-        status
-            .history
-            .iter()
+        w.fed
+            .history()
             .all(|r| r.outcome == Some(Outcome::Aggregated))
     );
 }
@@ -199,11 +201,8 @@ fn a_federation_saved_mid_round_carries_on_where_it_was() {
         world.close(agreed(&world.fed));
         assert_eq!(world.fed.current_round(), (2, 0));
     }
-    assert_eq!(
-        copy.fed.status(copy.now).history,
-        w.fed.status(w.now).history
-    );
-    let last = &copy.fed.status(copy.now).history[0];
+    assert_eq!(records(&copy.fed), records(&w.fed));
+    let last = &copy.fed.history().next().unwrap();
     assert_eq!(last.delivered, vec!["p0".to_string(), "p1".to_string()]);
 }
 
@@ -225,27 +224,23 @@ fn a_resumed_federation_gives_its_participants_a_heartbeat_timeout_to_show_up() 
     );
     assert_eq!(restored.settings(), &newer);
     restored.tick(w.now, &mut w.rng);
-    let status = restored.status(w.now);
-    assert_eq!(status.round, 1, "the same round goes on");
+    assert_eq!(restored.current_round().0, 1, "the same round goes on");
     assert!(
-        status
-            .participants
-            .iter()
+        restored
+            .participants()
             .all(|p| p.state != ParticipantState::Dropped),
         "nobody is dropped for the coordinator's downtime: {:?}",
-        status.participants
+        restored.participants().collect::<Vec<_>>()
     );
     // Silent for a heartbeat timeout after the restart, they are.
     w.advance(6);
     restored.tick(w.now, &mut w.rng);
-    let status = restored.status(w.now);
     assert!(
-        status
-            .participants
-            .iter()
+        restored
+            .participants()
             .all(|p| p.state == ParticipantState::Dropped),
         "{:?}",
-        status.participants
+        restored.participants().collect::<Vec<_>>()
     );
 }
 
@@ -264,8 +259,7 @@ fn an_update_accepted_before_the_opening_is_acknowledged_here_counts() {
     w.fed
         .update_accepted(opening.round, opening.attempt, &id, 10, BTreeMap::new());
     w.fed.round_opened(opening.round, opening.attempt, w.now);
-    let status = w.fed.status(w.now);
-    let running = status.history.last().expect("the running round");
+    let running = w.fed.history().last().expect("the running round");
     assert_eq!(running.delivered, vec![id]);
 }
 
@@ -317,8 +311,7 @@ fn silent_selected_participant_is_dropped_and_round_closes_without_it() {
     assert_eq!(w.tick(), vec![Command::CloseRound { round, attempt }]);
     let result = agreed(&w.fed);
     w.fed.round_aggregated(round, attempt, result, w.now);
-    let status = w.fed.status(w.now);
-    let record = &status.history[0];
+    let record = w.fed.history().next().unwrap();
     assert_eq!(record.dropped, vec![w.id(2).to_string()]);
     assert_eq!(record.close_reason, Some(CloseReason::ParticipantsDropped));
     assert_eq!(
@@ -326,7 +319,8 @@ fn silent_selected_participant_is_dropped_and_round_closes_without_it() {
         Some("round 1: 2 of 3 updates; p2 dropped (heartbeat timeout)")
     );
     assert!(matches!(w.beat(2), Action::Rejected { .. }));
-    assert_eq!(status.participants[2].state, ParticipantState::Dropped);
+    let states: Vec<_> = w.fed.participants().map(|p| p.state).collect();
+    assert_eq!(states[2], ParticipantState::Dropped);
 }
 
 #[test]
@@ -375,8 +369,7 @@ fn a_round_with_no_update_at_its_deadline_fails_here_and_is_rerun() {
     );
     assert_eq!(w.fed.phase_name(), PhaseName::WaitingForParticipants);
     assert_eq!(w.fed.current_round(), (1, 1));
-    let status = w.fed.status(w.now);
-    let record = &status.history[0];
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.outcome, Some(Outcome::Failed));
     assert_eq!(record.close_reason, Some(CloseReason::QuorumTimeout));
     assert_eq!(record.missed_deadline, vec!["p0".to_string(), "p1".into()]);
@@ -403,7 +396,7 @@ fn a_round_the_aggregator_fails_is_rerun_and_says_why_in_both_words_and_code() {
         reason: "Krum needs more than 2f + 2 updates".into(),
     });
     assert_eq!(w.fed.current_round(), (1, 1));
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.close_reason, Some(CloseReason::AggregationFailed));
     assert_eq!(
         record.reason.as_deref(),
@@ -426,8 +419,10 @@ fn repeated_and_stale_reports_count_once() {
     let id = w.id(1).to_string();
     w.fed.update_accepted(1, 5, &id, 9, BTreeMap::new());
     w.fed.update_accepted(0, 0, &id, 9, BTreeMap::new());
-    let status = w.fed.status(w.now);
-    assert_eq!(status.history[0].delivered, vec![w.id(0).to_string()]);
+    assert_eq!(
+        w.fed.history().next().unwrap().delivered,
+        vec![w.id(0).to_string()]
+    );
     assert_eq!(
         w.beat(0),
         Action::Standby,
@@ -485,8 +480,7 @@ fn a_restarted_aggregator_that_lost_rounds_rewinds_the_federation() {
     // One that came back with only the initial model: round 2 fails, round 1 runs again.
     assert_eq!(w.fed.aggregator_attached(Some(0), w.now), Some(1));
     assert_eq!(w.fed.current_round(), (1, 1));
-    let status = w.fed.status(w.now);
-    let last = status.history.last().unwrap();
+    let last = w.fed.history().last().unwrap();
     assert_eq!((last.round, last.outcome), (2, Some(Outcome::Failed)));
     assert!(last.reason.as_deref().unwrap().contains("restarted"));
     assert_eq!(w.open().len(), 2);
@@ -559,7 +553,7 @@ fn accepted_notice_after_round_aggregated_still_counts_the_contributor() {
         .round_aggregated(round, attempt, aggregated(&[(&id0, 5), (&id1, 7)]), w.now)
         .expect("news");
     assert_eq!(closed.discrepancies, Vec::<String>::new());
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.delivered, vec![id0.clone(), id1.clone()]);
     assert_eq!(
         record.deliveries,
@@ -583,7 +577,7 @@ fn accepted_notice_after_round_aggregated_still_counts_the_contributor() {
         .update_accepted(round, attempt, &id1, 7, metrics(&[("loss", 0.5)]));
     w.fed
         .update_accepted(round, attempt, &id1, 7, metrics(&[("loss", 9.0)]));
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.delivered, vec![id0, id1]);
     assert_eq!(record.deliveries[1].metrics, metrics(&[("loss", 0.5)]));
     assert_eq!(w.fed.current_round(), (round + 1, 0));
@@ -604,7 +598,7 @@ fn a_participant_reported_accepted_but_not_aggregated_is_not_delivered() {
         .iter()
         .find(|d| d.contains(w.id(0)) && d.contains("not in the aggregated model"))
         .expect("the disagreement is reported");
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!((record.round, record.attempt), (round, attempt));
     assert_eq!(record.delivered, vec![w.id(1).to_string()]);
     assert_eq!(record.deliveries.len(), 1);
@@ -628,7 +622,7 @@ fn the_aggregators_sample_counts_win_and_inconsistent_totals_are_reported() {
         })
         .expect("news");
     assert_eq!(closed.discrepancies.len(), 3, "{:?}", closed.discrepancies);
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.delivered, vec![id0, id1]);
     assert_eq!(
         record
@@ -655,7 +649,7 @@ fn a_dropped_participant_whose_update_was_aggregated_counts_as_delivered() {
     let (id0, id1) = (w.id(0).to_string(), w.id(1).to_string());
     w.fed
         .round_aggregated(round, attempt, aggregated(&[(&id0, 5), (&id1, 3)]), w.now);
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.delivered, vec![id0, id1]);
     assert!(record.dropped.is_empty());
 }
@@ -689,14 +683,14 @@ fn history_and_status_stay_bounded_over_many_rounds_with_big_metrics() {
         }
         w.close(agreed(&w.fed));
         if round % 100 == 0 {
-            sizes.push(serde_json::to_vec(&w.fed.status(w.now)).unwrap().len());
+            sizes.push(serde_json::to_vec(&records(&w.fed)).unwrap().len());
         }
     }
-    let status = w.fed.status(w.now);
-    assert_eq!(status.history.len(), HISTORY_ROUNDS);
-    assert_eq!(status.history_forgotten, 300 - HISTORY_ROUNDS as u64);
-    assert_eq!(status.history.last().unwrap().round, 300);
-    let delivery = &status.history[0].deliveries[0];
+    let history = records(&w.fed);
+    assert_eq!(history.len(), HISTORY_ROUNDS);
+    assert_eq!(w.fed.history_forgotten(), 300 - HISTORY_ROUNDS as u64);
+    assert_eq!(history.last().unwrap().round, 300);
+    let delivery = &history[0].deliveries[0];
     assert_eq!(delivery.metrics.len(), MAX_METRICS_PER_DELIVERY);
     assert_eq!(delivery.metrics_dropped, 300 - MAX_METRICS_PER_DELIVERY);
     assert!(
@@ -705,7 +699,7 @@ fn history_and_status_stay_bounded_over_many_rounds_with_big_metrics() {
             .keys()
             .all(|k| k.len() <= MAX_METRIC_NAME_BYTES)
     );
-    let record = &status.history[0];
+    let record = &history[0];
     assert_eq!(record.rejections.len(), 2 * MAX_REJECTIONS_PER_PARTICIPANT);
     assert_eq!(
         record.rejections_dropped,
@@ -737,7 +731,7 @@ fn non_finite_metrics_are_dropped_and_counted() {
         3,
         metrics(&[("loss", 0.5), ("nan", f64::NAN), ("inf", f64::INFINITY)]),
     );
-    let delivery = w.fed.status(w.now).history[0].deliveries[0].clone();
+    let delivery = w.fed.history().next().unwrap().deliveries[0].clone();
     assert_eq!(delivery.metrics, metrics(&[("loss", 0.5)]));
     assert_eq!(delivery.metrics_dropped, 2);
 }
@@ -759,9 +753,9 @@ fn joining_under_a_taken_id_is_refused_and_changes_nothing() {
         ),
         Err(FederationError::AlreadyJoined(id.clone()))
     );
-    let status = w.fed.status(w.now);
-    assert_eq!(status.participants.len(), 1);
-    assert_eq!(status.participants[0].name, None);
+    let participants: Vec<_> = w.fed.participants().collect();
+    assert_eq!(participants.len(), 1);
+    assert_eq!(participants[0].name, None);
     assert_eq!(w.fed.heartbeat(&id, &secret, w.now), Ok(Action::Standby));
     assert_eq!(
         w.fed.heartbeat(&id, "other", w.now),
@@ -840,7 +834,7 @@ fn status_lists_round_members_in_selection_order() {
         w.join();
     }
     w.open();
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     let position = |id: &String| w.people.iter().position(|p| &p.0 == id);
     assert!(
         record
@@ -869,7 +863,7 @@ fn rejections_are_capped_per_round_and_repeats_count_once() {
                 .update_rejected(r, a, &id, format!("model_mismatch: {k}"));
         }
     }
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.rejections.len(), MAX_REJECTIONS_PER_ROUND);
     // A repeat of a kept reason is the same rejection; one of a reason not kept is counted
     // again, as nothing is kept to compare it with.
@@ -977,11 +971,9 @@ fn each_model_is_evaluated_by_the_asked_participants_and_the_mean_is_weighted() 
     assert_eq!(w.beat(1), Action::Finish);
     assert!(!w.fed.evaluation_pending(w.now));
 
-    let status = w.fed.status(w.now);
     let evaluated = |round: u32| {
-        status
-            .history
-            .iter()
+        w.fed
+            .history()
             .find(|r| r.round == round)
             .and_then(|r| r.evaluation.clone())
     };
@@ -1117,7 +1109,7 @@ fn participants_past_the_training_deadline_are_not_waited_for_and_are_named() {
     let (round, attempt) = w.fed.current_round();
     let result = agreed(&w.fed);
     w.fed.round_aggregated(round, attempt, result, w.now);
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.outcome, Some(Outcome::Aggregated));
     assert_eq!(record.close_reason, Some(CloseReason::TrainingDeadline));
     assert_eq!(
@@ -1178,7 +1170,7 @@ fn an_update_that_comes_after_the_deadline_but_is_aggregated_counts_as_delivered
     let (round, attempt) = w.fed.current_round();
     let result = agreed(&w.fed);
     w.fed.round_aggregated(round, attempt, result, w.now);
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.delivered.len(), 7);
     assert_eq!(
         record.missed_deadline,
@@ -1210,7 +1202,7 @@ fn a_round_that_can_no_longer_reach_its_quorum_fails_and_is_run_again() {
     assert_eq!(commands, vec![], "nothing is closed at the aggregator");
     assert_eq!(w.fed.phase_name(), PhaseName::WaitingForParticipants);
     assert_eq!(w.fed.current_round(), (1, 1));
-    let failed = w.fed.status(w.now).history[0].clone();
+    let failed = w.fed.history().next().unwrap().clone();
     assert_eq!(failed.outcome, Some(Outcome::Failed));
     assert_eq!(failed.close_reason, Some(CloseReason::QuorumUnreachable));
     assert_eq!(
@@ -1230,9 +1222,8 @@ fn a_round_that_can_no_longer_reach_its_quorum_fails_and_is_run_again() {
         w.deliver(i, 5);
     }
     w.close(agreed(&w.fed));
-    let status = w.fed.status(w.now);
-    assert_eq!(status.phase, PhaseName::Finished);
-    let done = status.history.last().unwrap();
+    assert_eq!(w.fed.phase_name(), PhaseName::Finished);
+    let done = w.fed.history().last().unwrap();
     assert_eq!((done.round, done.attempt), (1, 1));
     assert_eq!(done.close_reason, Some(CloseReason::AllDelivered));
     assert_eq!(
@@ -1271,7 +1262,7 @@ fn over_selection_closes_at_the_target_and_the_rest_are_told_the_round_is_over()
     }
     let result = agreed(&w.fed);
     w.fed.round_aggregated(round, attempt, result, w.now);
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.close_reason, Some(CloseReason::TargetReached));
     assert_eq!((record.selected.len(), record.target), (8, 5));
     let rest: Vec<&str> = selected[5..].iter().map(|&i| w.id(i)).collect();
@@ -1295,7 +1286,7 @@ fn over_selection_is_capped_by_the_available_and_round_zero_takes_one() {
         w.join();
     }
     assert_eq!(w.open().len(), 1, "round 0: one initial model");
-    let chosen = w.fed.status(w.now).history[0].selected[0].clone();
+    let chosen = w.fed.history().next().unwrap().selected[0].clone();
     let i = w.people.iter().position(|p| p.0 == chosen).unwrap();
     w.deliver(i, 1);
     w.close(agreed(&w.fed));
@@ -1319,7 +1310,7 @@ fn the_default_deadline_is_round_timeout_and_names_who_had_not_delivered() {
     );
     let result = agreed(&w.fed);
     w.fed.round_aggregated(1, 0, result, w.now);
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.close_reason, Some(CloseReason::RoundTimeout));
     assert_eq!(record.missed_deadline, vec!["p1".to_string()]);
     assert_eq!(
@@ -1355,7 +1346,7 @@ fn a_federation_saved_before_deadlines_and_quorums_reads_back_and_carries_on() {
     w.fed = old;
     w.deliver(1, 6);
     w.close(agreed(&w.fed));
-    let record = w.fed.status(w.now).history[0].clone();
+    let record = w.fed.history().next().unwrap().clone();
     assert_eq!(record.close_reason, Some(CloseReason::AllDelivered));
     assert_eq!(record.delivered.len(), 2);
     assert_eq!(w.fed.current_round(), (2, 0));
@@ -1380,11 +1371,9 @@ fn dropped_participants_are_forgotten_beyond_the_cap_and_after_a_long_silence() 
     w.advance(6);
     w.tick();
     let kept = |w: &World| -> Vec<ParticipantId> {
-        let status = w.fed.status(w.now);
-        status
-            .participants
-            .into_iter()
-            .map(|p| p.participant_id)
+        w.fed
+            .participants()
+            .map(|p| p.participant_id.clone())
             .collect()
     };
     assert_eq!(kept(&w), ["p3", "p4", "p5"]);

@@ -1,5 +1,6 @@
-//! The federation as the status endpoint shows it (`docs/openapi/coordinator.json`,
-//! `CoordinatorStatus`).
+//! What the federation shows of itself: its phase, where each participant stands, and the
+//! round records its history keeps. The coordinator builds the status endpoint's view
+//! (`docs/openapi/coordinator.json`, `CoordinatorStatus`) from these.
 
 use std::collections::BTreeMap;
 
@@ -8,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::machine::Phase;
 use super::{EvaluationSummary, Federation, ParticipantId, Timestamp};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// The phase the round state machine is in, without what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PhaseName {
     WaitingForAggregator,
     WaitingForParticipants,
@@ -19,14 +20,58 @@ pub enum PhaseName {
     Finished,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+/// Where a participant stands in the running round (or `Available` between rounds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParticipantState {
     Available,
     Selected,
     Training,
     Delivered,
     Dropped,
+}
+
+impl PhaseName {
+    pub const ALL: [PhaseName; 6] = [
+        Self::WaitingForAggregator,
+        Self::WaitingForParticipants,
+        Self::Opening,
+        Self::Training,
+        Self::Closing,
+        Self::Finished,
+    ];
+
+    /// Its name in the status JSON and the metrics' `phase` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WaitingForAggregator => "waiting_for_aggregator",
+            Self::WaitingForParticipants => "waiting_for_participants",
+            Self::Opening => "opening",
+            Self::Training => "training",
+            Self::Closing => "closing",
+            Self::Finished => "finished",
+        }
+    }
+}
+
+impl ParticipantState {
+    pub const ALL: [ParticipantState; 5] = [
+        Self::Available,
+        Self::Selected,
+        Self::Training,
+        Self::Delivered,
+        Self::Dropped,
+    ];
+
+    /// Its name in the status JSON and the metrics' `state` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Available => "available",
+            Self::Selected => "selected",
+            Self::Training => "training",
+            Self::Delivered => "delivered",
+            Self::Dropped => "dropped",
+        }
+    }
 }
 
 /// How a round attempt ended.
@@ -136,82 +181,52 @@ pub struct RoundRecord {
     pub evaluation: Option<EvaluationSummary>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ParticipantStatus {
-    pub participant_id: ParticipantId,
-    pub name: Option<String>,
+/// One participant as the federation sees it now (the coordinator's status view is built of
+/// these).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParticipantView<'a> {
+    pub participant_id: &'a ParticipantId,
+    pub name: Option<&'a str>,
     pub state: ParticipantState,
     pub can_evaluate: bool,
-    pub last_heartbeat_secs_ago: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct FederationStatus {
-    pub phase: PhaseName,
-    pub round: u32,
-    pub attempt: u32,
-    pub rounds: u32,
-    pub participants: Vec<ParticipantStatus>,
-    pub counts: BTreeMap<&'static str, usize>,
-    /// The last [`super::HISTORY_ROUNDS`] closed round records, oldest first, then the running
-    /// one.
-    pub history: Vec<RoundRecord>,
-    /// Closed records older than those in `history`, no longer kept.
-    pub history_forgotten: u64,
+    pub last_seen: Timestamp,
 }
 
 impl Federation {
-    pub fn status(&self, now: Timestamp) -> FederationStatus {
+    /// Every participant still known, in the order they joined.
+    pub fn participants(&self) -> impl Iterator<Item = ParticipantView<'_>> {
         let active = self.active();
-        let participants: Vec<ParticipantStatus> = self
-            .join_order
-            .iter()
-            .filter_map(|id| {
-                let p = self.participants.get(id)?;
-                let state = if p.dropped {
-                    ParticipantState::Dropped
-                } else {
-                    match active {
-                        Some(a) if a.has_delivered(id) => ParticipantState::Delivered,
-                        Some(a) if a.has_started(id) => ParticipantState::Training,
-                        Some(a) if a.is_selected(id) => ParticipantState::Selected,
-                        _ => ParticipantState::Available,
-                    }
-                };
-                Some(ParticipantStatus {
-                    participant_id: id.clone(),
-                    name: p.name.clone(),
-                    state,
-                    can_evaluate: p.can_evaluate,
-                    last_heartbeat_secs_ago: now.since(p.last_seen).as_secs_f64(),
-                })
-            })
-            .collect();
-        let mut counts = BTreeMap::new();
-        for p in &participants {
-            let key = match p.state {
-                ParticipantState::Available => "available",
-                ParticipantState::Selected => "selected",
-                ParticipantState::Training => "training",
-                ParticipantState::Delivered => "delivered",
-                ParticipantState::Dropped => "dropped",
+        self.join_order.iter().filter_map(move |id| {
+            let p = self.participants.get(id)?;
+            let state = if p.dropped {
+                ParticipantState::Dropped
+            } else {
+                match active {
+                    Some(a) if a.has_delivered(id) => ParticipantState::Delivered,
+                    Some(a) if a.has_started(id) => ParticipantState::Training,
+                    Some(a) if a.is_selected(id) => ParticipantState::Selected,
+                    _ => ParticipantState::Available,
+                }
             };
-            *counts.entry(key).or_insert(0) += 1;
-        }
-        let mut history: Vec<RoundRecord> = self.history.iter().cloned().collect();
-        if let Some(a) = active {
-            history.push(a.record.clone());
-        }
-        FederationStatus {
-            phase: self.phase_name(),
-            round: self.round,
-            attempt: self.attempt,
-            rounds: self.settings.rounds,
-            participants,
-            counts,
-            history,
-            history_forgotten: self.history_forgotten,
-        }
+            Some(ParticipantView {
+                participant_id: id,
+                name: p.name.as_deref(),
+                state,
+                can_evaluate: p.can_evaluate,
+                last_seen: p.last_seen,
+            })
+        })
+    }
+
+    /// The last [`super::HISTORY_ROUNDS`] closed round records, oldest first, then the running
+    /// one.
+    pub fn history(&self) -> impl Iterator<Item = &RoundRecord> {
+        self.history.iter().chain(self.active().map(|a| &a.record))
+    }
+
+    /// How many closed records are older than those [`Self::history`] still keeps.
+    pub fn history_forgotten(&self) -> u64 {
+        self.history_forgotten
     }
 
     pub fn phase_name(&self) -> PhaseName {
