@@ -345,7 +345,8 @@ def test_uploads_beyond_the_cap_are_refused_before_their_body(start_federation):
         answer = first.recv(65536).decode(errors="replace")
     assert answer.startswith("HTTP/1.1 200"), answer
     status = federation.wait_for(
-        lambda s: any(e["round"] == 0 for e in s["history"]), what="round 0 to close"
+        lambda s: any(e["round"] == 0 and e["outcome"] for e in s["history"]),
+        what="round 0 to close",
     )
     round0 = next(e for e in status["history"] if e["round"] == 0)
     assert round0["outcome"] == "aggregated"

@@ -1,6 +1,7 @@
 //! The round history as CSV (`GET /v1/history.csv`): one row per closed round attempt, for a
 //! spreadsheet or a plotting script. `close_reason` is the code of why it closed,
-//! `missed_deadline` the ids of who missed the deadline, separated by spaces.
+//! `missed_deadline` the ids of who missed the deadline, separated by spaces (the first
+//! `SUMMARY_MISSED_LISTED`), and `missed_deadline_unlisted` how many more did.
 
 use std::collections::BTreeSet;
 
@@ -29,6 +30,7 @@ pub fn csv(rows: &[RoundSummary]) -> String {
         "selected",
         "delivered",
         "missed_deadline",
+        "missed_deadline_unlisted",
         "total_samples",
         "eval_participants",
         "eval_n_samples",
@@ -61,6 +63,7 @@ pub fn csv(rows: &[RoundSummary]) -> String {
             row.delivered.to_string(),
             // Ids hold no spaces (the coordinator makes them: UUIDs).
             row.missed_deadline.join(" "),
+            row.missed_deadline_unlisted.to_string(),
             row.total_samples.to_string(),
             evaluation
                 .map(|e| e.participants.to_string())
@@ -103,6 +106,7 @@ mod tests {
             selected: 2,
             delivered: 2,
             missed_deadline: vec!["p3".into(), "p4".into()],
+            missed_deadline_unlisted: round as usize,
             total_samples: 30,
             training_metrics: train.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             evaluation: eval.map(|loss| EvaluationSummary {
@@ -121,16 +125,16 @@ mod tests {
         assert_eq!(
             lines[0],
             "round,attempt,outcome,reason,close_reason,duration_secs,selected,delivered,\
-             missed_deadline,total_samples,eval_participants,eval_n_samples,eval_loss,train_acc,\
+             missed_deadline,missed_deadline_unlisted,total_samples,eval_participants,eval_n_samples,eval_loss,train_acc,\
              train_loss,eval_mae"
         );
         assert_eq!(
             lines[1],
-            "1,0,aggregated,all 2 delivered,training_deadline,1.5,2,2,p3 p4,30,,,,,2,"
+            "1,0,aggregated,all 2 delivered,training_deadline,1.5,2,2,p3 p4,1,30,,,,,2,"
         );
         assert_eq!(
             lines[2],
-            "2,0,aggregated,\"a \"\"quoted\"\", reason\",training_deadline,1.5,2,2,p3 p4,30,2,\
+            "2,0,aggregated,\"a \"\"quoted\"\", reason\",training_deadline,1.5,2,2,p3 p4,2,30,2,\
              40,0.75,0.5,,0.25"
         );
     }

@@ -72,6 +72,9 @@ pub enum EvaluationError {
     Invalid(String),
 }
 
+/// How many of the participants that missed a round's deadline its summary lists by id.
+pub const SUMMARY_MISSED_LISTED: usize = 100;
+
 /// A round's outcome in one line per attempt, for every attempt ever closed: what the history
 /// download gives (the status keeps only the last rounds' full records).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,9 +89,13 @@ pub struct RoundSummary {
     pub duration_secs: Option<f64>,
     pub selected: usize,
     pub delivered: usize,
-    /// Who missed the training deadline (or `round_timeout`) and is not in the model.
+    /// Who missed the training deadline (or `round_timeout`) and is not in the model: the
+    /// first [`SUMMARY_MISSED_LISTED`] of them, in selection order.
     #[serde(default)]
     pub missed_deadline: Vec<ParticipantId>,
+    /// How many more missed it than `missed_deadline` lists.
+    #[serde(default)]
+    pub missed_deadline_unlisted: usize,
     pub total_samples: u64,
     /// Each training metric's sample-weighted mean over the deliveries that carry it.
     pub training_metrics: BTreeMap<String, f64>,
@@ -108,7 +115,16 @@ impl RoundSummary {
             duration_secs: record.duration_secs,
             selected: record.selected.len(),
             delivered: record.delivered.len(),
-            missed_deadline: record.missed_deadline.clone(),
+            missed_deadline: record
+                .missed_deadline
+                .iter()
+                .take(SUMMARY_MISSED_LISTED)
+                .cloned()
+                .collect(),
+            missed_deadline_unlisted: record
+                .missed_deadline
+                .len()
+                .saturating_sub(SUMMARY_MISSED_LISTED),
             total_samples: record
                 .deliveries
                 .iter()
@@ -119,7 +135,9 @@ impl RoundSummary {
     }
 }
 
-/// Each name's mean over the maps that have it, weighted by their counts.
+/// Each name's mean over the maps that have it, weighted by their counts; of the
+/// [`MAX_METRICS_PER_DELIVERY`] names the most maps have (ties by name), so that participants
+/// naming their metrics each their own way cannot make one line of the history grow with them.
 fn weighted_means<'a>(
     weighted: impl Iterator<Item = (u64, &'a BTreeMap<String, f64>)>,
 ) -> BTreeMap<String, f64> {
@@ -128,6 +146,19 @@ fn weighted_means<'a>(
         for (name, value) in metrics {
             by_name.entry(name).or_default().push((n as f64, *value));
         }
+    }
+    if by_name.len() > MAX_METRICS_PER_DELIVERY {
+        let mut names: Vec<(&str, usize)> = by_name
+            .iter()
+            .map(|(name, pairs)| (*name, pairs.len()))
+            .collect();
+        names.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        let kept: BTreeSet<&str> = names
+            .into_iter()
+            .take(MAX_METRICS_PER_DELIVERY)
+            .map(|(name, _)| name)
+            .collect();
+        by_name.retain(|name, _| kept.contains(name));
     }
     by_name
         .into_iter()

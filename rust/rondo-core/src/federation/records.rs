@@ -183,6 +183,24 @@ pub struct RoundRecord {
 
 /// One participant as the federation sees it now (the coordinator's status view is built of
 /// these).
+impl RoundRecord {
+    /// How many participant entries it holds (a name in a list, a delivery, each of its
+    /// metrics, a rejection): what its size grows with.
+    pub fn entries(&self) -> usize {
+        self.selected.len()
+            + self.started.len()
+            + self.delivered.len()
+            + self.dropped.len()
+            + self.missed_deadline.len()
+            + self.rejections.len()
+            + self
+                .deliveries
+                .iter()
+                .map(|d| 1 + d.metrics.len())
+                .sum::<usize>()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ParticipantView<'a> {
     pub participant_id: &'a ParticipantId,
@@ -218,8 +236,8 @@ impl Federation {
         })
     }
 
-    /// The last [`super::HISTORY_ROUNDS`] closed round records, oldest first, then the running
-    /// one.
+    /// The last [`super::HISTORY_ROUNDS`] closed round records (fewer where they would hold
+    /// more than [`super::HISTORY_ENTRIES`]), oldest first, then the running one.
     pub fn history(&self) -> impl Iterator<Item = &RoundRecord> {
         self.history.iter().chain(self.active().map(|a| &a.record))
     }

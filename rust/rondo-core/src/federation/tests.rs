@@ -1421,3 +1421,144 @@ fn evaluations_at_the_edge_of_f64_have_finite_means_and_the_federation_still_rea
         serde_json::from_str(&saved).expect("the saved federation reads back");
     assert_eq!(read_back, w.fed);
 }
+
+#[test]
+fn a_large_federations_history_keeps_fewer_rounds_within_its_entry_budget() {
+    let mut s = settings();
+    s.rounds = 12;
+    s.min_clients = 3_000;
+    let mut w = World::new(s, Some(0));
+    for _ in 0..3_000 {
+        w.join();
+    }
+    let metrics: BTreeMap<String, f64> =
+        [("loss".to_string(), 0.5), ("accuracy".to_string(), 0.9)].into();
+    for _ in 0..12 {
+        w.open();
+        let (r, a) = w.fed.current_round();
+        for i in 0..3_000 {
+            let id = w.id(i).to_string();
+            w.fed.update_accepted(r, a, &id, 10, metrics.clone());
+        }
+        w.close(agreed(&w.fed));
+    }
+    let history = records(&w.fed);
+    // Each record: 3,000 selected, delivered and deliveries of two metrics each.
+    assert_eq!(history[0].entries(), 3_000 * 5);
+    let entries: usize = history.iter().map(RoundRecord::entries).sum();
+    assert!(entries <= HISTORY_ENTRIES, "{entries}");
+    assert_eq!(history.len(), HISTORY_ENTRIES / (3_000 * 5));
+    assert_eq!(history.last().unwrap().round, 12);
+    assert_eq!(w.fed.history_forgotten() + history.len() as u64, 12);
+    // Every attempt still has its line.
+    assert_eq!(w.fed.round_summaries().len(), 12);
+}
+
+#[test]
+fn a_round_larger_than_the_entry_budget_is_still_kept_as_the_last_record() {
+    let mut record = failed_record(HISTORY_ENTRIES + 1);
+    let mut fed = Federation::new(settings());
+    record.round = 1;
+    fed.push_history(record.clone());
+    record.round = 2;
+    fed.push_history(record);
+    let kept: Vec<u32> = fed.history().map(|r| r.round).collect();
+    assert_eq!(kept, [2]);
+    assert_eq!(fed.history_forgotten(), 1);
+}
+
+/// A closed record naming `selected` participants, none of whom delivered.
+fn failed_record(selected: usize) -> RoundRecord {
+    RoundRecord {
+        round: 1,
+        attempt: 0,
+        selected: (0..selected).map(|i| format!("p{i}")).collect(),
+        started: Vec::new(),
+        delivered: Vec::new(),
+        deliveries: Vec::new(),
+        dropped: Vec::new(),
+        rejections: Vec::new(),
+        rejections_dropped: 0,
+        missed_deadline: Vec::new(),
+        target: selected,
+        quorum: 1,
+        outcome: Some(Outcome::Failed),
+        close_reason: Some(CloseReason::QuorumTimeout),
+        reason: None,
+        duration_secs: Some(1.0),
+        evaluation: None,
+    }
+}
+
+#[test]
+fn a_summary_lists_the_first_missed_participants_and_counts_the_rest() {
+    let mut record = failed_record(SUMMARY_MISSED_LISTED + 20);
+    record.missed_deadline = record.selected.clone();
+    let summary = RoundSummary::of(&record);
+    assert_eq!(
+        summary.missed_deadline,
+        record.selected[..SUMMARY_MISSED_LISTED]
+    );
+    assert_eq!(summary.missed_deadline_unlisted, 20);
+}
+
+#[test]
+fn a_summary_keeps_the_metric_names_most_deliveries_share() {
+    let mut record = failed_record(100);
+    // Everyone reports `loss`; each also names one metric of its own.
+    record.deliveries = (0..100)
+        .map(|i| Delivery {
+            participant_id: format!("p{i}"),
+            n_samples: 1,
+            metrics: [("loss".to_string(), 1.0), (format!("own{i:03}"), 2.0)].into(),
+            metrics_dropped: 0,
+        })
+        .collect();
+    let summary = RoundSummary::of(&record);
+    assert_eq!(summary.training_metrics.len(), MAX_METRICS_PER_DELIVERY);
+    assert_eq!(summary.training_metrics.get("loss"), Some(&1.0));
+    // The rest by name: own000 to own030.
+    assert!(summary.training_metrics.contains_key("own030"));
+    assert!(!summary.training_metrics.contains_key("own031"));
+}
+
+/// The measurement behind `HISTORY_ENTRIES` (docs/benchmarks.md): 10,000 participants
+/// delivering with two metrics for 120 rounds, the federation's saved size and the time to
+/// serialize it printed every 20 rounds. Run with `--release -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: about 30 s in release"]
+fn history_size_at_ten_thousand_participants() {
+    let mut s = settings();
+    s.rounds = 120;
+    s.min_clients = 10_000;
+    let mut w = World::new(s, Some(0));
+    for _ in 0..10_000 {
+        w.join();
+    }
+    let metrics: BTreeMap<String, f64> =
+        [("loss".to_string(), 0.5), ("accuracy".to_string(), 0.9)].into();
+    for round in 1..=120u32 {
+        w.open();
+        let (r, a) = w.fed.current_round();
+        for i in 0..10_000 {
+            let id = w.id(i).to_string();
+            w.fed.update_accepted(r, a, &id, 10, metrics.clone());
+        }
+        w.close(agreed(&w.fed));
+        if round % 20 == 0 {
+            let started = std::time::Instant::now();
+            let saved = serde_json::to_vec(&w.fed).unwrap().len();
+            let took = started.elapsed();
+            let history = serde_json::to_vec(&records(&w.fed)).unwrap().len();
+            eprintln!(
+                "round {round}: federation {:.1} MB serialized in {took:.0?}; history {:.1} MB \
+                 in {} records",
+                saved as f64 / 1e6,
+                history as f64 / 1e6,
+                w.fed.history().count(),
+            );
+        }
+    }
+    let saved = serde_json::to_vec(&w.fed).unwrap().len();
+    assert!(saved < 10_000_000, "{saved}");
+}
