@@ -550,6 +550,33 @@ def test_the_secret_is_mounted_in_both_services(rendered) -> None:
         assert mounted and mounted[0]["mountPath"] == "/etc/rondo/secrets", (name, service)
 
 
+def test_the_production_state_is_in_redis_and_on_volumes() -> None:
+    """Both production services keep their state in the base's Redis, under one namespace,
+    and their files on a PersistentVolumeClaim of each one's own, mounted at data_dir."""
+    objects = Rendered(render(KUSTOMIZATIONS["production"]))
+    redis = objects.get("Service", "redis")
+    url = f"redis://{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}/0"
+    namespaces, claims = set(), set()
+    for service in SERVICE_CONFIGS:
+        store = objects.config(service)["store"]
+        assert store["url"] == url, service
+        namespaces.add(store["namespace"])
+        pod = objects.get("Deployment", service)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [
+            m
+            for m in objects.container(service)["volumeMounts"]
+            if m["mountPath"] == store["data_dir"]
+        ]
+        claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+        assert objects.get("PersistentVolumeClaim", claim)["spec"]["accessModes"] == [
+            "ReadWriteOnce"
+        ]
+        claims.add(claim)
+    assert len(namespaces) == 1, "the aggregator's records sit beside the coordinator's"
+    assert len(claims) == 2, "a volume each"
+
+
 def test_redis_is_deployed_with_a_service(rendered) -> None:
     name, objects = rendered
     redis = objects.get("StatefulSet", "redis")
@@ -588,6 +615,12 @@ def test_the_rendered_config_is_accepted_by_the_binary(rendered, service, tmp_pa
             "RONDO__RUNTIME__ADDRESSES_FILE": str(addresses),
         }
     )
+    store = objects.config(service)["store"]
+    if store["url"]:
+        # The cluster's Redis and volume are not here: the binary starts on memory and a
+        # directory of the test's own, the rest of the store's settings as given
+        # (test_the_production_state_is_in_redis_and_on_volumes checks where they point).
+        env.update({"RONDO__STORE__URL": "", "RONDO__STORE__DATA_DIR": str(tmp_path / "data")})
     process = subprocess.Popen(
         [str(binary), "-c", str(config)],
         env=env,
