@@ -554,25 +554,13 @@ impl Federation {
             .map(|id| (id.clone(), token_from(rng)))
             .collect();
         let active = ActiveRound {
-            record: RoundRecord {
-                round: self.round,
-                attempt: self.attempt,
+            record: RoundRecord::opening(
+                self.round,
+                self.attempt,
                 selected,
-                started: Vec::new(),
-                delivered: Vec::new(),
-                deliveries: Vec::new(),
-                dropped: Vec::new(),
-                rejections: Vec::new(),
-                rejections_dropped: 0,
-                missed_deadline: Vec::new(),
                 target,
-                quorum: self.settings.min_updates.clamp(1, target),
-                outcome: None,
-                close_reason: None,
-                reason: None,
-                duration_secs: None,
-                evaluation: None,
-            },
+                self.settings.min_updates.clamp(1, target),
+            ),
             tokens,
             opened_at: now,
             training_since: None,

@@ -184,6 +184,35 @@ pub struct RoundRecord {
 /// One participant as the federation sees it now (the coordinator's status view is built of
 /// these).
 impl RoundRecord {
+    /// The record of an attempt just opened with `selected`: nothing has happened in it yet.
+    pub(super) fn opening(
+        round: u32,
+        attempt: u32,
+        selected: Vec<ParticipantId>,
+        target: usize,
+        quorum: usize,
+    ) -> Self {
+        Self {
+            round,
+            attempt,
+            selected,
+            started: Vec::new(),
+            delivered: Vec::new(),
+            deliveries: Vec::new(),
+            dropped: Vec::new(),
+            rejections: Vec::new(),
+            rejections_dropped: 0,
+            missed_deadline: Vec::new(),
+            target,
+            quorum,
+            outcome: None,
+            close_reason: None,
+            reason: None,
+            duration_secs: None,
+            evaluation: None,
+        }
+    }
+
     /// How many participant entries it holds (a name in a list, a delivery, each of its
     /// metrics, a rejection): what its size grows with.
     pub fn entries(&self) -> usize {

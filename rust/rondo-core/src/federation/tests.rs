@@ -1424,24 +1424,7 @@ fn evaluations_at_the_edge_of_f64_have_finite_means_and_the_federation_still_rea
 
 #[test]
 fn a_large_federations_history_keeps_fewer_rounds_within_its_entry_budget() {
-    let mut s = settings();
-    s.rounds = 12;
-    s.min_clients = 3_000;
-    let mut w = World::new(s, Some(0));
-    for _ in 0..3_000 {
-        w.join();
-    }
-    let metrics: BTreeMap<String, f64> =
-        [("loss".to_string(), 0.5), ("accuracy".to_string(), 0.9)].into();
-    for _ in 0..12 {
-        w.open();
-        let (r, a) = w.fed.current_round();
-        for i in 0..3_000 {
-            let id = w.id(i).to_string();
-            w.fed.update_accepted(r, a, &id, 10, metrics.clone());
-        }
-        w.close(agreed(&w.fed));
-    }
+    let w = everyone_delivers(3_000, 12, |_, _| {});
     let history = records(&w.fed);
     // Each record: 3,000 selected, delivered and deliveries of two metrics each.
     assert_eq!(history[0].entries(), 3_000 * 5);
@@ -1469,25 +1452,42 @@ fn a_round_larger_than_the_entry_budget_is_still_kept_as_the_last_record() {
 
 /// A closed record naming `selected` participants, none of whom delivered.
 fn failed_record(selected: usize) -> RoundRecord {
+    let ids = (0..selected).map(|i| format!("p{i}")).collect();
     RoundRecord {
-        round: 1,
-        attempt: 0,
-        selected: (0..selected).map(|i| format!("p{i}")).collect(),
-        started: Vec::new(),
-        delivered: Vec::new(),
-        deliveries: Vec::new(),
-        dropped: Vec::new(),
-        rejections: Vec::new(),
-        rejections_dropped: 0,
-        missed_deadline: Vec::new(),
-        target: selected,
-        quorum: 1,
         outcome: Some(Outcome::Failed),
         close_reason: Some(CloseReason::QuorumTimeout),
-        reason: None,
         duration_secs: Some(1.0),
-        evaluation: None,
+        ..RoundRecord::opening(1, 0, ids, selected, 1)
     }
+}
+
+/// A world of `participants`, every one of whom delivers with two metrics in each of `rounds`
+/// rounds; `after_round` sees it once each round has closed.
+fn everyone_delivers(
+    participants: usize,
+    rounds: u32,
+    mut after_round: impl FnMut(u32, &World),
+) -> World {
+    let mut s = settings();
+    s.rounds = rounds;
+    s.min_clients = participants;
+    let mut w = World::new(s, Some(0));
+    for _ in 0..participants {
+        w.join();
+    }
+    let metrics: BTreeMap<String, f64> =
+        [("loss".to_string(), 0.5), ("accuracy".to_string(), 0.9)].into();
+    for round in 1..=rounds {
+        w.open();
+        let (r, a) = w.fed.current_round();
+        for i in 0..participants {
+            let id = w.id(i).to_string();
+            w.fed.update_accepted(r, a, &id, 10, metrics.clone());
+        }
+        w.close(agreed(&w.fed));
+        after_round(round, &w);
+    }
+    w
 }
 
 #[test]
@@ -1528,23 +1528,7 @@ fn a_summary_keeps_the_metric_names_most_deliveries_share() {
 #[test]
 #[ignore = "a measurement: about 30 s in release"]
 fn history_size_at_ten_thousand_participants() {
-    let mut s = settings();
-    s.rounds = 120;
-    s.min_clients = 10_000;
-    let mut w = World::new(s, Some(0));
-    for _ in 0..10_000 {
-        w.join();
-    }
-    let metrics: BTreeMap<String, f64> =
-        [("loss".to_string(), 0.5), ("accuracy".to_string(), 0.9)].into();
-    for round in 1..=120u32 {
-        w.open();
-        let (r, a) = w.fed.current_round();
-        for i in 0..10_000 {
-            let id = w.id(i).to_string();
-            w.fed.update_accepted(r, a, &id, 10, metrics.clone());
-        }
-        w.close(agreed(&w.fed));
+    let w = everyone_delivers(10_000, 120, |round, w| {
         if round % 20 == 0 {
             let started = std::time::Instant::now();
             let saved = serde_json::to_vec(&w.fed).unwrap().len();
@@ -1558,7 +1542,7 @@ fn history_size_at_ten_thousand_participants() {
                 w.fed.history().count(),
             );
         }
-    }
+    });
     let saved = serde_json::to_vec(&w.fed).unwrap().len();
     assert!(saved < 10_000_000, "{saved}");
 }
